@@ -1,0 +1,65 @@
+"""Trainer configuration: the full run and the smoke run that `make test` exercises."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from fieldlens.trainer.loops import Phase
+from fieldlens.trainer.nets import BackboneSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
+DEFAULT_WORK_DIR = REPO_ROOT / "build" / "train"
+DEFAULT_MODELS_DIR = REPO_ROOT / "deploy" / "models"
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
+SPECIALIST_GROUPS = ("insect", "other_invertebrate")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained artefacts (hashed into the model-set version)."""
+
+    seed: int = 20261123
+    shard_limit: int | None = None
+    val_per_class: int = 50
+    backbone: BackboneSpec = field(default_factory=lambda: BackboneSpec(32, (32, 64, 128, 256), (1, 1, 1, 1)))
+    phases: tuple[Phase, ...] = (Phase(32, 10), Phase(48, 4), Phase(64, 2))
+    batch_size: int = 128
+    mixup_alpha: float = 0.0
+    lr_finder: bool = True
+    specialist_groups: tuple[str, ...] = SPECIALIST_GROUPS
+    specialist_epochs: int = 6
+    specialist_lr: float = 0.02
+    tiny_epochs: int = 60
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def backbone_fingerprint(self) -> str:
+        """What decides the backbone weights, hence the embedding space."""
+        keys = ("seed", "shard_limit", "val_per_class", "backbone", "phases", "batch_size",
+                "mixup_alpha", "lr_finder")
+        blob = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+SMOKE = TrainConfig(
+    shard_limit=2,
+    val_per_class=5,
+    phases=(Phase(32, 1),),
+    lr_finder=False,
+    specialist_epochs=1,
+    tiny_epochs=10,
+)
+
+
+def config_for(profile: str) -> TrainConfig:
+    if profile == "full":
+        return TrainConfig()
+    if profile == "smoke":
+        return replace(SMOKE)
+    raise ValueError(f"unknown training profile {profile!r} (use 'full' or 'smoke')")

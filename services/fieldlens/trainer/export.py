@@ -1,0 +1,103 @@
+"""Writes the served artefacts: Triton model repository, tiny ensemble, taxonomy, manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fieldlens.backends.triton_python_model import write_config
+from fieldlens.common.taxonomy import Taxonomy
+from fieldlens.tiny.ensemble import TinyEnsemble
+from fieldlens.trainer import metrics
+from fieldlens.trainer.nets import Backbone, BroadExport, Classifier, SpecialistExport
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TAXONOMY = "taxonomy.json"
+TINY = "tiny.npz"
+IMAGE_SIZE = 64
+
+
+def embedding_version(backbone: Backbone) -> str:
+    """Content hash of the frozen backbone weights: vectors are comparable iff this matches."""
+    h = hashlib.sha256()
+    for k, v in sorted(backbone.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return "emb-" + h.hexdigest()[:12]
+
+
+def _trace(module: torch.nn.Module, path: Path) -> None:
+    module = module.cpu().eval()
+    example = torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+    with torch.no_grad():
+        traced = torch.jit.trace(module, example, check_trace=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(traced, str(path))
+
+
+def export_all(
+    taxonomy: Taxonomy,
+    model: Classifier,
+    broad_head: torch.nn.Linear,
+    mix: float,
+    specialists: dict[str, Classifier],
+    routing: dict[str, str],
+    ens: TinyEnsemble,
+    models_dir: Path,
+    model_repository: Path,
+    manifest_extra: dict[str, object],
+) -> dict[str, object]:
+    """Writes every artefact, then the manifest whose model-set version hashes them all."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    if model_repository.exists():
+        shutil.rmtree(model_repository)
+    g = torch.from_numpy(metrics.group_matrix(taxonomy))
+    broad = BroadExport(model.backbone, broad_head, model.head, g, mix)
+    _trace(broad, model_repository / "broad" / "1" / "model.pt")
+    write_config(model_repository / "broad", "broad",
+                 [("BROAD_LOGITS", len(taxonomy.broad_ids)), ("EMBEDDING", model.backbone.dim)])
+    spec_meta = {}
+    for group, net in specialists.items():
+        name = f"specialist_{group}"
+        labels: list[str] = net.labels  # type: ignore[assignment]
+        _trace(SpecialistExport(net), model_repository / name / "1" / "model.pt")
+        write_config(model_repository / name, name, [("LOGITS", len(labels))])
+        spec_meta[f"broad/{group}"] = {"model": name, "labels": labels}
+    taxonomy.save(models_dir / TAXONOMY)
+    ens.save(models_dir / TINY)
+    digest = hashlib.sha256()
+    for p in sorted([*model_repository.rglob("*"), models_dir / TAXONOMY, models_dir / TINY]):
+        if p.is_file():
+            digest.update(p.name.encode())
+            digest.update(p.read_bytes())
+    manifest = {
+        "model_set_version": "ms-" + digest.hexdigest()[:12],
+        "embedding_version": ens.embedding_version,
+        "taxonomy_version": taxonomy.version,
+        "image_size": IMAGE_SIZE,
+        "broad": {"model": "broad", "outputs": ["BROAD_LOGITS", "EMBEDDING"],
+                  "labels": list(taxonomy.broad_ids), "embedding_dim": model.backbone.dim,
+                  "rollup_mix": mix},
+        "specialists": spec_meta,
+        "routing": routing,
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+                   f"torch {torch.__version__}".strip(),
+        **manifest_extra,
+    }
+    (models_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json) + "\n")
+    return manifest
+
+
+def _json(o: object) -> object:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
