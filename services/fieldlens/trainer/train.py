@@ -231,6 +231,9 @@ def run(cfg: TrainConfig, data_dir: Path, work_dir: Path, models_dir: Path,
             "training_seconds": history["seconds"] + time.time() - t0,
         },
     )
+    # The validation keys travel with the models: the gallery and later evaluations skip them.
+    (models_dir / "split.json").write_text(json.dumps(
+        {"seed": cfg.seed, "per_class": cfg.val_per_class, "val_keys": sorted(ctx.val.keys)}))
     doc = {**manifest, "validation": val_metrics}
     (report_dir / "README.md").write_text(report.markdown(doc))
     logger.info("model set %s written: fine top-1 %.3f, broad top-1 %.3f",

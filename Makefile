@@ -1,0 +1,53 @@
+# fieldlens: every target sets itself up (virtualenv, packages, generated code) idempotently.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+DATA ?= ../shared/data/tiny-imagenet
+
+.PHONY: setup demo up down status test test-fast train train-smoke lint check clean
+
+include mk/proto.mk
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+setup: $(STAMP) proto
+
+demo: setup  ## start the local cluster, index the gallery if empty, classify sample photos
+	$(VENV)/bin/fieldlens demo --data $(DATA)
+
+up: setup
+	$(VENV)/bin/fieldlens up
+
+down:
+	@if [ -x $(VENV)/bin/fieldlens ]; then $(VENV)/bin/fieldlens down; fi
+
+status: setup
+	$(VENV)/bin/fieldlens status
+
+test: setup  ## unit, integration (real tritonserver, redis-server, Qdrant) and end-to-end tests
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
+
+train: setup  ## reproduce the shipped model set from the shared shards (<= 90 min on 2 cores)
+	FIELDLENS_DATA_DIR=$(DATA) $(PY) -m fieldlens.trainer.train --profile full
+
+train-smoke: setup
+	FIELDLENS_DATA_DIR=$(DATA) $(PY) -m fieldlens.trainer.train --profile smoke \
+		--work-dir build/smoke/train --models-dir build/smoke/models \
+		--model-repository build/smoke/model_repository
+
+lint: setup
+	$(PY) -m ruff check services tests scripts
+
+check: lint proto-check test
+
+clean:
+	rm -rf build .run

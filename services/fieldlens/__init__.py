@@ -1,0 +1,1 @@
+"""fieldlens: a gRPC serving cluster for fine-grained image identification down a taxonomy."""

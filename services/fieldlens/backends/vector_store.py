@@ -1,0 +1,625 @@
+"""Exemplar vector store: one narrow interface, Qdrant Edge (local) and qdrant-client (server).
+
+Both implementations are synchronous; the router calls them through `asyncio.to_thread`.
+
+Thread safety and ownership:
+- `EdgeVectorStore` runs the Qdrant engine in-process on a directory that exactly ONE process
+  may own (enforced with an exclusive file lock). Within that process, searches may run from
+  several threads at once; writes (`upsert`, `flush`, `optimize`, `close`) are serialised by
+  the store. `optimize()` (HNSW build) holds the GIL for its whole run (seconds for tens of
+  thousands of points), so call it after bulk loads or at start-up, not on the request path.
+- `QdrantClientVectorStore` is safe to share between threads for a remote server; in local
+  mode (`:memory:` or a path) every call is serialised, because that mode is plain Python.
+
+Point ids: an exemplar's id is the hex content hash of its image; Qdrant needs an integer or
+a UUID, so the first 128 bits become a UUID (`point_uuid`) and the full hash stays in the
+payload. Upserting the same image twice therefore overwrites one point (idempotent Learn).
+"""
+
+from __future__ import annotations
+
+import abc
+import fcntl
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from fieldlens.common.errors import FailedPrecondition, InvalidInput, Unavailable
+
+logger = logging.getLogger(__name__)
+
+BROAD_FIELD = "broad"
+DEFAULT_HNSW_M = 16
+DEFAULT_HNSW_EF_CONSTRUCT = 100
+# Segments below these sizes (KiB of vectors; 10 MiB = 10k 256-d float32 vectors) are
+# searched exactly: brute force over that little data is about as fast as HNSW.
+DEFAULT_INDEXING_THRESHOLD_KB = 10_000
+DEFAULT_FULL_SCAN_THRESHOLD_KB = 10_000
+LOCK_FILENAME = ".fieldlens-owner.lock"
+_HEX_ID = re.compile(r"^[0-9a-f]{32,}$")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.-]+:[0-9]{1,5}$")
+
+
+@dataclass(frozen=True, eq=False)
+class Exemplar:
+    """One labelled example image, as stored.
+
+    Attributes:
+        id: hex content hash of the image (at least 32 hex digits).
+        vector: embedding, float32 [dim].
+        label: taxon id of the leaf, e.g. WordNet "n02124075".
+        broad: broad group id, e.g. "broad/cat".
+        path: taxon ids from the root to the leaf.
+        source: where the example came from (e.g. "train", "learn", a gallery name).
+        embedding_version: version of the backbone that produced `vector`.
+    """
+
+    id: str
+    vector: np.ndarray
+    label: str
+    broad: str
+    path: list[str] = field(default_factory=list)
+    source: str = ""
+    embedding_version: str = ""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A stored exemplar found near a query; `similarity` is cosine similarity in [-1, 1]."""
+
+    id: str
+    label: str
+    broad: str
+    similarity: float
+    path: list[str]
+
+
+def point_uuid(content_hash: str) -> uuid.UUID:
+    """Deterministic Qdrant point id of an exemplar: its hash's first 128 bits as a UUID."""
+    normalised = content_hash.lower()
+    if not _HEX_ID.match(normalised):
+        raise InvalidInput(
+            f"exemplar id must be a hex content hash (>=32 digits): {content_hash!r}"
+        )
+    return uuid.UUID(hex=normalised[:32])
+
+
+def _payload(ex: Exemplar) -> dict[str, Any]:
+    return {
+        "exemplar_id": ex.id.lower(),
+        "label": ex.label,
+        BROAD_FIELD: ex.broad,
+        "path": list(ex.path),
+        "source": ex.source,
+        "embedding_version": ex.embedding_version,
+    }
+
+
+def _neighbour(point_id: Any, score: float, payload: dict[str, Any] | None) -> Neighbour:
+    payload = payload or {}
+    fallback = point_id.hex if isinstance(point_id, uuid.UUID) else str(point_id)
+    return Neighbour(
+        id=str(payload.get("exemplar_id", fallback)),
+        label=str(payload.get("label", "")),
+        broad=str(payload.get(BROAD_FIELD, "")),
+        similarity=float(score),
+        path=[str(p) for p in payload.get("path", [])],
+    )
+
+
+def _as_vector(vector: np.ndarray | Sequence[float], dim: int) -> list[float]:
+    array = np.asarray(vector, dtype=np.float32)
+    if array.shape != (dim,):
+        raise InvalidInput(f"vector must have shape [{dim}], got {list(array.shape)}")
+    if not np.all(np.isfinite(array)):
+        raise InvalidInput("vector contains NaN or infinity")
+    values: list[float] = array.tolist()
+    return values
+
+
+def _as_matrix(vectors: np.ndarray | Sequence[Sequence[float]], dim: int) -> np.ndarray:
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[1] != dim:
+        raise InvalidInput(f"vectors must have shape [n, {dim}], got {list(matrix.shape)}")
+    return matrix
+
+
+def _per_query_filters(
+    n: int, broad_in: Sequence[Sequence[str] | None] | None
+) -> list[Sequence[str] | None]:
+    if broad_in is None:
+        return [None] * n
+    if len(broad_in) != n:
+        raise InvalidInput(f"broad_in has {len(broad_in)} entries for {n} queries")
+    return list(broad_in)
+
+
+class VectorStore(abc.ABC):
+    """Labelled exemplar vectors with taxonomy payload; filtered k-NN by broad group.
+
+    `broad_in=None` searches everything; an empty list allows no group and returns nothing.
+    """
+
+    @abc.abstractmethod
+    def ensure_collection(self, dim: int) -> None:
+        """Create the collection (cosine, HNSW, keyword index on `broad`) or open and check it."""
+
+    @abc.abstractmethod
+    def upsert(self, points: Sequence[Exemplar]) -> None:
+        """Insert or overwrite exemplars (by id); returns once the write is applied."""
+
+    @abc.abstractmethod
+    def search(
+        self, vector: np.ndarray, k: int, broad_in: Sequence[str] | None = None
+    ) -> list[Neighbour]:
+        """The `k` most similar exemplars, best first, optionally only in `broad_in` groups."""
+
+    @abc.abstractmethod
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        broad_in: Sequence[Sequence[str] | None] | None = None,
+    ) -> list[list[Neighbour]]:
+        """`search` for each row of `vectors`; `broad_in`, if given, has one filter per row."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Number of stored exemplars."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Force pending writes to disk."""
+
+    @abc.abstractmethod
+    def optimize(self) -> bool:
+        """Build indexes / merge segments after bulk loads; True if anything changed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the store; further calls fail."""
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class EdgeVectorStore(VectorStore):
+    """Qdrant Edge shard in `<root>/<collection>/`, owned by this process.
+
+    Durability: with the shard's write-ahead log on, an upsert that returned survives a crash
+    of this process; `flush()` persists segments (call it before a planned shutdown; `close()`
+    does).
+
+    Args:
+        root: directory holding one sub-directory per collection.
+        collection: collection name; include the embedding-space version in it.
+        hnsw_m: HNSW graph degree.
+        hnsw_ef_construct: HNSW build-time candidate list size.
+        indexing_threshold_kb: segment size from which `optimize()` builds an HNSW index.
+        full_scan_threshold_kb: below this size a search scans exactly.
+        hnsw_ef: search-time candidate list size (None = engine default).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        collection: str,
+        *,
+        hnsw_m: int = DEFAULT_HNSW_M,
+        hnsw_ef_construct: int = DEFAULT_HNSW_EF_CONSTRUCT,
+        indexing_threshold_kb: int = DEFAULT_INDEXING_THRESHOLD_KB,
+        full_scan_threshold_kb: int = DEFAULT_FULL_SCAN_THRESHOLD_KB,
+        hnsw_ef: int | None = None,
+    ) -> None:
+        if not collection or "/" in collection or collection.startswith("."):
+            raise InvalidInput(f"bad collection name {collection!r}")
+        self._path = Path(root) / collection
+        self._collection = collection
+        self._hnsw_m = hnsw_m
+        self._hnsw_ef_construct = hnsw_ef_construct
+        self._indexing_threshold_kb = indexing_threshold_kb
+        self._full_scan_threshold_kb = full_scan_threshold_kb
+        self._hnsw_ef = hnsw_ef
+        self._shard: Any = None
+        self._dim = 0
+        self._lock_fd: int | None = None
+        self._write_lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def _config(self, dim: int) -> Any:
+        import qdrant_edge as qe
+
+        return qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
+            hnsw_config=qe.HnswIndexConfig(
+                m=self._hnsw_m,
+                ef_construct=self._hnsw_ef_construct,
+                full_scan_threshold=self._full_scan_threshold_kb,
+            ),
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=self._indexing_threshold_kb),
+        )
+
+    def _acquire_ownership(self) -> None:
+        self._path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise FailedPrecondition(
+                f"vector store {self._path} is owned by another process; an Edge shard has "
+                "one owner (write through the router)"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _release_ownership(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def ensure_collection(self, dim: int) -> None:
+        import qdrant_edge as qe
+
+        if dim <= 0:
+            raise InvalidInput("dim must be positive")
+        with self._write_lock:
+            if self._shard is not None:
+                if dim != self._dim:
+                    raise FailedPrecondition(f"{self._collection} is open with dim {self._dim}")
+                return
+            self._acquire_ownership()
+            config = self._config(dim)
+            try:
+                if (self._path / "edge_config.json").exists():
+                    shard = qe.EdgeShard.load(str(self._path), config)
+                else:
+                    shard = qe.EdgeShard.create(str(self._path), config)
+            except Exception as exc:  # the bindings raise bare Exception for every failure
+                self._release_ownership()
+                raise FailedPrecondition(
+                    f"cannot open vector store {self._path} (dim {dim}): {exc}"
+                ) from exc
+            if BROAD_FIELD not in shard.info().payload_schema:
+                shard.update(
+                    qe.UpdateOperation.create_field_index(BROAD_FIELD, qe.PayloadSchemaType.Keyword)
+                )
+            self._shard = shard
+            self._dim = dim
+            logger.info(
+                "opened edge vector store %s (dim %d, %d points)", self._path, dim, self.count()
+            )
+
+    def _require(self) -> Any:
+        shard = self._shard
+        if shard is None:
+            raise FailedPrecondition(f"vector store {self._collection} is not open")
+        return shard
+
+    def upsert(self, points: Sequence[Exemplar]) -> None:
+        import qdrant_edge as qe
+
+        if not points:
+            return
+        batch = [
+            qe.Point(
+                id=point_uuid(p.id), vector=_as_vector(p.vector, self._dim), payload=_payload(p)
+            )
+            for p in points
+        ]
+        with self._write_lock:
+            self._require().update(qe.UpdateOperation.upsert_points(batch))
+
+    def _request(self, vector: list[float], k: int, broad_in: Sequence[str] | None) -> Any:
+        import qdrant_edge as qe
+
+        query_filter = None
+        if broad_in is not None:
+            query_filter = qe.Filter(
+                must=[qe.FieldCondition(key=BROAD_FIELD, match=qe.MatchAny(any=list(broad_in)))]
+            )
+        params = qe.SearchParams(hnsw_ef=self._hnsw_ef) if self._hnsw_ef else None
+        return qe.QueryRequest(
+            limit=k,
+            query=qe.Query.Nearest(vector),
+            filter=query_filter,
+            params=params,
+            with_payload=True,
+        )
+
+    def search(
+        self, vector: np.ndarray, k: int, broad_in: Sequence[str] | None = None
+    ) -> list[Neighbour]:
+        if k <= 0 or (broad_in is not None and not broad_in):
+            return []
+        shard = self._require()
+        hits = shard.query(self._request(_as_vector(vector, self._dim), k, broad_in))
+        return [_neighbour(h.id, h.score, h.payload) for h in hits]
+
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        broad_in: Sequence[Sequence[str] | None] | None = None,
+    ) -> list[list[Neighbour]]:
+        import qdrant_edge as qe
+
+        matrix = _as_matrix(vectors, self._dim)
+        filters = _per_query_filters(len(matrix), broad_in)
+        results: list[list[Neighbour]] = [[] for _ in range(len(matrix))]
+        live = [i for i, f in enumerate(filters) if k > 0 and (f is None or len(f) > 0)]
+        if not live:
+            return results
+        shard = self._require()
+        requests = [self._request(_as_vector(matrix[i], self._dim), k, filters[i]) for i in live]
+        for i, hits in zip(live, shard.query_batch(qe.QueryBatchRequest(requests)), strict=True):
+            results[i] = [_neighbour(h.id, h.score, h.payload) for h in hits]
+        return results
+
+    def count(self) -> int:
+        import qdrant_edge as qe
+
+        return int(self._require().count(qe.CountRequest(exact=True)))
+
+    def flush(self) -> None:
+        with self._write_lock:
+            self._require().flush()
+
+    def optimize(self) -> bool:
+        with self._write_lock:
+            changed = bool(self._require().optimize())
+        logger.info("optimized edge vector store %s (changed=%s)", self._path, changed)
+        return changed
+
+    def close(self) -> None:
+        with self._write_lock:
+            shard, self._shard = self._shard, None
+            if shard is not None:
+                shard.flush()
+                shard.close()
+            self._release_ownership()
+
+
+class QdrantClientVectorStore(VectorStore):
+    """A collection behind `qdrant-client`: a Qdrant server, or its local mode as a reference.
+
+    Args:
+        collection: collection name; include the embedding-space version in it.
+        url: Qdrant server URL (http(s)://host:6333, or grpc://host:6334 to use gRPC).
+        location: ":memory:" for the in-process reference mode.
+        path: directory for the on-disk local mode.
+        api_key: server API key, if any.
+        timeout_s: per-request timeout for a server.
+        hnsw_ef: search-time candidate list size (None = server default).
+    """
+
+    def __init__(
+        self,
+        collection: str,
+        *,
+        url: str | None = None,
+        location: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+        api_key: str | None = None,
+        timeout_s: int = 5,
+        hnsw_ef: int | None = None,
+    ) -> None:
+        from qdrant_client import QdrantClient
+
+        if sum(x is not None for x in (url, location, path)) != 1:
+            raise InvalidInput("give exactly one of url, location, path")
+        self._collection = collection
+        self._hnsw_ef = hnsw_ef
+        self._dim = 0
+        self._remote = url is not None
+        if url is not None:
+            parsed = urlparse(url)
+            if parsed.scheme == "grpc":
+                self._client = QdrantClient(
+                    host=parsed.hostname,
+                    grpc_port=parsed.port or 6334,
+                    prefer_grpc=True,
+                    api_key=api_key,
+                    timeout=timeout_s,
+                    check_compatibility=False,
+                )
+            else:
+                self._client = QdrantClient(
+                    url=url, api_key=api_key, timeout=timeout_s, check_compatibility=False
+                )
+        elif location is not None:
+            self._client = QdrantClient(location=location)
+        else:
+            # Calls arrive from asyncio.to_thread workers; the lock below serialises them.
+            self._client = QdrantClient(path=str(path), force_disable_check_same_thread=True)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        import grpc
+        from qdrant_client.http.exceptions import ApiException
+
+        with nullcontext() if self._remote else self._lock:
+            try:
+                yield
+            except (ApiException, grpc.RpcError, OSError) as exc:
+                raise Unavailable(f"qdrant {what} on {self._collection} failed: {exc}") from exc
+
+    def ensure_collection(self, dim: int) -> None:
+        from qdrant_client import models
+
+        if dim <= 0:
+            raise InvalidInput("dim must be positive")
+        with self._call("ensure_collection"):
+            if self._client.collection_exists(self._collection):
+                info = self._client.get_collection(self._collection)
+                vectors = info.config.params.vectors
+                size = vectors.size if isinstance(vectors, models.VectorParams) else None
+                if size != dim:
+                    raise FailedPrecondition(
+                        f"collection {self._collection} has vector size {size}, wanted {dim}"
+                    )
+            else:
+                self._client.create_collection(
+                    self._collection,
+                    vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                    hnsw_config=models.HnswConfigDiff(
+                        m=DEFAULT_HNSW_M, ef_construct=DEFAULT_HNSW_EF_CONSTRUCT
+                    ),
+                )
+            if self._remote:
+                # Local mode has no payload indexes (and warns); the server needs one on
+                # the filter field for fast filtered HNSW search.
+                self._client.create_payload_index(
+                    self._collection, BROAD_FIELD, models.PayloadSchemaType.KEYWORD, wait=True
+                )
+        self._dim = dim
+
+    def _require_dim(self) -> int:
+        if self._dim == 0:
+            raise FailedPrecondition(f"vector store {self._collection} is not open")
+        return self._dim
+
+    def upsert(self, points: Sequence[Exemplar]) -> None:
+        from qdrant_client import models
+
+        if not points:
+            return
+        dim = self._require_dim()
+        batch = [
+            models.PointStruct(
+                id=str(point_uuid(p.id)), vector=_as_vector(p.vector, dim), payload=_payload(p)
+            )
+            for p in points
+        ]
+        with self._call("upsert"):
+            self._client.upsert(self._collection, points=batch, wait=True)
+
+    def _filter(self, broad_in: Sequence[str] | None) -> Any:
+        from qdrant_client import models
+
+        if broad_in is None:
+            return None
+        return models.Filter(
+            must=[models.FieldCondition(key=BROAD_FIELD, match=models.MatchAny(any=list(broad_in)))]
+        )
+
+    def _params(self) -> Any:
+        from qdrant_client import models
+
+        return models.SearchParams(hnsw_ef=self._hnsw_ef) if self._hnsw_ef else None
+
+    def search(
+        self, vector: np.ndarray, k: int, broad_in: Sequence[str] | None = None
+    ) -> list[Neighbour]:
+        if k <= 0 or (broad_in is not None and not broad_in):
+            return []
+        query = _as_vector(vector, self._require_dim())
+        with self._call("search"):
+            response = self._client.query_points(
+                self._collection,
+                query=query,
+                query_filter=self._filter(broad_in),
+                search_params=self._params(),
+                limit=k,
+                with_payload=True,
+            )
+        return [_neighbour(p.id, p.score, p.payload) for p in response.points]
+
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        broad_in: Sequence[Sequence[str] | None] | None = None,
+    ) -> list[list[Neighbour]]:
+        from qdrant_client import models
+
+        matrix = _as_matrix(vectors, self._require_dim())
+        filters = _per_query_filters(len(matrix), broad_in)
+        results: list[list[Neighbour]] = [[] for _ in range(len(matrix))]
+        live = [i for i, f in enumerate(filters) if k > 0 and (f is None or len(f) > 0)]
+        if not live:
+            return results
+        requests = [
+            models.QueryRequest(
+                query=_as_vector(matrix[i], self._dim),
+                filter=self._filter(filters[i]),
+                params=self._params(),
+                limit=k,
+                with_payload=True,
+            )
+            for i in live
+        ]
+        with self._call("search_batch"):
+            responses = self._client.query_batch_points(self._collection, requests=requests)
+        for i, response in zip(live, responses, strict=True):
+            results[i] = [_neighbour(p.id, p.score, p.payload) for p in response.points]
+        return results
+
+    def count(self) -> int:
+        self._require_dim()
+        with self._call("count"):
+            return int(self._client.count(self._collection, exact=True).count)
+
+    def flush(self) -> None:
+        # Upserts use wait=True: the server has applied and logged them when they return.
+        self._require_dim()
+
+    def optimize(self) -> bool:
+        # A Qdrant server runs its optimizers itself; local mode has nothing to optimise.
+        self._require_dim()
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+        self._dim = 0
+
+
+def open_vector_store(url_or_path: str, collection: str, dim: int) -> VectorStore:
+    """Open (creating if needed) `collection` at a Qdrant URL or a local directory.
+
+    `http(s)://...`, `grpc://host:port` or a bare `host:port` (REST) -> a Qdrant server via
+    qdrant-client; `:memory:` -> qdrant-client's in-process reference mode; anything else is
+    a directory for Qdrant Edge.
+    """
+    store: VectorStore
+    scheme = urlparse(url_or_path).scheme
+    if scheme in ("http", "https", "grpc"):
+        store = QdrantClientVectorStore(collection, url=url_or_path)
+    elif _HOST_PORT.match(url_or_path):
+        store = QdrantClientVectorStore(collection, url=f"http://{url_or_path}")
+    elif url_or_path == ":memory:":
+        store = QdrantClientVectorStore(collection, location=":memory:")
+    else:
+        store = EdgeVectorStore(url_or_path, collection)
+    try:
+        store.ensure_collection(dim)
+    except Exception:
+        store.close()
+        raise
+    return store

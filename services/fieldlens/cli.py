@@ -1,0 +1,207 @@
+"""`fieldlens`: the Python client and the local cluster's controls (up, down, demo, classify)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from fieldlens import cluster, gallery
+from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc
+
+DEFAULT_ADDR = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = cluster.REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
+DEMO_SAMPLES = 6
+GALLERY_PER_CLASS = 10
+NATURE_DOMAINS = ("domain/animal", "domain/plant", "domain/landscape")
+
+console = Console()
+
+
+def _stub(addr: str) -> tuple[grpc.Channel, router_pb2_grpc.RouterStub]:
+    channel = grpc.insecure_channel(addr)
+    return channel, router_pb2_grpc.RouterStub(channel)
+
+
+def render(results: list[tuple[str, router_pb2.ClassifyResponse]], title: str) -> None:
+    """A readable table: answer, top suggestions with paths and exemplars, timings."""
+    table = Table(title=title, show_lines=True, expand=True)
+    table.add_column("image", overflow="fold", max_width=22)
+    table.add_column("best-effort answer")
+    table.add_column("suggestions: P, path, served by, nearest exemplar (cosine)")
+    table.add_column("timings (ms)", max_width=26)
+    for name, r in results:
+        if r.HasField("error"):
+            table.add_row(name, f"[red]error {r.error.code}: {r.error.message}[/red]", "", "")
+            continue
+        answer = f"[bold]{r.answer.taxon.name}[/bold]\n({r.answer.taxon.rank}, " \
+                 f"P={r.answer.probability:.2f})"
+        lines = []
+        for s in r.suggestions[:3]:
+            path = " > ".join(t.name for t in s.path[2:])
+            served = classifier_pb2.ServedBy.Name(s.served_by).lower()
+            ex = (f"{s.exemplars[0].label_name} {s.exemplars[0].similarity:.2f}"
+                  if s.exemplars else "-")
+            lines.append(f"{s.probability:.2f} {path}\n   [dim]{served}; exemplar: {ex}[/dim]")
+        total = sum(t.duration_ms for t in r.timings)
+        stages = ", ".join(f"{t.stage} {t.duration_ms:.1f}" for t in r.timings
+                           if t.stage in ("broad", "classify", "cache_get"))
+        flags = (" [green]cached[/green]" if r.cached else "") + "".join(
+            f"\n[yellow]{router_pb2.DegradationKind.Name(d.kind)}[/yellow]"
+            for d in r.degradations)
+        table.add_row(name, answer + flags, "\n".join(lines), f"total {total:.1f}\n{stages}")
+    console.print(table)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args.addr)
+    results = []
+    with channel:
+        for path in args.images:
+            request = router_pb2.ClassifyRequest(image=Path(path).read_bytes(),
+                                                 request_id=str(path), top_k=args.top_k,
+                                                 skip_cache=args.skip_cache)
+            try:
+                results.append((str(path), stub.Classify(request, timeout=args.timeout)))
+            except grpc.RpcError as exc:
+                err = router_pb2.ClassifyResponse(error=router_pb2.ItemError(
+                    code=exc.code().value[0], message=f"{exc.code().name}: {exc.details()}"))
+                results.append((str(path), err))
+    if args.json:
+        print(json.dumps([{"image": n, **MessageToDict(r)} for n, r in results], indent=1))
+    else:
+        render(results, "fieldlens classify")
+    return 0 if all(not r.HasField("error") for _, r in results) else 1
+
+
+def _config(args: argparse.Namespace) -> cluster.ClusterConfig:
+    return cluster.ClusterConfig()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    console.print("starting the local cluster (redis-server, tritonserver, tiny, specialist, "
+                  "router)...")
+    t0 = time.time()
+    cluster.start(cfg)
+    console.print(f"all components SERVING after {time.time() - t0:.1f} s; logs in "
+                  f"{cfg.logs_dir}")
+    _print_status(cfg)
+    return 0
+
+
+def _print_status(cfg: cluster.ClusterConfig) -> None:
+    table = Table(title="local cluster")
+    table.add_column("component")
+    table.add_column("state")
+    for name, state in cluster.status(cfg).items():
+        table.add_row(name, state)
+    console.print(table)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    cluster.stop(_config(args))
+    console.print("local cluster stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _print_status(_config(args))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    channel, stub = _stub(args.addr)
+    with channel:
+        info = stub.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+        if info.exemplar_count and not args.force:
+            console.print(f"gallery already holds {info.exemplar_count} exemplars "
+                          f"(--force to add anyway)")
+            return 0
+        n_classes = sum(1 for t in stub.GetTaxonomy(router_pb2.GetTaxonomyRequest()).taxa
+                        if t.rank == "class")
+    summary = gallery.index_gallery(args.addr, args.data, cfg.models_dir, args.per_class,
+                                    n_classes)
+    console.print(f"indexed {summary.indexed} of {summary.received} "
+                  f"({summary.duplicates} duplicates, {summary.rejected} rejected)")
+    for e in summary.errors:
+        console.print(f"  [yellow]{e}[/yellow]")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Starts the cluster, fills the gallery if empty, classifies sample images."""
+    cmd_up(args)
+    args.force = False
+    cmd_index(args)
+    cfg = _config(args)
+    channel, stub = _stub(args.addr)
+    with channel:
+        taxa = {t.id: t for t in stub.GetTaxonomy(router_pb2.GetTaxonomyRequest()).taxa}
+
+        def domain(tid: str) -> str:
+            while taxa[tid].rank != "domain":
+                tid = taxa[tid].parent_id
+            return tid
+
+        nature = [t for t in taxa.values() if t.rank == "class" and domain(t.id) in NATURE_DOMAINS]
+        samples = gallery.validation_samples(args.data, gallery.validation_keys(cfg.models_dir),
+                                             DEMO_SAMPLES, [t.id for t in nature])
+        if not samples:
+            console.print("[red]no validation images found to classify[/red]")
+            return 1
+        results = []
+        for key, data, wnid in samples:
+            r = stub.Classify(router_pb2.ClassifyRequest(image=data, request_id=key), timeout=30)
+            results.append((f"{key}\n(truth: {taxa[wnid].name})", r))
+        render(results, "fieldlens demo: held-out validation photos through the whole cluster")
+        repeat = stub.Classify(router_pb2.ClassifyRequest(image=samples[0][1]), timeout=30)
+        total = sum(t.duration_ms for t in repeat.timings)
+        console.print(f"repeat of the first image: cached={repeat.cached}, {total:.1f} ms")
+    console.print("the cluster keeps running: `make down` stops it")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fieldlens", description=__doc__)
+    parser.add_argument("--addr", default=DEFAULT_ADDR, help="router address (host:port)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("classify", help="classify image files through the router")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--skip-cache", action="store_true")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_classify)
+    sub.add_parser("up", help="start the local cluster").set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="local cluster state").set_defaults(func=cmd_status)
+    for name, func, text in (("index-gallery", cmd_index, "embed and index labelled exemplars"),
+                             ("demo", cmd_demo, "start, index if empty, classify samples")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
+                       help="Tiny ImageNet shards (or the official tiny-imagenet-200 folder)")
+        p.add_argument("--per-class", type=int, default=GALLERY_PER_CLASS)
+        p.add_argument("--force", action="store_true")
+        p.set_defaults(func=func)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except cluster.ClusterError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 1
+    except grpc.RpcError as exc:
+        console.print(f"[red]router at {args.addr}: {exc.code().name}: {exc.details()}[/red]")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

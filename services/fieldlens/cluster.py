@@ -1,0 +1,442 @@
+"""Local-cluster supervisor: starts, checks and stops redis, Triton and the three services."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from fieldlens.backends import redis_server, triton_server
+
+logger = logging.getLogger(__name__)
+
+# services/fieldlens/cluster.py -> the repository root.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+COMPONENTS = ("redis", "triton", "tiny", "specialist", "router")
+SERVICES = ("tiny", "specialist", "router")
+DEFAULT_READY_TIMEOUT_S = 300.0
+DEFAULT_STOP_TIMEOUT_S = 15.0
+LOG_TAIL_LINES = 40
+_POLL_S = 0.2
+
+# What a live process of each component has in its command line; guards against a pidfile
+# whose pid was recycled by an unrelated process.
+_CMDLINE_MARKERS: Mapping[str, str] = {
+    "redis": "redis-server",
+    "triton": "tritonserver",
+    "tiny": "fieldlens.tiny",
+    "specialist": "fieldlens.specialist",
+    "router": "fieldlens.router",
+}
+
+# Popen objects of children started by this process, so they can be reaped (not left as
+# zombies that still look alive to kill(pid, 0)) when a test fixture stops them.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class ClusterError(RuntimeError):
+    """A component failed to start or become ready; the message names it and tails its log."""
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port that was free a moment ago (tests; racy by nature, but fine on loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the local cluster lives and which ports it uses."""
+
+    run_dir: Path = REPO_ROOT / ".run"
+    host: str = HOST
+    router_port: int = 50051
+    specialist_port: int = 50052
+    tiny_port: int = 50053
+    triton_grpc_port: int = 8001
+    triton_http_port: int = 8000
+    triton_metrics_port: int = 8002
+    redis_port: int = 6379
+    router_metrics_port: int = 9101
+    specialist_metrics_port: int = 9102
+    tiny_metrics_port: int = 9103
+    model_repository: Path = REPO_ROOT / "deploy" / "triton" / "model_repository"
+    models_dir: Path = REPO_ROOT / "deploy" / "models"
+    # None -> <run_dir>/qdrant.
+    qdrant_path: Path | None = None
+    # URL of a Qdrant server; empty -> the router's in-process Qdrant Edge store.
+    qdrant_addr: str = ""
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    # Extra environment for every component, e.g. log levels in tests.
+    extra_env: tuple[tuple[str, str], ...] = ()
+
+    def with_free_ports(self) -> ClusterConfig:
+        """A copy with every port replaced by a currently free one (tests)."""
+        ports = {
+            f.name: free_port(self.host)
+            for f in dataclasses.fields(self)
+            if f.name.endswith("_port")
+        }
+        return dataclasses.replace(self, **ports)  # type: ignore[arg-type]
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def qdrant_dir(self) -> Path:
+        return self.qdrant_path if self.qdrant_path is not None else self.run_dir / "qdrant"
+
+    def addr(self, port: int) -> str:
+        return f"{self.host}:{port}"
+
+    def log_path(self, name: str) -> Path:
+        return self.logs_dir / f"{name}.log"
+
+    def pid_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def service_port(self, name: str) -> int:
+        return int(getattr(self, f"{name}_port"))
+
+    def service_env(self, name: str) -> dict[str, str]:
+        """Environment of one fieldlens service: its own endpoints plus its dependencies'."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "FIELDLENS_LISTEN_ADDR": self.addr(self.service_port(name)),
+                "FIELDLENS_METRICS_PORT": str(getattr(self, f"{name}_metrics_port")),
+                "TRITON_ADDR": self.addr(self.triton_grpc_port),
+                "SPECIALIST_ADDR": self.addr(self.specialist_port),
+                "TINY_ADDR": self.addr(self.tiny_port),
+                "REDIS_ADDR": self.addr(self.redis_port),
+                "QDRANT_ADDR": self.qdrant_addr,
+                "QDRANT_PATH": str(self.qdrant_dir),
+                "FIELDLENS_MODELS_DIR": str(self.models_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(dict(self.extra_env))
+        return env
+
+
+def _redis_command(cfg: ClusterConfig) -> tuple[list[str], dict[str, str]]:
+    argv = redis_server.build_argv(cfg.redis_port, cfg.run_dir / "redis", host=cfg.host)
+    return argv, {**os.environ, **dict(cfg.extra_env)}
+
+
+def _triton_command(cfg: ClusterConfig) -> tuple[list[str], dict[str, str]]:
+    if not triton_server.repository_models(cfg.model_repository):
+        raise ClusterError(
+            f"triton: no models in {cfg.model_repository}; train and export them first "
+            "(make train) or point model_repository at an exported repository"
+        )
+    backends = triton_server.prepare_backend_directory(cfg.run_dir / "triton" / "backends")
+    argv, env = triton_server.build_command(
+        cfg.model_repository,
+        backends,
+        grpc_port=cfg.triton_grpc_port,
+        http_port=cfg.triton_http_port,
+        metrics_port=cfg.triton_metrics_port,
+        host=cfg.host,
+    )
+    env.update(dict(cfg.extra_env))
+    return argv, env
+
+
+def _service_command(name: str) -> Callable[[ClusterConfig], tuple[list[str], dict[str, str]]]:
+    def command(cfg: ClusterConfig) -> tuple[list[str], dict[str, str]]:
+        return [sys.executable, "-m", f"fieldlens.{name}"], cfg.service_env(name)
+
+    return command
+
+
+def grpc_serving(addr: str, timeout_s: float = 1.0) -> bool:
+    """True when the grpc.health.v1 Check(service='') at `addr` answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(addr) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _ready(cfg: ClusterConfig, name: str) -> bool:
+    if name == "redis":
+        return redis_server.ping(cfg.host, cfg.redis_port)
+    if name == "triton":
+        return triton_server.is_ready(
+            cfg.addr(cfg.triton_http_port), triton_server.repository_models(cfg.model_repository)
+        )
+    return grpc_serving(cfg.addr(cfg.service_port(name)))
+
+
+_COMMANDS: Mapping[str, Callable[[ClusterConfig], tuple[list[str], dict[str, str]]]] = {
+    "redis": _redis_command,
+    "triton": _triton_command,
+    **{name: _service_command(name) for name in SERVICES},
+}
+
+
+def _own_ports(cfg: ClusterConfig, name: str) -> list[int]:
+    if name == "redis":
+        return [cfg.redis_port]
+    if name == "triton":
+        return [cfg.triton_grpc_port, cfg.triton_http_port, cfg.triton_metrics_port]
+    return [cfg.service_port(name), int(getattr(cfg, f"{name}_metrics_port"))]
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _read_pid(cfg: ClusterConfig, name: str) -> int | None:
+    try:
+        return int(cfg.pid_path(name).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int, name: str) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        # Our own child: poll() is authoritative, and /proc/<pid>/cmdline can read empty
+        # for a moment right after exec.
+        if child.poll() is None:
+            return True
+        _children.pop(pid, None)
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return _CMDLINE_MARKERS[name] in " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _live_pid(cfg: ClusterConfig, name: str) -> int | None:
+    pid = _read_pid(cfg, name)
+    return pid if pid is not None and _alive(pid, name) else None
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a log file ('' when it does not exist)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            text = fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def spawn(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `argv` detached in its own session, stdout and stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {argv[0]}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            cwd=str(REPO_ROOT),
+            start_new_session=True,
+        )
+    _children[proc.pid] = proc
+    return proc
+
+
+def _failure(cfg: ClusterConfig, name: str, problem: str) -> ClusterError:
+    log = cfg.log_path(name)
+    return ClusterError(f"{name} {problem} (log: {log}); last lines:\n{tail(log)}")
+
+
+def _wait_ready(cfg: ClusterConfig, name: str, pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _ready(cfg, name):
+        if not _alive(pid, name):
+            raise _failure(cfg, name, "exited before becoming ready")
+        if time.monotonic() >= deadline:
+            raise _failure(cfg, name, f"not ready after {timeout_s:.0f}s")
+        time.sleep(_POLL_S)
+
+
+def _start_one(cfg: ClusterConfig, name: str) -> None:
+    pid = _live_pid(cfg, name)
+    if pid is not None:
+        if _ready(cfg, name):
+            logger.info("%s already running (pid %d)", name, pid)
+            return
+        logger.info("%s running (pid %d) but not ready yet; waiting", name, pid)
+        _wait_ready(cfg, name, pid, cfg.ready_timeout_s)
+        return
+    cfg.pid_path(name).unlink(missing_ok=True)
+    taken = [p for p in _own_ports(cfg, name) if _port_taken(cfg.host, p)]
+    if taken:
+        raise ClusterError(
+            f"{name}: port(s) {taken} on {cfg.host} already in use by another process"
+        )
+    argv, env = _COMMANDS[name](cfg)
+    proc = spawn(argv, env, cfg.log_path(name))
+    cfg.pid_path(name).write_text(f"{proc.pid}\n")
+    logger.info("started %s (pid %d), log %s", name, proc.pid, cfg.log_path(name))
+    started = time.monotonic()
+    try:
+        _wait_ready(cfg, name, proc.pid, cfg.ready_timeout_s)
+    except ClusterError:
+        _terminate(cfg, name, proc.pid, DEFAULT_STOP_TIMEOUT_S)
+        raise
+    logger.info("%s ready after %.1fs", name, time.monotonic() - started)
+
+
+def start(cfg: ClusterConfig, components: Sequence[str] = COMPONENTS) -> None:
+    """Start (or adopt, when already running and healthy) `components`, in dependency order.
+
+    Raises:
+        ClusterError: a component could not start or become ready; already-started ones keep
+            running (inspect them, then `stop`).
+    """
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENTS}")
+    cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+    for name in COMPONENTS:
+        if name in components:
+            _start_one(cfg, name)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    # Each component leads its own session/process group, so the group also reaches the
+    # Python-backend stubs that tritonserver forks.
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        logger.warning("not permitted to signal process group %d", pid)
+
+
+def _wait_gone(pid: int, name: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid, name):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _terminate(cfg: ClusterConfig, name: str, pid: int, timeout_s: float) -> None:
+    _signal_group(pid, signal.SIGTERM)
+    if not _wait_gone(pid, name, timeout_s):
+        logger.warning("%s (pid %d) ignored SIGTERM for %.0fs; killing", name, pid, timeout_s)
+        _signal_group(pid, signal.SIGKILL)
+        _wait_gone(pid, name, 5.0)
+    _children.pop(pid, None)
+    cfg.pid_path(name).unlink(missing_ok=True)
+
+
+def stop(
+    cfg: ClusterConfig,
+    components: Sequence[str] = COMPONENTS,
+    timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+) -> None:
+    """SIGTERM running components in reverse dependency order, SIGKILL stragglers."""
+    for name in reversed(COMPONENTS):
+        if name not in components:
+            continue
+        pid = _live_pid(cfg, name)
+        if pid is None:
+            cfg.pid_path(name).unlink(missing_ok=True)
+            continue
+        logger.info("stopping %s (pid %d)", name, pid)
+        _terminate(cfg, name, pid, timeout_s)
+
+
+def kill(cfg: ClusterConfig, name: str, sig: signal.Signals = signal.SIGKILL) -> bool:
+    """Send `sig` to one component (default: kill it outright); True if it was running."""
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; known: {COMPONENTS}")
+    pid = _live_pid(cfg, name)
+    if pid is None:
+        return False
+    _signal_group(pid, sig)
+    if sig in (signal.SIGKILL, signal.SIGTERM) and _wait_gone(pid, name, DEFAULT_STOP_TIMEOUT_S):
+        _children.pop(pid, None)
+        cfg.pid_path(name).unlink(missing_ok=True)
+    return True
+
+
+def status(cfg: ClusterConfig) -> dict[str, str]:
+    """name -> "running" (alive and ready), "unhealthy" (alive, not ready) or "stopped"."""
+    states: dict[str, str] = {}
+    for name in COMPONENTS:
+        if _live_pid(cfg, name) is None:
+            states[name] = "stopped"
+        else:
+            states[name] = "running" if _ready(cfg, name) else "unhealthy"
+    return states
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fieldlens.cluster", description=__doc__)
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--run-dir", type=Path, default=ClusterConfig.run_dir)
+    parser.add_argument("--model-repository", type=Path, default=ClusterConfig.model_repository)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT_S)
+    parser.add_argument(
+        "--only", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), metavar="COMPONENT"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = ClusterConfig(
+        run_dir=args.run_dir.resolve(),
+        model_repository=args.model_repository.resolve(),
+        ready_timeout_s=args.timeout,
+    )
+    if args.command == "up":
+        try:
+            start(cfg, args.only)
+        except ClusterError as exc:
+            logger.error("%s", exc)
+            return 1
+    elif args.command == "down":
+        stop(cfg, args.only)
+    states = status(cfg)
+    for name in COMPONENTS:
+        print(f"{name:<11} {states[name]}")
+    if args.command == "status":
+        return 0 if all(s == "running" for s in states.values()) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

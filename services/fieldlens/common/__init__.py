@@ -1,0 +1,1 @@
+"""fieldlens common package."""

@@ -1,0 +1,82 @@
+"""Service bootstrap shared by every fieldlens process: server, metrics, honest health, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from fieldlens.common.server import GrpcServer, ServicerRegistration, serve_until_signal
+from fieldlens.common.settings import CommonSettings, SettingsError
+from fieldlens.common.telemetry import start_metrics_server
+
+logger = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 2.0
+
+
+async def serve_grpc(
+    common: CommonSettings,
+    registration: ServicerRegistration,
+    service_name: str,
+    ready: Callable[[], Awaitable[bool]] | None = None,
+    on_close: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Runs one service until SIGTERM/SIGINT.
+
+    Args:
+        common: Listen address, limits, grace and metrics port.
+        registration: (add_servicer_fn, servicer).
+        service_name: Fully-qualified gRPC service name, reported by health and reflection.
+        ready: Polled every few seconds; health is SERVING only while it returns True (the
+            dependencies the service cannot do without answer). None means always ready.
+        on_close: Closes clients after the server has stopped.
+    """
+    metrics = start_metrics_server(common.metrics_port, common.metrics_addr)
+    server = GrpcServer(
+        common.listen_addr, [registration], [service_name],
+        max_message_bytes=common.max_message_bytes, grace_s=common.grace_s,
+        serving_at_start=ready is None,
+    )
+    port = await server.start()
+    logger.info("%s listening on port %d", service_name, port)
+
+    async def watch() -> None:
+        assert ready is not None
+        while True:
+            try:
+                ok = await ready()
+            except Exception:  # a failing probe means not ready, never a dead watcher
+                logger.exception("readiness check of %s failed", service_name)
+                ok = False
+            await server.set_serving(service_name, ok)
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    watcher = asyncio.create_task(watch()) if ready is not None else None
+
+    async def close() -> None:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if on_close is not None:
+            await on_close()
+        if metrics is not None:
+            metrics.close()
+
+    await serve_until_signal(server, close)
+
+
+def main_with_settings(name: str, load: Callable[[], Any],
+                       serve: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+    """Reads settings once (failing fast with exit code 2), then runs `serve(settings)`."""
+    from fieldlens.common.server import run_service
+
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(f"{name}: {exc}", flush=True)
+        raise SystemExit(2) from None
+    run_service(serve(settings), settings.common.log_level)

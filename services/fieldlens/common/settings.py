@@ -1,0 +1,297 @@
+"""Frozen per-service settings, read once from the environment in each service's main()."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+logger = logging.getLogger(__name__)
+
+# services/fieldlens/common/settings.py -> the repository root.
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+ServiceName = Literal["router", "specialist", "tiny"]
+ClassifierRole = Literal["specialist", "tiny"]
+
+DEFAULT_LISTEN_ADDRS: Mapping[str, str] = {
+    "router": "127.0.0.1:50051",
+    "specialist": "127.0.0.1:50052",
+    "tiny": "127.0.0.1:50053",
+}
+DEFAULT_METRICS_PORTS: Mapping[str, int] = {"router": 9101, "specialist": 9102, "tiny": 9103}
+DEFAULT_METRICS_ADDR = "127.0.0.1"
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+DEFAULT_GRACE_S = 5.0
+DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_MODELS_DIR = "deploy/models"
+DEFAULT_TRITON_ADDR = "127.0.0.1:8001"
+DEFAULT_SPECIALIST_ADDR = DEFAULT_LISTEN_ADDRS["specialist"]
+DEFAULT_TINY_ADDR = DEFAULT_LISTEN_ADDRS["tiny"]
+DEFAULT_REDIS_ADDR = "127.0.0.1:6379"
+DEFAULT_QDRANT_PATH = ".run/qdrant"
+DEFAULT_CACHE_TTL_S = 3600
+DEFAULT_TOP_K = 5
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_DISPATCH_TOP = 3
+DEFAULT_MAX_IMAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 16_000_000
+DEFAULT_STAGE_TIMEOUT_S = 1.0
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_T = TypeVar("_T")
+
+
+class SettingsError(ValueError):
+    """An environment variable is missing or malformed; the message names it and its value."""
+
+    def __init__(self, name: str, value: str | None, problem: str) -> None:
+        shown = "unset" if value is None else repr(value)
+        super().__init__(f"{name}={shown}: {problem}")
+        self.name = name
+        self.value = value
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """What every fieldlens gRPC service needs to run."""
+
+    service: ServiceName
+    # host:port to bind; port 0 lets the OS pick one (tests).
+    listen_addr: str
+    # Port of the Prometheus /metrics endpoint; 0 disables it.
+    metrics_port: int
+    # Interface of the /metrics endpoint; loopback by default, 0.0.0.0 in a cluster.
+    metrics_addr: str
+    # Limit on one gRPC message, both directions.
+    max_message_bytes: int
+    # Seconds in-flight RPCs get to finish after SIGTERM.
+    grace_s: float
+    log_level: str
+    # Root of the model artefacts (Triton repository, tiny ensemble, manifest).
+    models_dir: Path
+
+    @classmethod
+    def from_env(cls, service: ServiceName, env: Mapping[str, str] | None = None) -> CommonSettings:
+        """Read the common variables, with `service`'s defaults for address and ports."""
+        env = os.environ if env is None else env
+        return cls(
+            service=service,
+            listen_addr=_read(
+                env,
+                "FIELDLENS_LISTEN_ADDR",
+                DEFAULT_LISTEN_ADDRS[service],
+                _address(allow_port_zero=True),
+            ),
+            metrics_port=_read(
+                env, "FIELDLENS_METRICS_PORT", DEFAULT_METRICS_PORTS[service], _port
+            ),
+            metrics_addr=_read(env, "FIELDLENS_METRICS_ADDR", DEFAULT_METRICS_ADDR, _host),
+            max_message_bytes=_read(
+                env, "FIELDLENS_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, _positive_int
+            ),
+            grace_s=_read(env, "FIELDLENS_GRACE_S", DEFAULT_GRACE_S, _non_negative_float),
+            log_level=_read(env, "FIELDLENS_LOG_LEVEL", DEFAULT_LOG_LEVEL, _log_level),
+            models_dir=_read(env, "FIELDLENS_MODELS_DIR", _repo_path(DEFAULT_MODELS_DIR), _path),
+        )
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Settings of the router: its backends and the request-handling knobs."""
+
+    common: CommonSettings
+    triton_addr: str
+    specialist_addr: str
+    tiny_addr: str
+    # None disables the result cache (REDIS_ADDR set to empty).
+    redis_addr: str | None
+    # None means the in-process Qdrant Edge store at qdrant_path.
+    qdrant_addr: str | None
+    qdrant_path: Path
+    cache_ttl_s: int
+    # Default number of suggestions when the request says 0.
+    top_k: int
+    # Default cumulative-probability threshold for the best-effort answer, in (0, 1].
+    threshold: float
+    # How many of the most probable broad categories are dispatched to classifiers.
+    dispatch_top: int
+    # Largest encoded image accepted, in bytes.
+    max_image_bytes: int
+    # Largest decoded image accepted, width x height; guards against decompression bombs.
+    max_pixels: int
+    # Time budget of each optional stage (cache, neighbours, one classifier), in seconds.
+    stage_timeout_s: float
+    # JSON file {category: "specialist" | "tiny"} overriding the manifest's routing; None = none.
+    routing_path: Path | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RouterSettings:
+        env = os.environ if env is None else env
+        return cls(
+            common=CommonSettings.from_env("router", env),
+            triton_addr=_read(env, "TRITON_ADDR", DEFAULT_TRITON_ADDR, _address()),
+            specialist_addr=_read(env, "SPECIALIST_ADDR", DEFAULT_SPECIALIST_ADDR, _address()),
+            tiny_addr=_read(env, "TINY_ADDR", DEFAULT_TINY_ADDR, _address()),
+            redis_addr=_read_optional(env, "REDIS_ADDR", DEFAULT_REDIS_ADDR, _address()),
+            qdrant_addr=_read_optional(env, "QDRANT_ADDR", None, _address()),
+            qdrant_path=_read(env, "QDRANT_PATH", _repo_path(DEFAULT_QDRANT_PATH), _path),
+            cache_ttl_s=_read(env, "FIELDLENS_CACHE_TTL_S", DEFAULT_CACHE_TTL_S, _positive_int),
+            top_k=_read(env, "FIELDLENS_TOP_K", DEFAULT_TOP_K, _positive_int),
+            threshold=_read(env, "FIELDLENS_THRESHOLD", DEFAULT_THRESHOLD, _probability),
+            dispatch_top=_read(env, "FIELDLENS_DISPATCH_TOP", DEFAULT_DISPATCH_TOP, _positive_int),
+            max_image_bytes=_read(
+                env, "FIELDLENS_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, _positive_int
+            ),
+            max_pixels=_read(env, "FIELDLENS_MAX_PIXELS", DEFAULT_MAX_PIXELS, _positive_int),
+            stage_timeout_s=_read(
+                env, "FIELDLENS_STAGE_TIMEOUT_S", DEFAULT_STAGE_TIMEOUT_S, _positive_float
+            ),
+            routing_path=_read_optional(env, "FIELDLENS_ROUTING", None, _existing_file),
+        )
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """Settings of a `Classifier` service: the specialist or the tiny-classifier service."""
+
+    common: CommonSettings
+    # Triton endpoint; the specialist runs its nets there, the tiny service does not use it.
+    triton_addr: str
+
+    @classmethod
+    def from_env(
+        cls, role: ClassifierRole, env: Mapping[str, str] | None = None
+    ) -> ClassifierSettings:
+        env = os.environ if env is None else env
+        return cls(
+            common=CommonSettings.from_env(role, env),
+            triton_addr=_read(env, "TRITON_ADDR", DEFAULT_TRITON_ADDR, _address()),
+        )
+
+
+def _read(env: Mapping[str, str], name: str, default: _T, parse: Callable[[str], _T]) -> _T:
+    """Parse env[name] if set, else return default; a parse failure names the variable."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        return parse(raw.strip())
+    except ValueError as exc:
+        raise SettingsError(name, raw, str(exc)) from None
+
+
+def _read_optional(
+    env: Mapping[str, str], name: str, default: _T | None, parse: Callable[[str], _T]
+) -> _T | None:
+    """Like `_read`, but a set-and-empty value means "disabled" (None), not "use the default"."""
+    raw = env.get(name)
+    if raw is not None and raw.strip() == "":
+        return None
+    return _read(env, name, default, parse)
+
+
+def _host(raw: str) -> str:
+    if not raw or any(c.isspace() for c in raw):
+        raise ValueError("expected a host name or IP address")
+    return raw
+
+
+def _port(raw: str) -> int:
+    port = _int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port number in 0..65535")
+    return port
+
+
+def _address(allow_port_zero: bool = False) -> Callable[[str], str]:
+    def parse_address(raw: str) -> str:
+        host, sep, port_text = raw.rpartition(":")
+        if not sep or not host:
+            raise ValueError("expected host:port")
+        if host.startswith("[") != host.endswith("]"):
+            raise ValueError("expected host:port, with an IPv6 host in brackets")
+        _host(host)
+        try:
+            port = _port(port_text)
+        except ValueError:
+            raise ValueError("expected host:port with a port number in 0..65535") from None
+        if port == 0 and not allow_port_zero:
+            raise ValueError("port 0 is not a reachable address")
+        return raw
+
+    return parse_address
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+def _positive_int(raw: str) -> int:
+    value = _int(raw)
+    if value <= 0:
+        raise ValueError("expected an integer > 0")
+    return value
+
+
+def _float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _float(raw)
+    if value <= 0:
+        raise ValueError("expected a number > 0")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = _float(raw)
+    if value < 0:
+        raise ValueError("expected a number >= 0")
+    return value
+
+
+def _probability(raw: str) -> float:
+    value = _float(raw)
+    if not 0 < value <= 1:
+        raise ValueError("expected a probability in (0, 1]")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
+def _repo_path(relative: str) -> Path:
+    return REPO_ROOT / relative
+
+
+def _path(raw: str) -> Path:
+    """A relative path is taken from the repository root, so it does not depend on the cwd."""
+    if not raw:
+        raise ValueError("expected a path")
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _existing_file(raw: str) -> Path:
+    path = _path(raw)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path

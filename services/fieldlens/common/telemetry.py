@@ -1,0 +1,221 @@
+"""Prometheus metrics, per-stage timing and logging set-up shared by every fieldlens service."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Literal
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+logger = logging.getLogger(__name__)
+
+# Seconds; spans a cache hit (sub-millisecond) to a cold specialist pass on CPU.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+DEFAULT_METRICS_ADDR = "127.0.0.1"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+CacheResult = Literal["hit", "miss", "error"]
+DispatchTarget = Literal["specialist", "tiny"]
+
+
+class Metrics:
+    """Every fieldlens collector, registered once in one registry.
+
+    prometheus_client registers a collector in its registry when it is constructed and refuses
+    a second one of the same name, so collectors are built here on first use (see
+    `get_metrics`) rather than at import: importing a module has no side effect, and tests can
+    use a fresh `CollectorRegistry` each.
+
+    Args:
+        registry: Where the collectors are registered.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.grpc_requests = Counter(
+            "fieldlens_grpc_requests",
+            "gRPC requests handled, by final status code.",
+            ("service", "method", "code"),
+            registry=registry,
+        )
+        self.grpc_duration = Histogram(
+            "fieldlens_grpc_request_duration_seconds",
+            "Server-side duration of gRPC requests, streaming ones included end to end.",
+            ("service", "method"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stage_duration = Histogram(
+            "fieldlens_stage_duration_seconds",
+            "Duration of one stage of request handling.",
+            ("service", "stage"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.cache_requests = Counter(
+            "fieldlens_cache_requests",
+            "Result-cache look-ups by outcome.",
+            ("result",),
+            registry=registry,
+        )
+        self.dispatch = Counter(
+            "fieldlens_dispatch",
+            "Broad categories dispatched, by the classifier that answered.",
+            ("category", "target", "fallback"),
+            registry=registry,
+        )
+        self.degradations = Counter(
+            "fieldlens_degradations",
+            "Optional stages that failed and were worked around, by kind.",
+            ("kind",),
+            registry=registry,
+        )
+
+    def record_cache(self, result: CacheResult) -> None:
+        """Count one cache look-up."""
+        self.cache_requests.labels(result=result).inc()
+
+    def record_dispatch(self, category: str, target: DispatchTarget, fallback: bool) -> None:
+        """Count one broad category dispatched to `target` (fallback: specialist was down)."""
+        self.dispatch.labels(
+            category=category, target=target, fallback="true" if fallback else "false"
+        ).inc()
+
+    def record_degradation(self, kind: str) -> None:
+        """Count one degradation; `kind` is a DegradationKind name, lower-cased here."""
+        self.degradations.labels(kind=kind.lower()).inc()
+
+
+_metrics: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
+_metrics_lock = threading.Lock()
+
+
+def get_metrics(registry: CollectorRegistry | None = None) -> Metrics:
+    """Return the `Metrics` of `registry` (default: the global one), building it on first use."""
+    if registry is None:
+        registry = prometheus_client.REGISTRY
+    with _metrics_lock:
+        metrics = _metrics.get(registry)
+        if metrics is None:
+            metrics = Metrics(registry)
+            _metrics[registry] = metrics
+        return metrics
+
+
+@dataclass(frozen=True)
+class StageDuration:
+    """How long one stage of one request took."""
+
+    stage: str
+    seconds: float
+
+    @property
+    def milliseconds(self) -> float:
+        return self.seconds * 1e3
+
+
+@contextmanager
+def stage_timer(
+    stage: str,
+    timings: list[StageDuration] | None = None,
+    *,
+    service: str,
+    metrics: Metrics | None = None,
+) -> Iterator[None]:
+    """Time the body as `stage`: observe the stage histogram and append to `timings`.
+
+    A stage that raises is still recorded, since slow failures are what the histogram is for.
+    """
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - start
+        (metrics or get_metrics()).stage_duration.labels(service=service, stage=stage).observe(
+            seconds
+        )
+        if timings is not None:
+            timings.append(StageDuration(stage, seconds))
+
+
+class StageTimer:
+    """Collects the stage durations of one request, to be copied into its response.
+
+    Args:
+        service: Value of the `service` label, e.g. "router".
+        metrics: Where to observe durations; default `get_metrics()`.
+    """
+
+    def __init__(self, service: str, metrics: Metrics | None = None) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.durations: list[StageDuration] = []
+
+    def stage(self, name: str) -> AbstractContextManager[None]:
+        """Context manager timing one stage of this request."""
+        return stage_timer(name, self.durations, service=self.service, metrics=self.metrics)
+
+
+@dataclass
+class MetricsEndpoint:
+    """A running /metrics HTTP server."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_metrics_server(
+    port: int,
+    addr: str = DEFAULT_METRICS_ADDR,
+    registry: CollectorRegistry | None = None,
+) -> MetricsEndpoint | None:
+    """Serve /metrics on addr:port from a daemon thread; port 0 disables it and returns None.
+
+    The default address is loopback so that a local run exposes nothing; deployments set
+    FIELDLENS_METRICS_ADDR=0.0.0.0 for the scraper.
+    """
+    if port == 0:
+        logger.info("metrics endpoint disabled")
+        return None
+    server, thread = prometheus_client.start_http_server(
+        port, addr=addr, registry=registry if registry is not None else prometheus_client.REGISTRY
+    )
+    logger.info("metrics on http://%s:%d/metrics", addr, port)
+    return MetricsEndpoint(server, thread)
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    """Send log records to stderr in one format; replaces handlers set up before."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)

@@ -1,0 +1,94 @@
+"""Exemplar gallery: labelled training images embedded through the router into Qdrant."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from fieldlens.trainer.data import iter_folder_samples, iter_shard_samples, list_shards
+from fieldlens.v1 import router_pb2, router_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.json"
+UPLOAD_CHUNK = 256
+
+
+def validation_keys(models_dir: Path) -> set[str]:
+    """Keys of the trainer's validation split: never exemplars, so evaluation stays honest."""
+    path = models_dir / SPLIT_FILE
+    if not path.exists():
+        return set()
+    return set(json.loads(path.read_text())["val_keys"])
+
+
+def _samples(data_dir: Path) -> Iterator[tuple[str, bytes, str]]:
+    if (data_dir / "train").is_dir() and not list(data_dir.glob("train-*.tar.gz")):
+        return iter_folder_samples(data_dir)
+    shards = list_shards(data_dir)
+    if not shards:
+        raise FileNotFoundError(f"no Tiny ImageNet shards or train/ folder under {data_dir}")
+    return iter_shard_samples(data_dir, shards)
+
+
+def gallery_items(data_dir: Path, per_class: int, exclude: set[str],
+                  ) -> Iterator[tuple[str, bytes, str]]:
+    """(key, image bytes, class id): up to `per_class` images per class, skipping `exclude`."""
+    taken: Counter[str] = Counter()
+    for key, data, wnid in _samples(data_dir):
+        if key in exclude or taken[wnid] >= per_class:
+            continue
+        taken[wnid] += 1
+        yield key, data, wnid
+
+
+def validation_samples(data_dir: Path, keys: set[str], limit: int,
+                       accept: Iterable[str] | None = None) -> list[tuple[str, bytes, str]]:
+    """The first `limit` validation images, one per class, from the classes in `accept`."""
+    allowed = set(accept) if accept is not None else None
+    out, seen = [], set()
+    for key, data, wnid in _samples(data_dir):
+        if key in keys and wnid not in seen and (allowed is None or wnid in allowed):
+            out.append((key, data, wnid))
+            seen.add(wnid)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def upload(stub: router_pb2_grpc.RouterStub, items: Iterable[tuple[str, bytes, str]],
+           total: int, source: str) -> router_pb2.IndexExemplarsResponse:
+    """Streams items to Router.IndexExemplars in chunks, with a progress bar."""
+    summary = router_pb2.IndexExemplarsResponse()
+    chunk: list[router_pb2.IndexExemplarsRequest] = []
+    with tqdm(total=total, desc="index gallery", unit="img") as bar:
+        def flush() -> None:
+            if not chunk:
+                return
+            reply = stub.IndexExemplars(iter(chunk), timeout=300)
+            for field in ("received", "indexed", "duplicates", "rejected"):
+                setattr(summary, field, getattr(summary, field) + getattr(reply, field))
+            summary.errors.extend(reply.errors[: max(0, 10 - len(summary.errors))])
+            bar.update(len(chunk))
+            chunk.clear()
+
+        for _, data, wnid in items:
+            chunk.append(router_pb2.IndexExemplarsRequest(image=data, label=wnid, source=source))
+            if len(chunk) >= UPLOAD_CHUNK:
+                flush()
+        flush()
+    return summary
+
+
+def index_gallery(addr: str, data_dir: Path, models_dir: Path, per_class: int,
+                  n_classes: int) -> router_pb2.IndexExemplarsResponse:
+    with grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        items = gallery_items(data_dir, per_class, validation_keys(models_dir))
+        return upload(stub, items, per_class * n_classes, source=f"gallery:{data_dir.name}")

@@ -1,0 +1,80 @@
+"""Router service entry point: `python -m fieldlens.router`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fieldlens.backends.cache import RedisCache
+from fieldlens.backends.triton_client import TritonClient
+from fieldlens.backends.vector_store import VectorStore, open_vector_store
+from fieldlens.common.bootstrap import main_with_settings, serve_grpc
+from fieldlens.common.model_set import load_model_set
+from fieldlens.common.settings import RouterSettings
+from fieldlens.router.clients import ClassifierClient
+from fieldlens.router.dataplane import ClassifyOptions, RouterDataPlane
+from fieldlens.router.imaging import ImageLimits
+from fieldlens.router.servicer import RouterServicer, codec
+from fieldlens.v1 import router_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "fieldlens.v1.Router"
+DEFAULT_NEIGHBOURS = 1
+
+
+def collection_name(embedding_version: str) -> str:
+    """One collection per embedding space: vectors of different backbones never meet."""
+    return "exemplars_" + embedding_version.replace("-", "_")
+
+
+def _open_store(settings: RouterSettings, collection: str, dim: int) -> VectorStore | None:
+    target = settings.qdrant_addr or str(settings.qdrant_path)
+    try:
+        return open_vector_store(target, collection, dim)
+    except Exception:  # the router serves without neighbours rather than not at all
+        logger.exception("vector store %s unavailable; answers will lack exemplars", target)
+        return None
+
+
+async def serve(settings: RouterSettings) -> None:
+    common = settings.common
+    model_set = load_model_set(common.models_dir, settings.routing_path)
+    store = await asyncio.to_thread(_open_store, settings,
+                                    collection_name(model_set.embedding_version),
+                                    model_set.embedding_dim)
+    cache = RedisCache.from_addr(settings.redis_addr) if settings.redis_addr else None
+    triton = TritonClient(settings.triton_addr)
+    specialist = ClassifierClient(settings.specialist_addr, settings.stage_timeout_s,
+                                  common.max_message_bytes)
+    tiny = ClassifierClient(settings.tiny_addr, settings.stage_timeout_s, common.max_message_bytes)
+    plane = RouterDataPlane(
+        model_set, triton, specialist, tiny, store, cache, codec(model_set.taxonomy),
+        ImageLimits(settings.max_image_bytes, settings.max_pixels, model_set.image_size),
+        ClassifyOptions(settings.top_k, DEFAULT_NEIGHBOURS, settings.threshold),
+        settings.dispatch_top, settings.cache_ttl_s, settings.stage_timeout_s,
+    )
+    logger.info("model set %s, %d exemplars", model_set.version, await plane.exemplar_count())
+
+    async def ready() -> bool:
+        # The parts the router cannot answer without: Triton's broad net and the tiny service.
+        return await triton.model_ready("broad", timeout_s=1.0) and await tiny.is_serving()
+
+    async def close() -> None:
+        for client in (triton, specialist, tiny):
+            await client.close()
+        if cache is not None:
+            await cache.close()
+        if store is not None:
+            store.close()
+
+    await serve_grpc(common, (router_pb2_grpc.add_RouterServicer_to_server,
+                              RouterServicer(plane)), SERVICE, ready, close)
+
+
+def main() -> None:
+    main_with_settings("router", RouterSettings.from_env, serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""gRPC client for the internal Classifier service (specialist and tiny speak the same API)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fieldlens.common.errors import InvalidInput, NotFound, Unavailable
+from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVED_BY = {classifier_pb2.SPECIALIST: "specialist", classifier_pb2.TINY: "tiny"}
+
+
+class ClassifierClient:
+    """One channel to a Classifier endpoint; `classify` returns P(taxon | category)."""
+
+    def __init__(self, addr: str, timeout_s: float, max_message_bytes: int) -> None:
+        self.addr = addr
+        self._timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(
+            addr,
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes)],
+        )
+        self._stub = classifier_pb2_grpc.ClassifierStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def classify(self, category: str, embedding: np.ndarray, image_rgb: np.ndarray,
+                       model_set_version: str) -> tuple[dict[str, float], str]:
+        request = classifier_pb2.CategoryRequest(
+            category=category,
+            embedding=embedding.astype(np.float32).tolist(),
+            image_rgb=image_rgb.tobytes(),
+            image_size=int(image_rgb.shape[0]),
+            model_set_version=model_set_version,
+        )
+        try:
+            reply = await self._stub.Classify(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidInput(f"{self.addr}: {exc.details()}") from None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"{self.addr}: {exc.details()}") from None
+            raise Unavailable(f"classifier {self.addr}: {code.name} {exc.details()}") from None
+        scores = {s.taxon_id: float(s.probability) for s in reply.scores}
+        return scores, SERVED_BY.get(reply.served_by, "")
+
+    async def is_serving(self, timeout_s: float = 1.0) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                             timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,82 @@
+"""Image validation and decoding with size, pixel and decompression-bomb limits."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fieldlens.common.errors import InvalidInput
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+MODEL_IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds enforced before any pixel is decoded."""
+
+    max_bytes: int
+    max_pixels: int
+    size: int = MODEL_IMAGE_SIZE
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """The model input (size x size x 3 uint8 RGB) and the content hash of the encoded bytes."""
+
+    rgb: np.ndarray
+    content_hash: str
+    format: str
+    width: int
+    height: int
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode(data: bytes, limits: ImageLimits) -> DecodedImage:
+    """Validates and decodes an encoded image, raising InvalidInput with a clear reason."""
+    if not data:
+        raise InvalidInput("image is empty")
+    if len(data) > limits.max_bytes:
+        raise InvalidInput(f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (rather than raises) between 1x and 2x its own bomb limit; the header
+            # check below is ours, so escalate everything to an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format or "?"
+                if fmt not in ALLOWED_FORMATS:
+                    raise InvalidInput(
+                        f"unsupported image format {fmt}; send one of {', '.join(ALLOWED_FORMATS)}"
+                    )
+                width, height = im.size
+                # Checked from the header, before decoding: a tiny file can declare huge pixels.
+                if width * height > limits.max_pixels:
+                    raise InvalidInput(
+                        f"image is {width}x{height} = {width * height} pixels; the limit is "
+                        f"{limits.max_pixels} (decompression-bomb guard)"
+                    )
+                if width < 1 or height < 1:
+                    raise InvalidInput("image has no pixels")
+                im.draft("RGB", (limits.size * 2, limits.size * 2))  # JPEG: decode at reduced scale
+                rgb = im.convert("RGB").resize((limits.size, limits.size), Image.BILINEAR)
+                arr = np.asarray(rgb, dtype=np.uint8)
+    except InvalidInput:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidInput(
+            f"not a decodable image; send one of {', '.join(ALLOWED_FORMATS)}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"image rejected by the decompression-bomb guard: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Truncated or corrupt data surfaces from the decoder as OSError/SyntaxError.
+        raise InvalidInput(f"corrupt image data: {exc}") from None
+    return DecodedImage(arr, content_hash(data), fmt, width, height)

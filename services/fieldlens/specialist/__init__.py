@@ -1,0 +1,1 @@
+"""fieldlens specialist package."""

@@ -1,0 +1,1 @@
+"""fieldlens tiny package."""

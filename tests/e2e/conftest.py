@@ -1,0 +1,61 @@
+"""Starts the whole local cluster once per session (real redis-server, tritonserver, services)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fieldlens import cluster, gallery
+from fieldlens.v1 import router_pb2_grpc
+
+DATA_DIR = cluster.REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
+
+
+@dataclass
+class LiveCluster:
+    cfg: cluster.ClusterConfig
+    router: router_pb2_grpc.RouterStub
+    channel: grpc.Channel
+
+    @property
+    def router_addr(self) -> str:
+        return self.cfg.addr(self.cfg.router_port)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "classes.csv").exists():
+        pytest.skip(f"training data not found at {DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def live_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
+    run_dir = tmp_path_factory.mktemp("cluster")
+    cfg = cluster.ClusterConfig(run_dir=run_dir).with_free_ports()
+    try:
+        cluster.start(cfg)
+    except cluster.ClusterError:
+        cluster.stop(cfg)
+        raise
+    channel = grpc.insecure_channel(cfg.addr(cfg.router_port))
+    try:
+        yield LiveCluster(cfg, router_pb2_grpc.RouterStub(channel), channel)
+    finally:
+        channel.close()
+        cluster.stop(cfg)
+
+
+@pytest.fixture(scope="session")
+def validation_keys() -> set[str]:
+    return gallery.validation_keys(cluster.ClusterConfig().models_dir)
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict[str, object]:
+    return json.loads((cluster.ClusterConfig().models_dir / "manifest.json").read_text())

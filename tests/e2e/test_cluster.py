@@ -1,0 +1,173 @@
+"""End-to-end: the started local cluster driven as a client would (tests run in file order)."""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from PIL import Image
+
+from fieldlens import cluster, gallery
+from fieldlens.v1 import classifier_pb2, router_pb2
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+GALLERY_PER_CLASS = 3
+KNOWN_IMAGES = 12
+TOP_K = 10
+
+
+@pytest.fixture(scope="module")
+def indexed(live_cluster, data_dir, validation_keys):
+    items = list(gallery.gallery_items(data_dir, GALLERY_PER_CLASS, validation_keys))
+    summary = gallery.upload(live_cluster.router, items, len(items), source="e2e")
+    return items, summary
+
+
+def _classify(live_cluster, data: bytes, **kw) -> router_pb2.ClassifyResponse:
+    return live_cluster.router.Classify(router_pb2.ClassifyRequest(image=data, **kw), timeout=30)
+
+
+def test_every_service_reports_serving(live_cluster):
+    cfg = live_cluster.cfg
+    for name in ("router", "specialist", "tiny"):
+        with grpc.insecure_channel(cfg.addr(cfg.service_port(name))) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+def test_reflection_lists_the_router(live_cluster):
+    services = ProtoReflectionDescriptorDatabase(live_cluster.channel).get_services()
+    assert "fieldlens.v1.Router" in services
+    assert "grpc.health.v1.Health" in services
+
+
+def test_gallery_is_indexed_and_counted(live_cluster, indexed):
+    items, summary = indexed
+    assert summary.indexed + summary.duplicates == len(items) > 0
+    assert summary.rejected == 0
+    info = live_cluster.router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert info.exemplar_count == summary.indexed
+    # Re-indexing the same images is idempotent (id = content hash).
+    again = gallery.upload(live_cluster.router, items[:20], 20, source="e2e")
+    assert again.indexed == 20
+    info2 = live_cluster.router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert info2.exemplar_count == info.exemplar_count
+
+
+def test_known_images_return_their_class(live_cluster, indexed):
+    items, _ = indexed
+    # One image each from KNOWN_IMAGES different classes, spread over the class list.
+    by_class = {}
+    for key, data, wnid in items:
+        by_class.setdefault(wnid, (key, data))
+    classes = sorted(by_class)[:: max(1, len(by_class) // KNOWN_IMAGES)][:KNOWN_IMAGES]
+    found, self_exemplars = 0, 0
+    for wnid in classes:
+        _, data = by_class[wnid]
+        r = _classify(live_cluster, data, top_k=TOP_K, skip_cache=True)
+        labels = [s.taxon.id for s in r.suggestions]
+        assert r.answer.taxon.id and r.answer.path[0].id == "root"
+        assert [s.probability for s in r.suggestions] == sorted(
+            (s.probability for s in r.suggestions), reverse=True)
+        if wnid in labels:
+            found += 1
+            hit = r.suggestions[labels.index(wnid)]
+            # The image itself is in the gallery, so it is its own nearest exemplar.
+            if hit.exemplars and hit.exemplars[0].similarity > 0.999:
+                self_exemplars += 1
+    assert found >= 0.6 * len(classes), f"true class in top-{TOP_K} for {found}/{len(classes)}"
+    assert self_exemplars >= found - 1
+
+
+def test_repeat_is_a_cache_hit(live_cluster, indexed):
+    _, data, _ = indexed[0][5]
+    first = _classify(live_cluster, data)
+    second = _classify(live_cluster, data)
+    assert second.cached
+    assert second.answer.taxon.id == first.answer.taxon.id
+    assert [s.taxon.id for s in second.suggestions] == [s.taxon.id for s in first.suggestions]
+    stages = {t.stage for t in second.timings}
+    assert "broad" not in stages  # a hit never reaches Triton
+
+
+def test_corrupt_image_is_rejected_and_server_keeps_serving(live_cluster, indexed):
+    _, data, _ = indexed[0][0]
+    for bad in (b"not an image", data[: len(data) // 3], b""):
+        with pytest.raises(grpc.RpcError) as err:
+            _classify(live_cluster, bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    with pytest.raises(grpc.RpcError) as err:
+        _classify(live_cluster, gif.getvalue())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "JPEG" in err.value.details()
+    assert _classify(live_cluster, data).suggestions
+
+
+def test_stream_reports_bad_items_without_ending(live_cluster, indexed):
+    good = [d for _, d, _ in indexed[0][10:13]]
+    requests = [router_pb2.ClassifyRequest(image=good[0], request_id="a"),
+                router_pb2.ClassifyRequest(image=b"junk", request_id="b"),
+                router_pb2.ClassifyRequest(image=good[1], request_id="c")]
+    replies = list(live_cluster.router.ClassifyStream(iter(requests), timeout=60))
+    assert [r.request_id for r in replies] == ["a", "b", "c"]
+    assert replies[1].HasField("error")
+    assert replies[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert not replies[0].HasField("error") and replies[0].suggestions
+    assert not replies[2].HasField("error") and replies[2].suggestions
+
+
+def test_metrics_are_exported(live_cluster, indexed):
+    cfg = live_cluster.cfg
+    body = urllib.request.urlopen(
+        f"http://127.0.0.1:{cfg.router_metrics_port}/metrics", timeout=5).read().decode()
+    requests = [line for line in body.splitlines()
+                if line.startswith("fieldlens_grpc_requests_total{")]
+    assert any('method="Classify"' in line and 'code="OK"' in line for line in requests)
+    assert any('code="INVALID_ARGUMENT"' in line for line in requests)
+    assert "fieldlens_stage_duration_seconds_bucket" in body and 'stage="broad"' in body
+    assert 'fieldlens_cache_requests_total{result="hit"}' in body
+    assert "fieldlens_dispatch_total" in body
+
+
+def test_redis_down_still_answers_flagged_degraded(live_cluster, indexed):
+    cluster.kill(live_cluster.cfg, "redis")
+    _, data, wnid = indexed[0][30]
+    r = _classify(live_cluster, data)
+    kinds = {router_pb2.DegradationKind.Name(d.kind) for d in r.degradations}
+    assert "CACHE_UNAVAILABLE" in kinds
+    assert r.suggestions and not r.cached
+    # Still serving, and quickly failing over: a second request is answered too.
+    assert _classify(live_cluster, indexed[0][31][1]).suggestions
+
+
+def test_specialist_down_falls_back_to_tiny(live_cluster, indexed, manifest):
+    routed = [c for c, route in manifest["routing"].items() if route == "specialist"]
+    if not routed:
+        pytest.skip("this model set routes no category to a specialist")
+    items, _ = indexed
+    labels = {t for b in routed for t in manifest["specialists"][b]["labels"]}
+    for _, data, wnid in items:
+        if wnid not in labels:
+            continue
+        before = _classify(live_cluster, data, skip_cache=True)
+        if any(d.category in routed and d.served_by == classifier_pb2.SPECIALIST
+               for d in before.dispatch):
+            break
+    else:
+        pytest.skip("no gallery image was dispatched to a specialist")
+    cluster.kill(live_cluster.cfg, "specialist")
+    after = _classify(live_cluster, data, skip_cache=True)
+    assert after.suggestions
+    fell = [d for d in after.dispatch if d.category in routed]
+    assert fell and all(d.fell_back and d.served_by == classifier_pb2.TINY for d in fell)
+    kinds = {router_pb2.DegradationKind.Name(d.kind) for d in after.degradations}
+    assert "SPECIALIST_FALLBACK" in kinds

@@ -1,0 +1,133 @@
+"""RedisCache against a real redis-server, including the server dying and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import pytest
+
+from fieldlens.backends.cache import RedisCache, ResultCache, cache_key
+from fieldlens.common.errors import Unavailable
+
+if TYPE_CHECKING:
+    from conftest import RedisProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+T = TypeVar("T")
+COOLDOWN_S = 0.3
+
+
+def _run(body: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(body())  # type: ignore[arg-type]
+
+
+def test_cache_key_layout() -> None:
+    assert cache_key("ab12", "ms3", "7") == "fieldlens:v1:ms3:7:ab12"
+    assert cache_key("ab12", "ms3") == "fieldlens:v1:ms3:0:ab12"
+    with pytest.raises(ValueError):
+        cache_key("", "ms3")
+
+
+def test_roundtrip_miss_and_ttl(redis_server: RedisProcess) -> None:
+    async def body() -> None:
+        cache = RedisCache.from_addr(redis_server.addr)
+        assert isinstance(cache, ResultCache)
+        try:
+            assert await cache.ping()
+            key = cache_key("feedface" * 8, "test-set")
+            assert await cache.get(key) is None
+            await cache.set(key, b"\x00answer\xff", ttl_s=0.3)
+            assert await cache.get(key) == b"\x00answer\xff"
+            await asyncio.sleep(0.5)
+            assert await cache.get(key) is None, "the entry should have expired"
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+async def _timed(call: Awaitable[object]) -> tuple[float, BaseException | None]:
+    started = time.monotonic()
+    try:
+        await call
+    except Exception as exc:  # the test inspects which exception escaped
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+def test_dead_server_degrades_fast_and_recovers(fresh_redis: RedisProcess) -> None:
+    failures: list[str] = []
+
+    async def body() -> None:
+        cache = RedisCache.from_addr(
+            fresh_redis.addr, cooldown_s=COOLDOWN_S, on_failure=failures.append
+        )
+        key = cache_key("0123" * 16, "test-set")
+        try:
+            await cache.set(key, b"v1", ttl_s=60)
+            assert await cache.get(key) == b"v1"
+
+            fresh_redis.kill()
+            for call in (cache.get(key), cache.set(key, b"v2", 60), cache.get(key)):
+                elapsed, exc = await _timed(call)
+                assert isinstance(exc, Unavailable), f"expected Unavailable, got {exc!r}"
+                assert elapsed < 1.0, f"a dead cache cost {elapsed:.3f}s"
+            assert cache.circuit_open
+            assert await cache.ping() is False
+            assert failures[:3] == ["get", "set", "get"]
+
+            fresh_redis.start()
+            await asyncio.sleep(COOLDOWN_S + 0.05)
+            await cache.set(key, b"v3", ttl_s=60)
+            assert await cache.get(key) == b"v3"
+            assert not cache.circuit_open
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+def test_never_started_server_is_unavailable_quickly() -> None:
+    from fieldlens.cluster import free_port
+
+    async def body() -> None:
+        cache = RedisCache("127.0.0.1", free_port(), cooldown_s=COOLDOWN_S)
+        try:
+            elapsed, exc = await _timed(cache.get("k"))
+            assert isinstance(exc, Unavailable) and elapsed < 1.0
+            assert await cache.ping() is False
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+def test_hung_server_costs_one_short_timeout(fresh_redis: RedisProcess) -> None:
+    assert fresh_redis.proc is not None
+    proc = fresh_redis.proc
+
+    async def body() -> None:
+        cache = RedisCache.from_addr(fresh_redis.addr, cooldown_s=COOLDOWN_S)
+        key = cache_key("89ab" * 16, "test-set")
+        try:
+            await cache.set(key, b"v", ttl_s=60)
+            # A stopped process keeps its socket open but never answers: the worst case.
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                elapsed, exc = await _timed(cache.get(key))
+                assert isinstance(exc, Unavailable) and elapsed < 0.5, (elapsed, exc)
+                elapsed, exc = await _timed(cache.get(key))
+                assert isinstance(exc, Unavailable) and elapsed < 0.01, "circuit should be open"
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(COOLDOWN_S + 0.05)
+            assert await cache.get(key) == b"v"
+        finally:
+            await cache.close()
+
+    _run(body)

@@ -1,0 +1,177 @@
+"""Qdrant Edge store on disk, and its congruence with qdrant-client's reference local mode."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fieldlens.backends.vector_store import (
+    EdgeVectorStore,
+    Exemplar,
+    QdrantClientVectorStore,
+    VectorStore,
+    open_vector_store,
+)
+from fieldlens.common.errors import FailedPrecondition
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+DIM = 256
+N_GROUPS = 20
+COLLECTION = "exemplars_emb-test-v1"
+
+
+def _hash(i: int) -> str:
+    return hashlib.sha256(f"image-{i}".encode()).hexdigest()
+
+
+def _dataset(n: int, seed: int = 0) -> tuple[np.ndarray, list[Exemplar]]:
+    """Clustered unit vectors (one cluster per broad group), like real embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(N_GROUPS, DIM))
+    groups = rng.integers(0, N_GROUPS, size=n)
+    vectors = centres[groups] + rng.normal(scale=0.8, size=(n, DIM))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    exemplars = [
+        Exemplar(
+            id=_hash(i),
+            vector=vectors[i],
+            label=f"n{int(groups[i]):02d}{i % 7:06d}",
+            broad=f"broad/g{int(groups[i])}",
+            path=["entity", f"broad/g{int(groups[i])}", f"n{int(groups[i]):02d}{i % 7:06d}"],
+            source="test",
+            embedding_version="emb-test-v1",
+        )
+        for i in range(n)
+    ]
+    return vectors, exemplars
+
+
+def _queries(vectors: np.ndarray, n: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    picked = vectors[rng.choice(len(vectors), size=n, replace=False)]
+    noisy = picked + rng.normal(scale=0.05, size=picked.shape)
+    return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def edge_store(tmp_path: Path) -> VectorStore:
+    store = open_vector_store(str(tmp_path / "qdrant"), COLLECTION, DIM)
+    assert isinstance(store, EdgeVectorStore)
+    return store
+
+
+def test_upsert_count_self_query_and_filter(edge_store: VectorStore) -> None:
+    vectors, exemplars = _dataset(300)
+    with edge_store:
+        edge_store.upsert(exemplars)
+        assert edge_store.count() == 300
+
+        hit = edge_store.search(vectors[7], k=1)[0]
+        assert hit.id == exemplars[7].id
+        assert hit.similarity == pytest.approx(1.0, abs=1e-4)
+        assert (hit.label, hit.broad, hit.path) == (
+            exemplars[7].label,
+            exemplars[7].broad,
+            exemplars[7].path,
+        )
+
+        allowed = ["broad/g1", "broad/g2", "broad/g3"]
+        for query in _queries(vectors, 10):
+            hits = edge_store.search(query, k=10, broad_in=allowed)
+            assert hits and all(h.broad in allowed for h in hits)
+            assert [h.similarity for h in hits] == sorted(
+                (h.similarity for h in hits), reverse=True
+            )
+        assert edge_store.search(vectors[0], k=5, broad_in=[]) == []
+        assert edge_store.search(vectors[0], k=5, broad_in=["broad/none"]) == []
+
+
+def test_upsert_is_idempotent_by_id(edge_store: VectorStore) -> None:
+    vectors, exemplars = _dataset(50)
+    with edge_store:
+        edge_store.upsert(exemplars)
+        edge_store.upsert(exemplars[:10])
+        relabelled = Exemplar(
+            id=exemplars[3].id,
+            vector=exemplars[3].vector,
+            label="n99999999",
+            broad=exemplars[3].broad,
+            path=["entity", exemplars[3].broad, "n99999999"],
+        )
+        edge_store.upsert([relabelled])
+        assert edge_store.count() == 50
+        assert edge_store.search(vectors[3], k=1)[0].label == "n99999999"
+
+
+def test_survives_close_and_reopen(tmp_path: Path) -> None:
+    root = str(tmp_path / "qdrant")
+    vectors, exemplars = _dataset(120)
+    store = open_vector_store(root, COLLECTION, DIM)
+    store.upsert(exemplars[:100])
+    store.flush()
+    store.upsert(exemplars[100:])  # only in the write-ahead log until close() flushes
+    store.close()
+
+    reopened = open_vector_store(root, COLLECTION, DIM)
+    with reopened:
+        assert reopened.count() == 120
+        assert reopened.search(vectors[110], k=1)[0].id == exemplars[110].id
+    with pytest.raises(FailedPrecondition, match="vector size|dim"):
+        open_vector_store(root, COLLECTION, DIM // 2)
+
+
+def test_one_owner_per_shard(edge_store: VectorStore, tmp_path: Path) -> None:
+    with edge_store, pytest.raises(FailedPrecondition, match="owned by another"):
+        open_vector_store(str(tmp_path / "qdrant"), COLLECTION, DIM)
+
+
+def test_search_batch_matches_single_searches(edge_store: VectorStore) -> None:
+    vectors, exemplars = _dataset(400)
+    queries = _queries(vectors, 6)
+    filters: list[list[str] | None] = [None, ["broad/g0"], [], ["broad/g4", "broad/g5"], None, None]
+    with edge_store:
+        edge_store.upsert(exemplars)
+        batched = edge_store.search_batch(queries, k=5, broad_in=filters)
+        singles = [
+            edge_store.search(q, k=5, broad_in=f) for q, f in zip(queries, filters, strict=True)
+        ]
+        assert [[h.id for h in r] for r in batched] == [[h.id for h in r] for r in singles]
+        assert batched[2] == []
+
+
+def _top_ids(
+    store: VectorStore, queries: np.ndarray, broad_in: list[str] | None
+) -> list[list[str]]:
+    return [[h.id for h in store.search(q, k=5, broad_in=broad_in)] for q in queries]
+
+
+def test_edge_and_qdrant_client_agree(tmp_path: Path) -> None:
+    vectors, exemplars = _dataset(2000, seed=3)
+    queries = np.concatenate([_queries(vectors, 10, seed=4), vectors[:10]])
+    # A small indexing threshold makes optimize() build a real HNSW graph over 2000 points.
+    edge = EdgeVectorStore(tmp_path / "edge", COLLECTION, indexing_threshold_kb=200)
+    reference = QdrantClientVectorStore(COLLECTION, location=":memory:")
+    with edge, reference:
+        for store in (edge, reference):
+            store.ensure_collection(DIM)
+            for start in range(0, len(exemplars), 500):
+                store.upsert(exemplars[start : start + 500])
+        edge.optimize()
+        assert edge.count() == reference.count() == 2000
+
+        for broad_in in (None, ["broad/g2", "broad/g7", "broad/g11"]):
+            got, want = _top_ids(edge, queries, broad_in), _top_ids(reference, queries, broad_in)
+            assert all(len(ids) == 5 for ids in want)
+            agree = sum(len(set(g) & set(w)) for g, w in zip(got, want, strict=True))
+            assert agree >= 0.95 * 5 * len(queries), (broad_in, agree)
+            assert sum(g[0] == w[0] for g, w in zip(got, want, strict=True)) >= len(queries) - 1
+
+        edge_hits = edge.search(queries[0], k=5)
+        ref_hits = {h.id: h.similarity for h in reference.search(queries[0], k=5)}
+        for hit in edge_hits:
+            if hit.id in ref_hits:
+                assert hit.similarity == pytest.approx(ref_hits[hit.id], abs=1e-4)
