@@ -41,21 +41,29 @@ def render(results: list[tuple[str, router_pb2.ClassifyResponse]], title: str) -
         if r.HasField("error"):
             table.add_row(name, f"[red]error {r.error.code}: {r.error.message}[/red]", "", "")
             continue
-        answer = f"[bold]{r.answer.taxon.name}[/bold]\n({r.answer.taxon.rank}, " \
-                 f"P={r.answer.probability:.2f})"
+        answer = (
+            f"[bold]{r.answer.taxon.name}[/bold]\n({r.answer.taxon.rank}, "
+            f"P={r.answer.probability:.2f})"
+        )
         lines = []
         for s in r.suggestions[:3]:
             path = " > ".join(t.name for t in s.path[2:])
             served = classifier_pb2.ServedBy.Name(s.served_by).lower()
-            ex = (f"{s.exemplars[0].label_name} {s.exemplars[0].similarity:.2f}"
-                  if s.exemplars else "-")
+            ex = (
+                f"{s.exemplars[0].label_name} {s.exemplars[0].similarity:.2f}"
+                if s.exemplars
+                else "-"
+            )
             lines.append(f"{s.probability:.2f} {path}\n   [dim]{served}; exemplar: {ex}[/dim]")
         total = sum(t.duration_ms for t in r.timings)
-        stages = ", ".join(f"{t.stage} {t.duration_ms:.1f}" for t in r.timings
-                           if t.stage in ("broad", "classify", "cache_get"))
+        stages = ", ".join(
+            f"{t.stage} {t.duration_ms:.1f}"
+            for t in r.timings
+            if t.stage in ("broad", "classify", "cache_get")
+        )
         flags = (" [green]cached[/green]" if r.cached else "") + "".join(
-            f"\n[yellow]{router_pb2.DegradationKind.Name(d.kind)}[/yellow]"
-            for d in r.degradations)
+            f"\n[yellow]{router_pb2.DegradationKind.Name(d.kind)}[/yellow]" for d in r.degradations
+        )
         table.add_row(name, answer + flags, "\n".join(lines), f"total {total:.1f}\n{stages}")
     console.print(table)
 
@@ -65,14 +73,20 @@ def cmd_classify(args: argparse.Namespace) -> int:
     results = []
     with channel:
         for path in args.images:
-            request = router_pb2.ClassifyRequest(image=Path(path).read_bytes(),
-                                                 request_id=str(path), top_k=args.top_k,
-                                                 skip_cache=args.skip_cache)
+            request = router_pb2.ClassifyRequest(
+                image=Path(path).read_bytes(),
+                request_id=str(path),
+                top_k=args.top_k,
+                skip_cache=args.skip_cache,
+            )
             try:
                 results.append((str(path), stub.Classify(request, timeout=args.timeout)))
             except grpc.RpcError as exc:
-                err = router_pb2.ClassifyResponse(error=router_pb2.ItemError(
-                    code=exc.code().value[0], message=f"{exc.code().name}: {exc.details()}"))
+                err = router_pb2.ClassifyResponse(
+                    error=router_pb2.ItemError(
+                        code=exc.code().value[0], message=f"{exc.code().name}: {exc.details()}"
+                    )
+                )
                 results.append((str(path), err))
     if args.json:
         print(json.dumps([{"image": n, **MessageToDict(r)} for n, r in results], indent=1))
@@ -87,12 +101,12 @@ def _config(args: argparse.Namespace) -> cluster.ClusterConfig:
 
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    console.print("starting the local cluster (redis-server, tritonserver, tiny, specialist, "
-                  "router)...")
+    console.print(
+        "starting the local cluster (redis-server, tritonserver, tiny, specialist, router)..."
+    )
     t0 = time.time()
     cluster.start(cfg)
-    console.print(f"all components SERVING after {time.time() - t0:.1f} s; logs in "
-                  f"{cfg.logs_dir}")
+    console.print(f"all components SERVING after {time.time() - t0:.1f} s; logs in {cfg.logs_dir}")
     _print_status(cfg)
     return 0
 
@@ -123,15 +137,18 @@ def cmd_index(args: argparse.Namespace) -> int:
     with channel:
         info = stub.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
         if info.exemplar_count and not args.force:
-            console.print(f"gallery already holds {info.exemplar_count} exemplars "
-                          f"(--force to add anyway)")
+            console.print(
+                f"gallery already holds {info.exemplar_count} exemplars (--force to add anyway)"
+            )
             return 0
-        n_classes = sum(1 for t in stub.GetTaxonomy(router_pb2.GetTaxonomyRequest()).taxa
-                        if t.rank == "class")
-    summary = gallery.index_gallery(args.addr, args.data, cfg.models_dir, args.per_class,
-                                    n_classes)
-    console.print(f"indexed {summary.indexed} of {summary.received} "
-                  f"({summary.duplicates} duplicates, {summary.rejected} rejected)")
+        n_classes = sum(
+            1 for t in stub.GetTaxonomy(router_pb2.GetTaxonomyRequest()).taxa if t.rank == "class"
+        )
+    summary = gallery.index_gallery(args.addr, args.data, cfg.models_dir, args.per_class, n_classes)
+    console.print(
+        f"indexed {summary.indexed} of {summary.received} "
+        f"({summary.duplicates} duplicates, {summary.rejected} rejected)"
+    )
     for e in summary.errors:
         console.print(f"  [yellow]{e}[/yellow]")
     return 0
@@ -153,8 +170,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return tid
 
         nature = [t for t in taxa.values() if t.rank == "class" and domain(t.id) in NATURE_DOMAINS]
-        samples = gallery.validation_samples(args.data, gallery.validation_keys(cfg.models_dir),
-                                             DEMO_SAMPLES, [t.id for t in nature])
+        samples = gallery.validation_samples(
+            args.data, gallery.validation_keys(cfg.models_dir), DEMO_SAMPLES, [t.id for t in nature]
+        )
         if not samples:
             console.print("[red]no validation images found to classify[/red]")
             return 1
@@ -184,11 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("up", help="start the local cluster").set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
     sub.add_parser("status", help="local cluster state").set_defaults(func=cmd_status)
-    for name, func, text in (("index-gallery", cmd_index, "embed and index labelled exemplars"),
-                             ("demo", cmd_demo, "start, index if empty, classify samples")):
+    for name, func, text in (
+        ("index-gallery", cmd_index, "embed and index labelled exemplars"),
+        ("demo", cmd_demo, "start, index if empty, classify samples"),
+    ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
-                       help="Tiny ImageNet shards (or the official tiny-imagenet-200 folder)")
+        p.add_argument(
+            "--data",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help="Tiny ImageNet shards (or the official tiny-imagenet-200 folder)",
+        )
         p.add_argument("--per-class", type=int, default=GALLERY_PER_CLASS)
         p.add_argument("--force", action="store_true")
         p.set_defaults(func=func)

@@ -37,8 +37,11 @@ def _samples(data_dir: Path) -> Iterator[tuple[str, bytes, str]]:
     return iter_shard_samples(data_dir, shards)
 
 
-def gallery_items(data_dir: Path, per_class: int, exclude: set[str],
-                  ) -> Iterator[tuple[str, bytes, str]]:
+def gallery_items(
+    data_dir: Path,
+    per_class: int,
+    exclude: set[str],
+) -> Iterator[tuple[str, bytes, str]]:
     """(key, image bytes, class id): up to `per_class` images per class, skipping `exclude`."""
     taken: Counter[str] = Counter()
     for key, data, wnid in _samples(data_dir):
@@ -48,8 +51,9 @@ def gallery_items(data_dir: Path, per_class: int, exclude: set[str],
         yield key, data, wnid
 
 
-def validation_samples(data_dir: Path, keys: set[str], limit: int,
-                       accept: Iterable[str] | None = None) -> list[tuple[str, bytes, str]]:
+def validation_samples(
+    data_dir: Path, keys: set[str], limit: int, accept: Iterable[str] | None = None
+) -> list[tuple[str, bytes, str]]:
     """The first `limit` validation images, one per class, from the classes in `accept`."""
     allowed = set(accept) if accept is not None else None
     out, seen = [], set()
@@ -62,12 +66,17 @@ def validation_samples(data_dir: Path, keys: set[str], limit: int,
     return out
 
 
-def upload(stub: router_pb2_grpc.RouterStub, items: Iterable[tuple[str, bytes, str]],
-           total: int, source: str) -> router_pb2.IndexExemplarsResponse:
+def upload(
+    stub: router_pb2_grpc.RouterStub,
+    items: Iterable[tuple[str, bytes, str]],
+    total: int,
+    source: str,
+) -> router_pb2.IndexExemplarsResponse:
     """Streams items to Router.IndexExemplars in chunks, with a progress bar."""
     summary = router_pb2.IndexExemplarsResponse()
     chunk: list[router_pb2.IndexExemplarsRequest] = []
     with tqdm(total=total, desc="index gallery", unit="img") as bar:
+
         def flush() -> None:
             if not chunk:
                 return
@@ -86,8 +95,9 @@ def upload(stub: router_pb2_grpc.RouterStub, items: Iterable[tuple[str, bytes, s
     return summary
 
 
-def index_gallery(addr: str, data_dir: Path, models_dir: Path, per_class: int,
-                  n_classes: int) -> router_pb2.IndexExemplarsResponse:
+def index_gallery(
+    addr: str, data_dir: Path, models_dir: Path, per_class: int, n_classes: int
+) -> router_pb2.IndexExemplarsResponse:
     with grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         items = gallery_items(data_dir, per_class, validation_keys(models_dir))

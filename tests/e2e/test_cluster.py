@@ -75,7 +75,8 @@ def test_known_images_return_their_class(live_cluster, indexed):
         labels = [s.taxon.id for s in r.suggestions]
         assert r.answer.taxon.id and r.answer.path[0].id == "root"
         assert [s.probability for s in r.suggestions] == sorted(
-            (s.probability for s in r.suggestions), reverse=True)
+            (s.probability for s in r.suggestions), reverse=True
+        )
         if wnid in labels:
             found += 1
             hit = r.suggestions[labels.index(wnid)]
@@ -114,9 +115,11 @@ def test_corrupt_image_is_rejected_and_server_keeps_serving(live_cluster, indexe
 
 def test_stream_reports_bad_items_without_ending(live_cluster, indexed):
     good = [d for _, d, _ in indexed[0][10:13]]
-    requests = [router_pb2.ClassifyRequest(image=good[0], request_id="a"),
-                router_pb2.ClassifyRequest(image=b"junk", request_id="b"),
-                router_pb2.ClassifyRequest(image=good[1], request_id="c")]
+    requests = [
+        router_pb2.ClassifyRequest(image=good[0], request_id="a"),
+        router_pb2.ClassifyRequest(image=b"junk", request_id="b"),
+        router_pb2.ClassifyRequest(image=good[1], request_id="c"),
+    ]
     replies = list(live_cluster.router.ClassifyStream(iter(requests), timeout=60))
     assert [r.request_id for r in replies] == ["a", "b", "c"]
     assert replies[1].HasField("error")
@@ -127,10 +130,14 @@ def test_stream_reports_bad_items_without_ending(live_cluster, indexed):
 
 def test_metrics_are_exported(live_cluster, indexed):
     cfg = live_cluster.cfg
-    body = urllib.request.urlopen(
-        f"http://127.0.0.1:{cfg.router_metrics_port}/metrics", timeout=5).read().decode()
-    requests = [line for line in body.splitlines()
-                if line.startswith("fieldlens_grpc_requests_total{")]
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{cfg.router_metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    requests = [
+        line for line in body.splitlines() if line.startswith("fieldlens_grpc_requests_total{")
+    ]
     assert any('method="Classify"' in line and 'code="OK"' in line for line in requests)
     assert any('code="INVALID_ARGUMENT"' in line for line in requests)
     assert "fieldlens_stage_duration_seconds_bucket" in body and 'stage="broad"' in body
@@ -159,8 +166,10 @@ def test_specialist_down_falls_back_to_tiny(live_cluster, indexed, manifest):
         if wnid not in labels:
             continue
         before = _classify(live_cluster, data, skip_cache=True)
-        if any(d.category in routed and d.served_by == classifier_pb2.SPECIALIST
-               for d in before.dispatch):
+        if any(
+            d.category in routed and d.served_by == classifier_pb2.SPECIALIST
+            for d in before.dispatch
+        ):
             break
     else:
         pytest.skip("no gallery image was dispatched to a specialist")

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,3 +183,9 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     server = RedisProcess(tmp_path / "redis").start()
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def launch_tritonserver() -> Callable[[Path, Path], TritonProcess]:
+    """`start_tritonserver` for tests that bring their own model repository."""
+    return start_tritonserver

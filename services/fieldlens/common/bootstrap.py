@@ -36,8 +36,11 @@ async def serve_grpc(
     """
     metrics = start_metrics_server(common.metrics_port, common.metrics_addr)
     server = GrpcServer(
-        common.listen_addr, [registration], [service_name],
-        max_message_bytes=common.max_message_bytes, grace_s=common.grace_s,
+        common.listen_addr,
+        [registration],
+        [service_name],
+        max_message_bytes=common.max_message_bytes,
+        grace_s=common.grace_s,
         serving_at_start=ready is None,
     )
     port = await server.start()
@@ -69,8 +72,9 @@ async def serve_grpc(
     await serve_until_signal(server, close)
 
 
-def main_with_settings(name: str, load: Callable[[], Any],
-                       serve: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+def main_with_settings(
+    name: str, load: Callable[[], Any], serve: Callable[[Any], Coroutine[Any, Any, None]]
+) -> None:
     """Reads settings once (failing fast with exit code 2), then runs `serve(settings)`."""
     from fieldlens.common.server import run_service
 

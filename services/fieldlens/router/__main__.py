@@ -40,19 +40,28 @@ def _open_store(settings: RouterSettings, collection: str, dim: int) -> VectorSt
 async def serve(settings: RouterSettings) -> None:
     common = settings.common
     model_set = load_model_set(common.models_dir, settings.routing_path)
-    store = await asyncio.to_thread(_open_store, settings,
-                                    collection_name(model_set.embedding_version),
-                                    model_set.embedding_dim)
+    store = await asyncio.to_thread(
+        _open_store, settings, collection_name(model_set.embedding_version), model_set.embedding_dim
+    )
     cache = RedisCache.from_addr(settings.redis_addr) if settings.redis_addr else None
     triton = TritonClient(settings.triton_addr)
-    specialist = ClassifierClient(settings.specialist_addr, settings.stage_timeout_s,
-                                  common.max_message_bytes)
+    specialist = ClassifierClient(
+        settings.specialist_addr, settings.stage_timeout_s, common.max_message_bytes
+    )
     tiny = ClassifierClient(settings.tiny_addr, settings.stage_timeout_s, common.max_message_bytes)
     plane = RouterDataPlane(
-        model_set, triton, specialist, tiny, store, cache, codec(model_set.taxonomy),
+        model_set,
+        triton,
+        specialist,
+        tiny,
+        store,
+        cache,
+        codec(model_set.taxonomy),
         ImageLimits(settings.max_image_bytes, settings.max_pixels, model_set.image_size),
         ClassifyOptions(settings.top_k, DEFAULT_NEIGHBOURS, settings.threshold),
-        settings.dispatch_top, settings.cache_ttl_s, settings.stage_timeout_s,
+        settings.dispatch_top,
+        settings.cache_ttl_s,
+        settings.stage_timeout_s,
     )
     logger.info("model set %s, %d exemplars", model_set.version, await plane.exemplar_count())
 
@@ -68,8 +77,13 @@ async def serve(settings: RouterSettings) -> None:
         if store is not None:
             store.close()
 
-    await serve_grpc(common, (router_pb2_grpc.add_RouterServicer_to_server,
-                              RouterServicer(plane)), SERVICE, ready, close)
+    await serve_grpc(
+        common,
+        (router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(plane)),
+        SERVICE,
+        ready,
+        close,
+    )
 
 
 def main() -> None:

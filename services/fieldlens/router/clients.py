@@ -24,14 +24,17 @@ class ClassifierClient:
         self._timeout_s = timeout_s
         self._channel = grpc.aio.insecure_channel(
             addr,
-            options=[("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.max_send_message_length", max_message_bytes)],
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
         )
         self._stub = classifier_pb2_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def classify(self, category: str, embedding: np.ndarray, image_rgb: np.ndarray,
-                       model_set_version: str) -> tuple[dict[str, float], str]:
+    async def classify(
+        self, category: str, embedding: np.ndarray, image_rgb: np.ndarray, model_set_version: str
+    ) -> tuple[dict[str, float], str]:
         request = classifier_pb2.CategoryRequest(
             category=category,
             embedding=embedding.astype(np.float32).tolist(),
@@ -53,8 +56,9 @@ class ClassifierClient:
 
     async def is_serving(self, timeout_s: float = 1.0) -> bool:
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
-                                             timeout=timeout_s)
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -145,13 +145,16 @@ class RouterDataPlane:
         self._store_lock = asyncio.Lock()  # one writer at a time into the in-process store
 
     # -- Classify ------------------------------------------------------------------------------
-    def resolve(self, top_k: int, neighbours: int, threshold: float,
-                skip_cache: bool) -> ClassifyOptions:
+    def resolve(
+        self, top_k: int, neighbours: int, threshold: float, skip_cache: bool
+    ) -> ClassifyOptions:
         """Request options with zero meaning 'server default', validated."""
         if top_k < 0 or top_k > MAX_TOP_K:
             raise InvalidInput(f"top_k must be between 0 and {MAX_TOP_K}, got {top_k}")
         if neighbours < 0 or neighbours > MAX_NEIGHBOURS:
-            raise InvalidInput(f"neighbours must be between 0 and {MAX_NEIGHBOURS}, got {neighbours}")
+            raise InvalidInput(
+                f"neighbours must be between 0 and {MAX_NEIGHBOURS}, got {neighbours}"
+            )
         if not (0.0 <= threshold <= 1.0) or np.isnan(threshold):
             raise InvalidInput(f"threshold must be in [0, 1], got {threshold}")
         return ClassifyOptions(
@@ -182,21 +185,26 @@ class RouterDataPlane:
         categories = pick_categories(broad_probs, self.dispatch_top, MIN_DISPATCH_PROBABILITY)
         with timer.stage("classify"):
             results, neighbours = await asyncio.gather(
-                asyncio.gather(*(self._classify_category(c, broad_probs[c], emb[0], img,
-                                                          degradations, timer)
-                                 for c in categories)),
+                asyncio.gather(
+                    *(
+                        self._classify_category(c, broad_probs[c], emb[0], img, degradations, timer)
+                        for c in categories
+                    )
+                ),
                 self._neighbours(emb[0], categories, degradations, timer),
             )
         with timer.stage("merge"):
-            merged = merge(self.model_set.taxonomy, broad_probs, results, options.threshold,
-                           options.top_k)
+            merged = merge(
+                self.model_set.taxonomy, broad_probs, results, options.threshold, options.top_k
+            )
             suggestions = _attach_exemplars(merged.suggestions, neighbours, options.neighbours)
         result = Classification(
             answer_id=merged.answer_id,
             answer_probability=merged.answer_probability,
             suggestions=suggestions,
-            dispatch=[Dispatch(r.category, r.probability, r.served_by, r.fell_back)
-                      for r in results],
+            dispatch=[
+                Dispatch(r.category, r.probability, r.served_by, r.fell_back) for r in results
+            ],
             degradations=degradations,
             model_set_version=self.model_set.version,
             embedding_version=self.model_set.embedding_version,
@@ -204,8 +212,11 @@ class RouterDataPlane:
         # A degraded answer is not cached: it would outlive the outage it reflects.
         if self.cache is not None and not degradations:
             with timer.stage("cache_set"):
-                await self._optional(self.cache.set(key, self._encode(result), self.cache_ttl_s),
-                                     CACHE_UNAVAILABLE, degradations)
+                await self._optional(
+                    self.cache.set(key, self._encode(result), self.cache_ttl_s),
+                    CACHE_UNAVAILABLE,
+                    degradations,
+                )
         result.timings = [(d.stage, d.milliseconds) for d in timer.durations]
         return result
 
@@ -218,27 +229,36 @@ class RouterDataPlane:
         p = p / p.sum()
         return {b: float(v) for b, v in zip(self.model_set.taxonomy.broad_ids, p, strict=True)}
 
-    async def _classify_category(self, category: str, probability: float, emb: np.ndarray,
-                                 img: DecodedImage, degradations: list[Degradation],
-                                 timer: StageTimer) -> CategoryResult:
+    async def _classify_category(
+        self,
+        category: str,
+        probability: float,
+        emb: np.ndarray,
+        img: DecodedImage,
+        degradations: list[Degradation],
+        timer: StageTimer,
+    ) -> CategoryResult:
         route = self.model_set.routing.get(category, TINY)
         if route == SPECIALIST:
             try:
                 with timer.stage("specialist"):
                     scores, served = await self.specialist.classify(
-                        category, emb, img.rgb, self.model_set.version)
+                        category, emb, img.rgb, self.model_set.version
+                    )
                 self.metrics.record_dispatch(category, SPECIALIST, False)
                 return CategoryResult(category, probability, scores, served or SPECIALIST)
             except Unavailable as exc:
-                logger.warning("specialist for %s unavailable, falling back to tiny: %s",
-                               category, exc)
+                logger.warning(
+                    "specialist for %s unavailable, falling back to tiny: %s", category, exc
+                )
                 degradations.append(Degradation(SPECIALIST_FALLBACK, str(exc), category))
                 self.metrics.record_degradation(SPECIALIST_FALLBACK)
         fell_back = route == SPECIALIST
         try:
             with timer.stage("tiny"):
-                scores, served = await self.tiny.classify(category, emb, img.rgb,
-                                                          self.model_set.version)
+                scores, served = await self.tiny.classify(
+                    category, emb, img.rgb, self.model_set.version
+                )
         except Unavailable as exc:
             degradations.append(Degradation(CLASSIFIER_UNAVAILABLE, str(exc), category))
             self.metrics.record_degradation(CLASSIFIER_UNAVAILABLE)
@@ -246,19 +266,27 @@ class RouterDataPlane:
         self.metrics.record_dispatch(category, TINY, fell_back)
         return CategoryResult(category, probability, scores, served or TINY, fell_back)
 
-    async def _neighbours(self, emb: np.ndarray, categories: Sequence[str],
-                          degradations: list[Degradation], timer: StageTimer) -> list[Neighbour]:
+    async def _neighbours(
+        self,
+        emb: np.ndarray,
+        categories: Sequence[str],
+        degradations: list[Degradation],
+        timer: StageTimer,
+    ) -> list[Neighbour]:
         if self.store is None:
             return []
         store = self.store
         with timer.stage("neighbours"):
             found = await self._optional(
                 asyncio.to_thread(store.search, emb, NEIGHBOUR_POOL, list(categories)),
-                NEIGHBOURS_UNAVAILABLE, degradations)
+                NEIGHBOURS_UNAVAILABLE,
+                degradations,
+            )
         return found or []
 
-    async def _optional(self, aw: Awaitable[_T], kind: str,
-                        degradations: list[Degradation]) -> _T | None:
+    async def _optional(
+        self, aw: Awaitable[_T], kind: str, degradations: list[Degradation]
+    ) -> _T | None:
         """Runs an optional stage under its time budget; failure degrades, never fails."""
         try:
             return await asyncio.wait_for(aw, self.stage_timeout_s)
@@ -298,9 +326,13 @@ class RouterDataPlane:
             _, emb = await self.triton.infer_broad(np.stack([img.rgb for img, _, _ in chunk]))
             points = [
                 Exemplar(
-                    id=img.content_hash, vector=emb[j], label=label,
-                    broad=taxonomy.broad_of(label) or "", path=taxonomy.path(label),
-                    source=source, embedding_version=self.model_set.embedding_version,
+                    id=img.content_hash,
+                    vector=emb[j],
+                    label=label,
+                    broad=taxonomy.broad_of(label) or "",
+                    path=taxonomy.path(label),
+                    source=source,
+                    embedding_version=self.model_set.embedding_version,
                 )
                 for j, (img, label, source) in enumerate(chunk)
             ]
@@ -318,10 +350,13 @@ class RouterDataPlane:
         return await asyncio.to_thread(self.store.count)
 
 
-def _attach_exemplars(suggestions: Sequence[Suggestion], neighbours: Sequence[Neighbour],
-                      per_suggestion: int) -> list[Suggestion]:
+def _attach_exemplars(
+    suggestions: Sequence[Suggestion], neighbours: Sequence[Neighbour], per_suggestion: int
+) -> list[Suggestion]:
     by_label: dict[str, list[Neighbour]] = {}
     for n in neighbours:  # already best first
         by_label.setdefault(n.label, []).append(n)
-    return [replace(s, exemplars=tuple(by_label.get(s.taxon_id, [])[:per_suggestion]))
-            for s in suggestions]
+    return [
+        replace(s, exemplars=tuple(by_label.get(s.taxon_id, [])[:per_suggestion]))
+        for s in suggestions
+    ]

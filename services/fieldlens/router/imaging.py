@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fieldlens.common.errors import InvalidInput
 
@@ -52,7 +52,8 @@ def decode(data: bytes, limits: ImageLimits) -> DecodedImage:
             # check below is ours, so escalate everything to an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format or "?"
+                # Pillow names JPEGs with a multi-picture segment (phone photos) MPO.
+                fmt = "JPEG" if im.format == "MPO" else (im.format or "?")
                 if fmt not in ALLOWED_FORMATS:
                     raise InvalidInput(
                         f"unsupported image format {fmt}; send one of {', '.join(ALLOWED_FORMATS)}"
@@ -67,13 +68,20 @@ def decode(data: bytes, limits: ImageLimits) -> DecodedImage:
                 if width < 1 or height < 1:
                     raise InvalidInput("image has no pixels")
                 im.draft("RGB", (limits.size * 2, limits.size * 2))  # JPEG: decode at reduced scale
+                im = ImageOps.exif_transpose(im)  # phones store rotation as an EXIF tag
+                if im.mode.startswith("I;16") or im.mode == "I":
+                    # convert("RGB") clips 16-bit greys to white; scale to 8 bits first.
+                    wide = np.asarray(im, dtype=np.uint32)
+                    shift = 8 if im.mode.startswith("I;16") or wide.max() > 255 else 0
+                    im = Image.fromarray((wide >> shift).clip(0, 255).astype(np.uint8), "L")
                 rgb = im.convert("RGB").resize((limits.size, limits.size), Image.BILINEAR)
                 arr = np.asarray(rgb, dtype=np.uint8)
     except InvalidInput:
         raise
     except UnidentifiedImageError:
         raise InvalidInput(
-            f"not a decodable image; send one of {', '.join(ALLOWED_FORMATS)}") from None
+            f"not a decodable image; send one of {', '.join(ALLOWED_FORMATS)}"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInput(f"image rejected by the decompression-bomb guard: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:

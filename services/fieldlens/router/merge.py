@@ -1,4 +1,4 @@
-"""Merging per-category answers into one hierarchical answer: P(taxon) = P(broad) x P(taxon | broad)."""
+"""Merging per-category answers: P(taxon) = P(broad) x P(taxon | broad), best-effort answer."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ class Merged:
     suggestions: list[Suggestion] = field(default_factory=list)
 
 
-def cumulative(taxonomy: Taxonomy, broad_probs: Mapping[str, float],
-               results: Sequence[CategoryResult]) -> dict[str, float]:
+def cumulative(
+    taxonomy: Taxonomy, broad_probs: Mapping[str, float], results: Sequence[CategoryResult]
+) -> dict[str, float]:
     """Cumulative probability of every taxon the answer can speak for."""
     cum: dict[str, float] = {ROOT: 0.0}
     for broad, p in broad_probs.items():
@@ -51,8 +52,13 @@ def cumulative(taxonomy: Taxonomy, broad_probs: Mapping[str, float],
     return cum
 
 
-def merge(taxonomy: Taxonomy, broad_probs: Mapping[str, float],
-          results: Sequence[CategoryResult], threshold: float, top_k: int) -> Merged:
+def merge(
+    taxonomy: Taxonomy,
+    broad_probs: Mapping[str, float],
+    results: Sequence[CategoryResult],
+    threshold: float,
+    top_k: int,
+) -> Merged:
     """The best-effort answer (deepest taxon clearing `threshold`) and ranked leaf suggestions."""
     cum = cumulative(taxonomy, broad_probs, results)
     answer = max(
@@ -70,7 +76,9 @@ def merge(taxonomy: Taxonomy, broad_probs: Mapping[str, float],
     return Merged(answer, cum.get(answer, 0.0), leaves[:top_k])
 
 
-def pick_categories(broad_probs: Mapping[str, float], top: int, min_probability: float) -> list[str]:
+def pick_categories(
+    broad_probs: Mapping[str, float], top: int, min_probability: float
+) -> list[str]:
     """The `top` most probable broad categories, dropping negligible ones (always at least one)."""
     ranked = sorted(broad_probs, key=lambda b: -broad_probs[b])
     chosen = [b for b in ranked[:top] if broad_probs[b] >= min_probability]

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from fieldlens.backends.vector_store import Neighbour
 from fieldlens.common.errors import FieldlensError, InvalidInput
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.router.dataplane import (
@@ -16,7 +17,6 @@ from fieldlens.router.dataplane import (
     RouterDataPlane,
 )
 from fieldlens.router.merge import SPECIALIST, TINY, Suggestion
-from fieldlens.backends.vector_store import Neighbour
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc, taxonomy_pb2
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,9 @@ MAX_INDEX_ITEMS = 100_000  # per IndexExemplars call
 
 def taxon_pb(taxonomy: Taxonomy, taxon_id: str) -> taxonomy_pb2.Taxon:
     t = taxonomy.get(taxon_id)
-    return taxonomy_pb2.Taxon(id=t.id, name=t.name, rank=t.rank, depth=t.depth,
-                              parent_id=t.parent or "")
+    return taxonomy_pb2.Taxon(
+        id=t.id, name=t.name, rank=t.rank, depth=t.depth, parent_id=t.parent or ""
+    )
 
 
 def to_proto(c: Classification, taxonomy: Taxonomy) -> router_pb2.ClassifyResponse:
@@ -37,27 +38,48 @@ def to_proto(c: Classification, taxonomy: Taxonomy) -> router_pb2.ClassifyRespon
         return [taxon_pb(taxonomy, t) for t in taxonomy.path(tid)]
 
     return router_pb2.ClassifyResponse(
-        answer=router_pb2.Answer(taxon=taxon_pb(taxonomy, c.answer_id), path=path(c.answer_id),
-                                 probability=c.answer_probability),
+        answer=router_pb2.Answer(
+            taxon=taxon_pb(taxonomy, c.answer_id),
+            path=path(c.answer_id),
+            probability=c.answer_probability,
+        ),
         suggestions=[
             router_pb2.Suggestion(
-                taxon=taxon_pb(taxonomy, s.taxon_id), path=path(s.taxon_id),
-                probability=s.probability, served_by=_SERVED_BY.get(s.served_by, 0),
-                exemplars=[router_pb2.Exemplar(
-                    id=n.id, label_id=n.label,
-                    label_name=taxonomy.get(n.label).name if n.label in taxonomy else "",
-                    similarity=n.similarity) for n in s.exemplars],
+                taxon=taxon_pb(taxonomy, s.taxon_id),
+                path=path(s.taxon_id),
+                probability=s.probability,
+                served_by=_SERVED_BY.get(s.served_by, 0),
+                exemplars=[
+                    router_pb2.Exemplar(
+                        id=n.id,
+                        label_id=n.label,
+                        label_name=taxonomy.get(n.label).name if n.label in taxonomy else "",
+                        similarity=n.similarity,
+                    )
+                    for n in s.exemplars
+                ],
             )
             for s in c.suggestions
         ],
-        dispatch=[router_pb2.CategoryDispatch(category=d.category, probability=d.probability,
-                                              served_by=_SERVED_BY.get(d.served_by, 0),
-                                              fell_back=d.fell_back) for d in c.dispatch],
+        dispatch=[
+            router_pb2.CategoryDispatch(
+                category=d.category,
+                probability=d.probability,
+                served_by=_SERVED_BY.get(d.served_by, 0),
+                fell_back=d.fell_back,
+            )
+            for d in c.dispatch
+        ],
         timings=[router_pb2.StageTiming(stage=s, duration_ms=ms) for s, ms in c.timings],
         cached=c.cached,
-        degradations=[router_pb2.Degradation(kind=router_pb2.DegradationKind.Value(d.kind),
-                                             message=d.message, category=d.category)
-                      for d in c.degradations],
+        degradations=[
+            router_pb2.Degradation(
+                kind=router_pb2.DegradationKind.Value(d.kind),
+                message=d.message,
+                category=d.category,
+            )
+            for d in c.degradations
+        ],
         model_set_version=c.model_set_version,
         embedding_version=c.embedding_version,
     )
@@ -68,17 +90,24 @@ def from_proto(r: router_pb2.ClassifyResponse) -> Classification:
         answer_id=r.answer.taxon.id,
         answer_probability=r.answer.probability,
         suggestions=[
-            Suggestion(s.taxon.id, s.probability, _SERVED_BY_NAME.get(s.served_by, ""),
-                       tuple(Neighbour(e.id, e.label_id, "", e.similarity, [])
-                             for e in s.exemplars))
+            Suggestion(
+                s.taxon.id,
+                s.probability,
+                _SERVED_BY_NAME.get(s.served_by, ""),
+                tuple(Neighbour(e.id, e.label_id, "", e.similarity, []) for e in s.exemplars),
+            )
             for s in r.suggestions
         ],
-        dispatch=[Dispatch(d.category, d.probability, _SERVED_BY_NAME.get(d.served_by, ""),
-                           d.fell_back) for d in r.dispatch],
+        dispatch=[
+            Dispatch(d.category, d.probability, _SERVED_BY_NAME.get(d.served_by, ""), d.fell_back)
+            for d in r.dispatch
+        ],
         timings=[(t.stage, t.duration_ms) for t in r.timings],
         cached=r.cached,
-        degradations=[Degradation(router_pb2.DegradationKind.Name(d.kind), d.message, d.category)
-                      for d in r.degradations],
+        degradations=[
+            Degradation(router_pb2.DegradationKind.Name(d.kind), d.message, d.category)
+            for d in r.degradations
+        ],
         model_set_version=r.model_set_version,
         embedding_version=r.embedding_version,
     )
@@ -86,8 +115,10 @@ def from_proto(r: router_pb2.ClassifyResponse) -> Classification:
 
 def codec(taxonomy: Taxonomy):  # type: ignore[no-untyped-def]
     """(encode, decode) for the result cache: the protobuf wire form."""
-    return (lambda c: to_proto(c, taxonomy).SerializeToString(),
-            lambda raw: from_proto(router_pb2.ClassifyResponse.FromString(raw)))
+    return (
+        lambda c: to_proto(c, taxonomy).SerializeToString(),
+        lambda raw: from_proto(router_pb2.ClassifyResponse.FromString(raw)),
+    )
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -101,19 +132,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return self.plane.model_set.taxonomy
 
     async def _classify(self, request: router_pb2.ClassifyRequest) -> router_pb2.ClassifyResponse:
-        options = self.plane.resolve(request.top_k, request.neighbours, request.threshold,
-                                     request.skip_cache)
+        options = self.plane.resolve(
+            request.top_k, request.neighbours, request.threshold, request.skip_cache
+        )
         result = await self.plane.classify(request.image, options)
         response = to_proto(result, self.taxonomy)
         response.request_id = request.request_id
         return response
 
-    async def Classify(self, request: router_pb2.ClassifyRequest,
-                       context: grpc.aio.ServicerContext) -> router_pb2.ClassifyResponse:
+    async def Classify(
+        self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ClassifyResponse:
         return await self._classify(request)
 
     async def ClassifyStream(
-        self, request_iterator: AsyncIterator[router_pb2.ClassifyRequest],
+        self,
+        request_iterator: AsyncIterator[router_pb2.ClassifyRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[router_pb2.ClassifyResponse]:
         async for request in request_iterator:
@@ -126,31 +160,43 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     error=router_pb2.ItemError(code=exc.code.value[0], message=exc.message),
                 )
 
-    async def GetTaxonomy(self, request: router_pb2.GetTaxonomyRequest,
-                          context: grpc.aio.ServicerContext) -> router_pb2.GetTaxonomyResponse:
+    async def GetTaxonomy(
+        self, request: router_pb2.GetTaxonomyRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.GetTaxonomyResponse:
         taxa = sorted(self.taxonomy, key=lambda t: (t.depth, t.id))
         return router_pb2.GetTaxonomyResponse(
             taxa=[taxon_pb(self.taxonomy, t.id) for t in taxa],
             model_set_version=self.plane.model_set.version,
         )
 
-    async def GetInfo(self, request: router_pb2.GetInfoRequest,
-                      context: grpc.aio.ServicerContext) -> router_pb2.GetInfoResponse:
+    async def GetInfo(
+        self, request: router_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.GetInfoResponse:
         ms = self.plane.model_set
         return router_pb2.GetInfoResponse(
-            model_set_version=ms.version, embedding_version=ms.embedding_version,
-            exemplar_count=await self.plane.exemplar_count(), routing=dict(ms.routing))
+            model_set_version=ms.version,
+            embedding_version=ms.embedding_version,
+            exemplar_count=await self.plane.exemplar_count(),
+            routing=dict(ms.routing),
+        )
 
     async def IndexExemplars(
-        self, request_iterator: AsyncIterator[router_pb2.IndexExemplarsRequest],
+        self,
+        request_iterator: AsyncIterator[router_pb2.IndexExemplarsRequest],
         context: grpc.aio.ServicerContext,
     ) -> router_pb2.IndexExemplarsResponse:
         items = []
         async for r in request_iterator:
             if len(items) >= MAX_INDEX_ITEMS:
-                raise InvalidInput(f"at most {MAX_INDEX_ITEMS} exemplars per call; split the upload")
+                raise InvalidInput(
+                    f"at most {MAX_INDEX_ITEMS} exemplars per call; split the upload"
+                )
             items.append((r.image, r.label, r.source))
         report = await self.plane.index_exemplars(items)
         return router_pb2.IndexExemplarsResponse(
-            received=report.received, indexed=report.indexed, duplicates=report.duplicates,
-            rejected=report.rejected, errors=report.errors)
+            received=report.received,
+            indexed=report.indexed,
+            duplicates=report.duplicates,
+            rejected=report.rejected,
+            errors=report.errors,
+        )

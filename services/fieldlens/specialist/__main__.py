@@ -29,9 +29,16 @@ async def serve(settings: ClassifierSettings) -> None:
                 return False
         return True
 
-    await serve_grpc(settings.common, (classifier_pb2_grpc.add_ClassifierServicer_to_server,
-                                       SpecialistServicer(model_set, triton)), SERVICE, ready,
-                     triton.close)
+    await serve_grpc(
+        settings.common,
+        (
+            classifier_pb2_grpc.add_ClassifierServicer_to_server,
+            SpecialistServicer(model_set, triton),
+        ),
+        SERVICE,
+        ready,
+        triton.close,
+    )
 
 
 def main() -> None:

@@ -15,15 +15,17 @@ from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
 LOGITS = "LOGITS"
 
 
-def rollup(taxonomy: Taxonomy, category: str, labels: tuple[str, ...],
-           probs: np.ndarray) -> list[tuple[str, float, bool]]:
+def rollup(
+    taxonomy: Taxonomy, category: str, labels: tuple[str, ...], probs: np.ndarray
+) -> list[tuple[str, float, bool]]:
     """Leaf probabilities summed up to every taxon under `category`."""
     leaf_p = dict(zip(labels, probs.tolist(), strict=True))
     out = []
     for t in taxonomy.under(category):
         leaves = taxonomy.leaves_under(t)
-        out.append((t, float(sum(leaf_p.get(leaf, 0.0) for leaf in leaves)),
-                    not taxonomy.children(t)))
+        out.append(
+            (t, float(sum(leaf_p.get(leaf, 0.0) for leaf in leaves)), not taxonomy.children(t))
+        )
     return out
 
 
@@ -41,8 +43,9 @@ class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
         except KeyError:
             raise FailedPrecondition(f"no specialist serves {category}") from None
 
-    async def Classify(self, request: classifier_pb2.CategoryRequest,
-                       context: grpc.aio.ServicerContext) -> classifier_pb2.CategoryResponse:
+    async def Classify(
+        self, request: classifier_pb2.CategoryRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.CategoryResponse:
         check_request(self.model_set, request)
         spec = self._model(request.category)
         size = self.model_set.image_size
@@ -57,15 +60,19 @@ class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs = (e / e.sum(axis=1, keepdims=True)).mean(axis=0)
         scores = rollup(self.model_set.taxonomy, request.category, spec.labels, probs)
-        return to_response(request.category, scores, request.top_k, classifier_pb2.SPECIALIST,
-                           spec.model)
+        return to_response(
+            request.category, scores, request.top_k, classifier_pb2.SPECIALIST, spec.model
+        )
 
-    async def Describe(self, request: classifier_pb2.DescribeRequest,
-                       context: grpc.aio.ServicerContext) -> classifier_pb2.DescribeResponse:
+    async def Describe(
+        self, request: classifier_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.DescribeResponse:
         return classifier_pb2.DescribeResponse(
             served_by=classifier_pb2.SPECIALIST,
-            categories=[classifier_pb2.CategoryModel(category=c, model_version=s.model)
-                        for c, s in self.model_set.specialists.items()],
+            categories=[
+                classifier_pb2.CategoryModel(category=c, model_version=s.model)
+                for c, s in self.model_set.specialists.items()
+            ],
             model_set_version=self.model_set.version,
             embedding_version=self.model_set.embedding_version,
         )

@@ -20,11 +20,16 @@ async def serve(settings: ClassifierSettings) -> None:
     model_set = load_model_set(settings.common.models_dir)
     ensemble = TinyEnsemble.load(model_set.tiny_path, model_set.taxonomy)
     if ensemble.embedding_version != model_set.embedding_version:
-        raise SystemExit(f"tiny ensemble is for {ensemble.embedding_version}, the model set "
-                         f"for {model_set.embedding_version}")
+        raise SystemExit(
+            f"tiny ensemble is for {ensemble.embedding_version}, the model set "
+            f"for {model_set.embedding_version}"
+        )
     logger.info("tiny ensemble: %d edges over %d-d embeddings", len(ensemble.bias), ensemble.dim)
-    await serve_grpc(settings.common, (classifier_pb2_grpc.add_ClassifierServicer_to_server,
-                                       TinyServicer(model_set, ensemble)), SERVICE)
+    await serve_grpc(
+        settings.common,
+        (classifier_pb2_grpc.add_ClassifierServicer_to_server, TinyServicer(model_set, ensemble)),
+        SERVICE,
+    )
 
 
 def main() -> None:

@@ -67,8 +67,14 @@ class TreeLayout:
 class TinyEnsemble:
     """Scores every taxon below a broad group: P(taxon | broad group), for a batch of embeddings."""
 
-    def __init__(self, taxonomy: Taxonomy, weights: np.ndarray, bias: np.ndarray,
-                 embedding_version: str, lr: float = 0.05) -> None:
+    def __init__(
+        self,
+        taxonomy: Taxonomy,
+        weights: np.ndarray,
+        bias: np.ndarray,
+        embedding_version: str,
+        lr: float = 0.05,
+    ) -> None:
         self.taxonomy = taxonomy
         self.layout = TreeLayout.from_taxonomy(taxonomy)
         n_rows = len(self.layout.row_taxon)
@@ -113,8 +119,11 @@ class TinyEnsemble:
         probs = self.predict(emb)[0]
         rows = np.flatnonzero(self.layout.row_broad == broad)
         return [
-            (str(self.layout.row_taxon[r]), float(probs[r]),
-             not self.taxonomy.children(str(self.layout.row_taxon[r])))
+            (
+                str(self.layout.row_taxon[r]),
+                float(probs[r]),
+                not self.taxonomy.children(str(self.layout.row_taxon[r])),
+            )
             for r in rows
         ]
 
@@ -142,8 +151,11 @@ class TinyEnsemble:
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         np.savez_compressed(
-            path, weights=self.weights.astype(np.float16), bias=self.bias,
-            row_taxon=self.layout.row_taxon, taxonomy_version=np.asarray(self.taxonomy.version),
+            path,
+            weights=self.weights.astype(np.float16),
+            bias=self.bias,
+            row_taxon=self.layout.row_taxon,
+            taxonomy_version=np.asarray(self.taxonomy.version),
             embedding_version=np.asarray(self.embedding_version),
         )
 
@@ -160,14 +172,25 @@ class TinyEnsemble:
         return ens
 
 
-def fit(taxonomy: Taxonomy, emb: np.ndarray, leaves: np.ndarray, embedding_version: str,
-        epochs: int = 60, weight_decay: float = 1e-4, seed: int = 0) -> TinyEnsemble:
+def fit(
+    taxonomy: Taxonomy,
+    emb: np.ndarray,
+    leaves: np.ndarray,
+    embedding_version: str,
+    epochs: int = 60,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> TinyEnsemble:
     """Fits every node's classifier jointly: full-batch Adam on the summed path cross-entropy."""
     import torch
 
     layout = TreeLayout.from_taxonomy(taxonomy)
-    ens = TinyEnsemble(taxonomy, np.zeros((len(layout.row_taxon), emb.shape[1]), np.float32),
-                       np.zeros(len(layout.row_taxon), np.float32), embedding_version)
+    ens = TinyEnsemble(
+        taxonomy,
+        np.zeros((len(layout.row_taxon), emb.shape[1]), np.float32),
+        np.zeros(len(layout.row_taxon), np.float32),
+        embedding_version,
+    )
     # Each sample contributes one target per node on its path: (sample, node, target row).
     samples, nodes, targets = [], [], []
     path_cache: dict[str, list[int]] = {}
@@ -191,7 +214,8 @@ def fit(taxonomy: Taxonomy, emb: np.ndarray, leaves: np.ndarray, embedding_versi
         logits = x @ w.T + b  # (N, rows)
         # log-sum-exp per (sample, node) segment via scatter into a (N, nodes) table
         mx = torch.full((len(x), n_nodes), -1e9).scatter_reduce(
-            1, node_of_row.expand(len(x), -1), logits.detach(), reduce="amax")
+            1, node_of_row.expand(len(x), -1), logits.detach(), reduce="amax"
+        )
         z = torch.exp(logits - mx[:, node_of_row])
         denom = torch.zeros(len(x), n_nodes).scatter_add(1, node_of_row.expand(len(x), -1), z)
         log_norm = torch.log(denom) + mx

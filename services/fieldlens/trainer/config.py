@@ -25,7 +25,9 @@ class TrainConfig:
     seed: int = 20261123
     shard_limit: int | None = None
     val_per_class: int = 50
-    backbone: BackboneSpec = field(default_factory=lambda: BackboneSpec(32, (32, 64, 128, 256), (1, 1, 1, 1)))
+    backbone: BackboneSpec = field(
+        default_factory=lambda: BackboneSpec(32, (32, 64, 128, 256), (1, 1, 1, 1))
+    )
     phases: tuple[Phase, ...] = (Phase(32, 10), Phase(48, 4), Phase(64, 2))
     batch_size: int = 128
     mixup_alpha: float = 0.0
@@ -41,8 +43,16 @@ class TrainConfig:
 
     def backbone_fingerprint(self) -> str:
         """What decides the backbone weights, hence the embedding space."""
-        keys = ("seed", "shard_limit", "val_per_class", "backbone", "phases", "batch_size",
-                "mixup_alpha", "lr_finder")
+        keys = (
+            "seed",
+            "shard_limit",
+            "val_per_class",
+            "backbone",
+            "phases",
+            "batch_size",
+            "mixup_alpha",
+            "lr_finder",
+        )
         blob = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

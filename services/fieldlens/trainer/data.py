@@ -153,7 +153,9 @@ def load_dataset(
         z = np.load(cache, allow_pickle=False)
         return Dataset(z["images"], z["labels"], list(z["keys"]), list(z["sha256"]))
     index = {c.wnid: i for i, c in enumerate(classes)}
-    samples = iter_folder_samples(data_dir) if folder_layout else iter_shard_samples(data_dir, shards)
+    samples = (
+        iter_folder_samples(data_dir) if folder_layout else iter_shard_samples(data_dir, shards)
+    )
     images, labels, keys, hashes = [], [], [], []
     for key, jpg, wnid in tqdm(samples, desc="decode", unit="img", mininterval=2):
         if wnid not in index:
@@ -165,7 +167,9 @@ def load_dataset(
     ds = Dataset(np.stack(images), np.asarray(labels, dtype=np.int64), keys, hashes)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, images=ds.images, labels=ds.labels, keys=np.asarray(keys), sha256=np.asarray(hashes))
+    np.savez(
+        tmp, images=ds.images, labels=ds.labels, keys=np.asarray(keys), sha256=np.asarray(hashes)
+    )
     tmp.rename(cache)
     return ds
 

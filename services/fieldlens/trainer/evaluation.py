@@ -26,8 +26,9 @@ MAX_ROWS_PER_KIND = 500  # the CSV lists the worst cases; the report counts all 
 
 def tiny_leaf_probs(taxonomy: Taxonomy, ens: TinyEnsemble, emb: np.ndarray) -> np.ndarray:
     """P(class | its broad group) from the tiny ensemble, columns in class order."""
-    rows = np.asarray([ens.path_rows(c)[-1] if ens.path_rows(c) else -1
-                       for c in taxonomy.class_ids])
+    rows = np.asarray(
+        [ens.path_rows(c)[-1] if ens.path_rows(c) else -1 for c in taxonomy.class_ids]
+    )
     pred = ens.predict(emb)
     out = np.ones((len(emb), len(rows)), dtype=np.float32)
     has = rows >= 0
@@ -35,10 +36,19 @@ def tiny_leaf_probs(taxonomy: Taxonomy, ens: TinyEnsemble, emb: np.ndarray) -> n
     return out
 
 
-def evaluate(taxonomy: Taxonomy, val: Dataset, val_emb: np.ndarray, val_logits: np.ndarray,
-             val_logits_tta: np.ndarray, broad_probs: np.ndarray, ens: TinyEnsemble,
-             specialists: dict[str, Classifier], resolution: int, report_dir: Path,
-             per_class: int) -> tuple[dict[str, object], dict[str, str]]:
+def evaluate(
+    taxonomy: Taxonomy,
+    val: Dataset,
+    val_emb: np.ndarray,
+    val_logits: np.ndarray,
+    val_logits_tta: np.ndarray,
+    broad_probs: np.ndarray,
+    ens: TinyEnsemble,
+    specialists: dict[str, Classifier],
+    resolution: int,
+    report_dir: Path,
+    per_class: int,
+) -> tuple[dict[str, object], dict[str, str]]:
     """Returns (validation metrics, routing table broad id -> 'specialist'|'tiny')."""
     g = metrics.group_matrix(taxonomy)
     y_broad = g[val.labels].argmax(1)
@@ -59,8 +69,12 @@ def evaluate(taxonomy: Taxonomy, val: Dataset, val_emb: np.ndarray, val_logits: 
         routing[broad] = route
         if route == "specialist":
             cond[:, cols] = p_spec
-        spec_rows[group] = {"images": int(in_group.sum()), "specialist_acc": spec_acc,
-                            "tiny_acc": tiny_acc, "route": route}
+        spec_rows[group] = {
+            "images": int(in_group.sum()),
+            "specialist_acc": spec_acc,
+            "tiny_acc": tiny_acc,
+            "route": route,
+        }
     served = broad_probs @ g.T * cond  # P(broad(c)) x P(c | broad(c))
     pvd = metrics.precision_vs_depth(taxonomy, served, val.labels, THRESHOLDS)
     result: dict[str, object] = {
@@ -82,16 +96,21 @@ def evaluate(taxonomy: Taxonomy, val: Dataset, val_emb: np.ndarray, val_logits: 
     worst = np.argsort(-losses)[:18]
     pred = val_logits.argmax(1)
     report.image_grid_png(
-        report_dir / "top_losses.png", val.images[worst],
-        [f"true {_name(taxonomy, val.labels[i])}\npred {_name(taxonomy, pred[i])}"
-         f"\nloss {losses[i]:.1f}" for i in worst],
+        report_dir / "top_losses.png",
+        val.images[worst],
+        [
+            f"true {_name(taxonomy, val.labels[i])}\npred {_name(taxonomy, pred[i])}"
+            f"\nloss {losses[i]:.1f}"
+            for i in worst
+        ],
         "Validation top losses (fine head)",
     )
     return result, routing
 
 
-def curate(taxonomy: Taxonomy, images: Dataset, logits: np.ndarray,
-           report_dir: Path) -> dict[str, object]:
+def curate(
+    taxonomy: Taxonomy, images: Dataset, logits: np.ndarray, report_dir: Path
+) -> dict[str, object]:
     """Flags confidently-wrong, ambiguous and byte-identical-but-differently-labelled images."""
     p = metrics.softmax(logits)
     top2 = np.sort(p, axis=1)[:, -2:]
@@ -101,41 +120,60 @@ def curate(taxonomy: Taxonomy, images: Dataset, logits: np.ndarray,
     ambiguous = np.flatnonzero(top2[:, 1] - top2[:, 0] < AMBIGUOUS_MARGIN)
     for kind, idx in (("confidently_wrong", wrong), ("ambiguous", ambiguous)):
         for i in idx[np.argsort(-top2[idx, 1])][:MAX_ROWS_PER_KIND]:
-            rows.append({"kind": kind, "key": images.keys[i], "sha256": images.sha256[i],
-                         "label": taxonomy.class_ids[images.labels[i]],
-                         "label_name": _name(taxonomy, images.labels[i]),
-                         "predicted": taxonomy.class_ids[pred[i]],
-                         "predicted_name": _name(taxonomy, pred[i]),
-                         "p_predicted": round(float(top2[i, 1]), 4)})
+            rows.append(
+                {
+                    "kind": kind,
+                    "key": images.keys[i],
+                    "sha256": images.sha256[i],
+                    "label": taxonomy.class_ids[images.labels[i]],
+                    "label_name": _name(taxonomy, images.labels[i]),
+                    "predicted": taxonomy.class_ids[pred[i]],
+                    "predicted_name": _name(taxonomy, pred[i]),
+                    "p_predicted": round(float(top2[i, 1]), 4),
+                }
+            )
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(images.sha256):
         by_hash[h].append(i)
     conflicts = [ix for ix in by_hash.values() if len({int(images.labels[i]) for i in ix}) > 1]
     for ix in conflicts:
         for i in ix:
-            rows.append({"kind": "duplicate_conflict", "key": images.keys[i],
-                         "sha256": images.sha256[i],
-                         "label": taxonomy.class_ids[images.labels[i]],
-                         "label_name": _name(taxonomy, images.labels[i]),
-                         "predicted": taxonomy.class_ids[pred[i]],
-                         "predicted_name": _name(taxonomy, pred[i]),
-                         "p_predicted": round(float(top2[i, 1]), 4)})
+            rows.append(
+                {
+                    "kind": "duplicate_conflict",
+                    "key": images.keys[i],
+                    "sha256": images.sha256[i],
+                    "label": taxonomy.class_ids[images.labels[i]],
+                    "label_name": _name(taxonomy, images.labels[i]),
+                    "predicted": taxonomy.class_ids[pred[i]],
+                    "predicted_name": _name(taxonomy, pred[i]),
+                    "p_predicted": round(float(top2[i, 1]), 4),
+                }
+            )
     report.write_csv(report_dir / "curation.csv", rows)
     shown = [("DUP", int(i)) for ix in conflicts[:6] for i in ix][:12]
     shown += [("WRONG", int(i)) for i in wrong[: 24 - len(shown)]]
     report.image_grid_png(
-        report_dir / "curation.png", images.images[[i for _, i in shown]],
-        [f"{tag} {_name(taxonomy, images.labels[i])}\n-> {_name(taxonomy, pred[i])}"
-         for tag, i in shown],
+        report_dir / "curation.png",
+        images.images[[i for _, i in shown]],
+        [
+            f"{tag} {_name(taxonomy, images.labels[i])}\n-> {_name(taxonomy, pred[i])}"
+            for tag, i in shown
+        ],
         "Curation: byte-identical with different labels (DUP), confidently wrong (WRONG)",
     )
-    return {"confident_p": CONFIDENT_P, "ambiguous_margin": AMBIGUOUS_MARGIN,
-            "confidently_wrong": len(wrong), "ambiguous": len(ambiguous),
-            "duplicate_conflicts": len(conflicts)}
+    return {
+        "confident_p": CONFIDENT_P,
+        "ambiguous_margin": AMBIGUOUS_MARGIN,
+        "confidently_wrong": len(wrong),
+        "ambiguous": len(ambiguous),
+        "duplicate_conflicts": len(conflicts),
+    }
 
 
-def broad_probabilities(head: torch.nn.Linear, mix: float, emb: np.ndarray, logits: np.ndarray,
-                        taxonomy: Taxonomy) -> np.ndarray:
+def broad_probabilities(
+    head: torch.nn.Linear, mix: float, emb: np.ndarray, logits: np.ndarray, taxonomy: Taxonomy
+) -> np.ndarray:
     """The exported `broad` model's arithmetic, on precomputed outputs."""
     with torch.no_grad():
         p_head = torch.softmax(head(torch.from_numpy(emb)), 1).numpy()

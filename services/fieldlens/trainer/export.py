@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fieldlens.backends.triton_python_model import write_config
+from fieldlens.common.model_set import MANIFEST, TAXONOMY, TINY
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.trainer import metrics
@@ -20,19 +21,21 @@ from fieldlens.trainer.nets import Backbone, BroadExport, Classifier, Specialist
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-TAXONOMY = "taxonomy.json"
-TINY = "tiny.npz"
 IMAGE_SIZE = 64
+
+
+def _weights_digest(module: torch.nn.Module, h: hashlib._Hash | None = None) -> hashlib._Hash:
+    # Weights, not serialized bytes: TorchScript mangles class names per process.
+    h = h or hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h
 
 
 def embedding_version(backbone: Backbone) -> str:
     """Content hash of the frozen backbone weights: vectors are comparable iff this matches."""
-    h = hashlib.sha256()
-    for k, v in sorted(backbone.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return "emb-" + h.hexdigest()[:12]
+    return "emb-" + _weights_digest(backbone).hexdigest()[:12]
 
 
 def _trace(module: torch.nn.Module, path: Path) -> None:
@@ -63,8 +66,11 @@ def export_all(
     g = torch.from_numpy(metrics.group_matrix(taxonomy))
     broad = BroadExport(model.backbone, broad_head, model.head, g, mix)
     _trace(broad, model_repository / "broad" / "1" / "model.pt")
-    write_config(model_repository / "broad", "broad",
-                 [("BROAD_LOGITS", len(taxonomy.broad_ids)), ("EMBEDDING", model.backbone.dim)])
+    write_config(
+        model_repository / "broad",
+        "broad",
+        [("BROAD_LOGITS", len(taxonomy.broad_ids)), ("EMBEDDING", model.backbone.dim)],
+    )
     spec_meta = {}
     for group, net in specialists.items():
         name = f"specialist_{group}"
@@ -74,23 +80,30 @@ def export_all(
         spec_meta[f"broad/{group}"] = {"model": name, "labels": labels}
     taxonomy.save(models_dir / TAXONOMY)
     ens.save(models_dir / TINY)
-    digest = hashlib.sha256()
-    for p in sorted([*model_repository.rglob("*"), models_dir / TAXONOMY, models_dir / TINY]):
-        if p.is_file():
-            digest.update(p.name.encode())
-            digest.update(p.read_bytes())
+    digest = _weights_digest(broad)
+    for net in specialists.values():
+        _weights_digest(net, digest)
+    for p in sorted(
+        [*model_repository.rglob("config.pbtxt"), models_dir / TAXONOMY, models_dir / TINY]
+    ):
+        digest.update(p.name.encode())
+        digest.update(p.read_bytes())
     manifest = {
         "model_set_version": "ms-" + digest.hexdigest()[:12],
         "embedding_version": ens.embedding_version,
         "taxonomy_version": taxonomy.version,
         "image_size": IMAGE_SIZE,
-        "broad": {"model": "broad", "outputs": ["BROAD_LOGITS", "EMBEDDING"],
-                  "labels": list(taxonomy.broad_ids), "embedding_dim": model.backbone.dim,
-                  "rollup_mix": mix},
+        "broad": {
+            "model": "broad",
+            "outputs": ["BROAD_LOGITS", "EMBEDDING"],
+            "labels": list(taxonomy.broad_ids),
+            "embedding_dim": model.backbone.dim,
+            "rollup_mix": mix,
+        },
         "specialists": spec_meta,
         "routing": routing,
         "machine": f"{platform.machine()} {platform.processor() or ''} "
-                   f"torch {torch.__version__}".strip(),
+        f"torch {torch.__version__}".strip(),
         **manifest_extra,
     }
     (models_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json) + "\n")

@@ -43,8 +43,12 @@ def augment(images: torch.Tensor, gen: torch.Generator, resolution: int) -> torc
     # Gather every crop at once with an index grid rather than a Python loop over the batch.
     rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)
     cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)
-    x = x[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(3, device=x.device).view(1, 3, 1, 1),
-          rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    x = x[
+        torch.arange(n, device=x.device).view(n, 1, 1, 1),
+        torch.arange(3, device=x.device).view(1, 3, 1, 1),
+        rows.view(n, 1, h, 1),
+        cols.view(n, 1, 1, w),
+    ]
     flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     return resize(x, resolution)
@@ -53,20 +57,28 @@ def augment(images: torch.Tensor, gen: torch.Generator, resolution: int) -> torc
 def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
     if x.shape[-1] == resolution:
         return x
-    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
-                         align_corners=False)
+    return F.interpolate(
+        x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+    )
 
 
-def batches(n: int, batch_size: int, rng: np.random.Generator, shuffle: bool = True,
-            drop_last: bool = True) -> Iterator[np.ndarray]:
+def batches(
+    n: int, batch_size: int, rng: np.random.Generator, shuffle: bool = True, drop_last: bool = True
+) -> Iterator[np.ndarray]:
     order = rng.permutation(n) if shuffle else np.arange(n)
     stop = n - batch_size + 1 if drop_last else n
     for i in range(0, max(stop, 0), batch_size):
         yield order[i : i + batch_size]
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,
-          rng: np.random.Generator, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    alpha: float,
+    rng: np.random.Generator,
+    smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns inputs and soft targets; alpha 0 disables mixing (label smoothing only)."""
     target = F.one_hot(y, n_classes).float() * (1 - smoothing) + smoothing / n_classes
     if alpha <= 0:
@@ -76,9 +88,18 @@ def mixup(x: torch.Tensor, y: torch.Tensor, n_classes: int, alpha: float,
     return lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
 
 
-def lr_range_test(model: nn.Module, images: np.ndarray, labels: np.ndarray, n_classes: int,
-                  resolution: int, batch_size: int, seed: int, steps: int = 150,
-                  lo: float = 1e-3, hi: float = 2.0) -> tuple[float, list[tuple[float, float]]]:
+def lr_range_test(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    resolution: int,
+    batch_size: int,
+    seed: int,
+    steps: int = 150,
+    lo: float = 1e-3,
+    hi: float = 2.0,
+) -> tuple[float, list[tuple[float, float]]]:
     """Leslie Smith's LR finder on a throwaway copy: returns (suggested max LR, curve)."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     device = next(model.parameters()).device
@@ -131,11 +152,16 @@ def train_classifier(
     device = next(model.parameters()).device
     steps_per_epoch = len(labels) // batch_size
     total_epochs = sum(p.epochs for p in phases)
-    opt = torch.optim.SGD(model.parameters(), lr=max_lr, momentum=0.9, nesterov=True,
-                          weight_decay=weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=max_lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=max_lr, total_steps=steps_per_epoch * total_epochs, pct_start=0.25,
-        div_factor=20, final_div_factor=200,
+        opt,
+        max_lr=max_lr,
+        total_steps=steps_per_epoch * total_epochs,
+        pct_start=0.25,
+        div_factor=20,
+        final_div_factor=200,
     )
     history: list[dict[str, float]] = []
     start_epoch = 0
@@ -153,8 +179,12 @@ def train_classifier(
         gen = torch.Generator().manual_seed(seed + epoch)
         model.train()
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = tqdm(batches(len(labels), batch_size, rng), total=steps_per_epoch,
-                   desc=f"{desc} {epoch + 1}/{total_epochs} @{res}px", mininterval=5)
+        bar = tqdm(
+            batches(len(labels), batch_size, rng),
+            total=steps_per_epoch,
+            desc=f"{desc} {epoch + 1}/{total_epochs} @{res}px",
+            mininterval=5,
+        )
         for idx in bar:
             y = torch.from_numpy(labels[idx]).to(device)
             x = augment(torch.from_numpy(images[idx]).to(device), gen, res)
@@ -169,32 +199,55 @@ def train_classifier(
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            lr=f"{sched.get_last_lr()[0]:.3f}")
-        record = {"epoch": epoch + 1, "resolution": res, "train_loss": loss_sum / seen,
-                  "train_acc": correct / seen, "seconds": time.time() - t0}
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}",
+                acc=f"{correct / seen:.3f}",
+                lr=f"{sched.get_last_lr()[0]:.3f}",
+            )
+        record = {
+            "epoch": epoch + 1,
+            "resolution": res,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "seconds": time.time() - t0,
+        }
         if evaluate is not None:
             record.update(evaluate(model, res))
         history.append(record)
         logger.info("%s epoch %d: %s", desc, epoch + 1, record)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "epoch": epoch + 1, "history": history}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+            },
+            tmp,
+        )
         tmp.replace(ckpt)
     return history
 
 
 @torch.inference_mode()
-def predict(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, resolution: int,
-            batch_size: int = 256, flip_tta: bool = False, desc: str | None = None) -> np.ndarray:
+def predict(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray,
+    resolution: int,
+    batch_size: int = 256,
+    flip_tta: bool = False,
+    desc: str | None = None,
+) -> np.ndarray:
     """Runs `model` over uint8 images in batches and returns stacked outputs as numpy."""
     device = next(iter(model.parameters())).device if isinstance(model, nn.Module) else "cpu"
     outs = []
     rng = range(0, len(images), batch_size)
     for i in tqdm(rng, desc=desc, leave=False, disable=desc is None, mininterval=5):
-        x = resize(normalise_uint8(torch.from_numpy(images[i : i + batch_size]).to(device)),
-                   resolution).contiguous(memory_format=torch.channels_last)
+        x = resize(
+            normalise_uint8(torch.from_numpy(images[i : i + batch_size]).to(device)), resolution
+        ).contiguous(memory_format=torch.channels_last)
         out = model(x)
         if flip_tta:
             out = (out + model(x.flip(3))) / 2

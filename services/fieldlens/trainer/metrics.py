@@ -1,4 +1,4 @@
-"""Evaluation maths shared by the trainer's report and the tests: top-k, rollup, best-effort answer."""
+"""Evaluation maths for the report and the tests: top-k, rollup, best-effort answer."""
 
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def cumulative(taxonomy: Taxonomy, leaf_probs: np.ndarray) -> tuple[list[str], n
     return ids, leaf_probs @ m
 
 
-def best_effort(taxonomy: Taxonomy, ids: Sequence[str], cum: np.ndarray,
-                threshold: float) -> list[str]:
+def best_effort(
+    taxonomy: Taxonomy, ids: Sequence[str], cum: np.ndarray, threshold: float
+) -> list[str]:
     """Per row, the deepest taxon whose cumulative probability clears `threshold`."""
     depth = np.asarray([taxonomy.get(t).depth for t in ids], dtype=np.float64)
     # Deeper wins; among equal depth the more probable one (only one can exceed 0.5 anyway).
@@ -48,8 +49,9 @@ def best_effort(taxonomy: Taxonomy, ids: Sequence[str], cum: np.ndarray,
     return [ids[j] for j in key.argmax(axis=1)]
 
 
-def precision_vs_depth(taxonomy: Taxonomy, leaf_probs: np.ndarray, labels: np.ndarray,
-                       thresholds: Sequence[float]) -> list[dict[str, float]]:
+def precision_vs_depth(
+    taxonomy: Taxonomy, leaf_probs: np.ndarray, labels: np.ndarray, thresholds: Sequence[float]
+) -> list[dict[str, float]]:
     """For each threshold: how often the best-effort answer is right, and how deep it goes."""
     ids, cum = cumulative(taxonomy, leaf_probs)
     rows = []
@@ -58,10 +60,12 @@ def precision_vs_depth(taxonomy: Taxonomy, leaf_probs: np.ndarray, labels: np.nd
         truth = [taxonomy.class_ids[y] for y in labels]
         correct = [taxonomy.is_ancestor_or_self(a, c) for a, c in zip(answers, truth, strict=True)]
         depths = [taxonomy.get(a).depth for a in answers]
-        rows.append({
-            "threshold": float(t),
-            "precision": float(np.mean(correct)),
-            "mean_depth": float(np.mean(depths)),
-            "leaf_rate": float(np.mean([taxonomy.get(a).rank == "class" for a in answers])),
-        })
+        rows.append(
+            {
+                "threshold": float(t),
+                "precision": float(np.mean(correct)),
+                "mean_depth": float(np.mean(depths)),
+                "leaf_rate": float(np.mean([taxonomy.get(a).rank == "class" for a in answers])),
+            }
+        )
     return rows

@@ -26,16 +26,24 @@ def confusion_png(path: Path, truth: np.ndarray, pred: np.ndarray, names: Sequen
     ax.set_ylabel("true broad group")
     ax.set_title(f"Broad-group confusion (row-normalised), top-1 {np.mean(truth == pred):.1%}")
     for i in range(n):
-        ax.text(i, i, f"{cm[i, i]:.2f}", ha="center", va="center", fontsize=5,
-                color="white" if cm[i, i] > 0.5 else "black")
+        ax.text(
+            i,
+            i,
+            f"{cm[i, i]:.2f}",
+            ha="center",
+            va="center",
+            fontsize=5,
+            color="white" if cm[i, i] > 0.5 else "black",
+        )
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def image_grid_png(path: Path, images: np.ndarray, captions: Sequence[str], title: str,
-                   cols: int = 6) -> None:
+def image_grid_png(
+    path: Path, images: np.ndarray, captions: Sequence[str], title: str, cols: int = 6
+) -> None:
     rows = max(1, (len(images) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2))
     for ax in np.atleast_1d(axes).ravel():
@@ -99,8 +107,10 @@ def markdown(metrics: dict[str, object]) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for g, r in v["specialists"].items():
-        lines.append(f"| {g} | {r['images']} | {r['specialist_acc']:.2%} | {r['tiny_acc']:.2%} |"
-                     f" {r['route']} |")
+        lines.append(
+            f"| {g} | {r['images']} | {r['specialist_acc']:.2%} | {r['tiny_acc']:.2%} |"
+            f" {r['route']} |"
+        )
     lines += [
         "",
         "## Best-effort answer: precision vs depth",
@@ -109,8 +119,10 @@ def markdown(metrics: dict[str, object]) -> str:
         "| --- | --- | --- | --- |",
     ]
     for r in v["precision_vs_depth"]:
-        lines.append(f"| {r['threshold']:.2f} | {r['precision']:.2%} | {r['mean_depth']:.2f} |"
-                     f" {r['leaf_rate']:.2%} |")
+        lines.append(
+            f"| {r['threshold']:.2f} | {r['precision']:.2%} | {r['mean_depth']:.2f} |"
+            f" {r['leaf_rate']:.2%} |"
+        )
     cur = metrics["curation"]
     assert isinstance(cur, dict)
     lines += [

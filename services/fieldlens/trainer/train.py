@@ -15,7 +15,10 @@ import torch
 from tqdm import trange
 
 from fieldlens.common.taxonomy import Taxonomy
+from fieldlens.tiny.ensemble import TinyEnsemble
+from fieldlens.tiny.ensemble import fit as tiny_fit
 from fieldlens.trainer import data as data_mod
+from fieldlens.trainer import evaluation, metrics, report
 from fieldlens.trainer.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_MODEL_REPOSITORY,
@@ -24,9 +27,6 @@ from fieldlens.trainer.config import (
     TrainConfig,
     config_for,
 )
-from fieldlens.tiny.ensemble import TinyEnsemble
-from fieldlens.tiny.ensemble import fit as tiny_fit
-from fieldlens.trainer import evaluation, metrics, report
 from fieldlens.trainer.export import embedding_version, export_all
 from fieldlens.trainer.loops import Phase, lr_range_test, pick_device, predict, train_classifier
 from fieldlens.trainer.nets import Classifier, EmbedAndLogits
@@ -55,16 +55,27 @@ class Context:
         return self.work_dir / self.cfg.backbone_fingerprint()
 
 
-def prepare(cfg: TrainConfig, data_dir: Path, work_dir: Path, models_dir: Path,
-            model_repository: Path) -> Context:
+def prepare(
+    cfg: TrainConfig, data_dir: Path, work_dir: Path, models_dir: Path, model_repository: Path
+) -> Context:
     classes = data_mod.read_classes(data_dir)
     ds = data_mod.load_dataset(data_dir, classes, work_dir.parent / "cache", cfg.shard_limit)
     train, val = data_mod.split(ds, cfg.val_per_class, cfg.seed)
     shards = data_mod.list_shards(data_dir, cfg.shard_limit)
     logger.info("data: %d train / %d val images, %d classes", len(train), len(val), len(classes))
-    return Context(cfg, data_dir, work_dir, models_dir, model_repository, pick_device(), classes,
-                   Taxonomy.from_classes(classes), train, val,
-                   data_mod.data_digest(data_dir, shards) if shards else "folder")
+    return Context(
+        cfg,
+        data_dir,
+        work_dir,
+        models_dir,
+        model_repository,
+        pick_device(),
+        classes,
+        Taxonomy.from_classes(classes),
+        train,
+        val,
+        data_mod.data_digest(data_dir, shards) if shards else "folder",
+    )
 
 
 def stage_backbone(ctx: Context) -> Classifier:
@@ -79,8 +90,15 @@ def stage_backbone(ctx: Context) -> Classifier:
         return model
     meta_path = ctx.stage_dir / "lr_finder.json"
     if cfg.lr_finder and not meta_path.exists():
-        lr, curve = lr_range_test(model, ctx.train.images, ctx.train.labels, len(ctx.classes),
-                                  cfg.phases[0].resolution, cfg.batch_size, cfg.seed)
+        lr, curve = lr_range_test(
+            model,
+            ctx.train.images,
+            ctx.train.labels,
+            len(ctx.classes),
+            cfg.phases[0].resolution,
+            cfg.batch_size,
+            cfg.seed,
+        )
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps({"max_lr": lr, "curve": curve}))
     max_lr = json.loads(meta_path.read_text())["max_lr"] if cfg.lr_finder else 0.4
@@ -93,9 +111,18 @@ def stage_backbone(ctx: Context) -> Classifier:
 
     t0 = time.time()
     history = train_classifier(
-        model, ctx.train.images, ctx.train.labels, len(ctx.classes), list(cfg.phases), max_lr,
-        cfg.batch_size, cfg.seed, ctx.stage_dir / "backbone.ckpt", "backbone",
-        mixup_alpha=cfg.mixup_alpha, evaluate=evaluate,
+        model,
+        ctx.train.images,
+        ctx.train.labels,
+        len(ctx.classes),
+        list(cfg.phases),
+        max_lr,
+        cfg.batch_size,
+        cfg.seed,
+        ctx.stage_dir / "backbone.ckpt",
+        "backbone",
+        mixup_alpha=cfg.mixup_alpha,
+        evaluate=evaluate,
     )
     (ctx.stage_dir / "backbone_history.json").write_text(
         json.dumps({"max_lr": max_lr, "history": history, "seconds": time.time() - t0}, indent=1)
@@ -153,15 +180,19 @@ def stage_broad(ctx: Context, model: Classifier, out: Outputs) -> tuple[torch.nn
     with torch.no_grad():
         p_head = torch.softmax(head(torch.from_numpy(out.val_emb)), 1).numpy()
     p_roll = metrics.softmax(out.val_logits) @ g
-    scores = {mix: float((((1 - mix) * p_head + mix * p_roll).argmax(1) == y_val).mean())
-              for mix in (0.0, 0.5, 1.0)}
+    scores = {
+        mix: float((((1 - mix) * p_head + mix * p_roll).argmax(1) == y_val).mean())
+        for mix in (0.0, 0.5, 1.0)
+    }
     mix = max(scores, key=lambda m: (scores[m], -abs(m - 0.5)))
     logger.info("broad top-1 by head/rollup mix: %s -> mix %.1f", scores, mix)
     head.eval()
     return head, mix
 
 
-def stage_specialists(ctx: Context, backbone_state: dict[str, torch.Tensor]) -> dict[str, Classifier]:
+def stage_specialists(
+    ctx: Context, backbone_state: dict[str, torch.Tensor]
+) -> dict[str, Classifier]:
     """Fine-tunes a copy of the backbone per specialist group on that group's classes."""
     nets = {}
     for group in ctx.cfg.specialist_groups:
@@ -180,10 +211,16 @@ def stage_specialists(ctx: Context, backbone_state: dict[str, torch.Tensor]) -> 
             net.load_state_dict(torch.load(done, map_location=ctx.device, weights_only=True))
         else:
             train_classifier(
-                net, ctx.train.images[sel], labels, len(leaves),
+                net,
+                ctx.train.images[sel],
+                labels,
+                len(leaves),
                 [Phase(ctx.cfg.phases[-1].resolution, ctx.cfg.specialist_epochs)],
-                ctx.cfg.specialist_lr, min(64, len(labels)), ctx.cfg.seed,
-                ctx.stage_dir / f"specialist_{group}.ckpt", f"specialist {group}",
+                ctx.cfg.specialist_lr,
+                min(64, len(labels)),
+                ctx.cfg.seed,
+                ctx.stage_dir / f"specialist_{group}.ckpt",
+                f"specialist {group}",
             )
             torch.save(net.state_dict(), done)
         net.eval()
@@ -194,12 +231,19 @@ def stage_specialists(ctx: Context, backbone_state: dict[str, torch.Tensor]) -> 
 
 def stage_tiny(ctx: Context, out: Outputs, embedding_version: str) -> TinyEnsemble:
     leaves = np.asarray([ctx.taxonomy.class_ids[y] for y in ctx.train.labels])
-    return tiny_fit(ctx.taxonomy, out.train_emb, leaves, embedding_version,
-                    epochs=ctx.cfg.tiny_epochs, seed=ctx.cfg.seed)
+    return tiny_fit(
+        ctx.taxonomy,
+        out.train_emb,
+        leaves,
+        embedding_version,
+        epochs=ctx.cfg.tiny_epochs,
+        seed=ctx.cfg.seed,
+    )
 
 
-def run(cfg: TrainConfig, data_dir: Path, work_dir: Path, models_dir: Path,
-        model_repository: Path) -> dict[str, object]:
+def run(
+    cfg: TrainConfig, data_dir: Path, work_dir: Path, models_dir: Path, model_repository: Path
+) -> dict[str, object]:
     """Every stage in order; each one resumes from its checkpoint in the work dir."""
     t0 = time.time()
     ctx = prepare(cfg, data_dir, work_dir, models_dir, model_repository)
@@ -211,15 +255,34 @@ def run(cfg: TrainConfig, data_dir: Path, work_dir: Path, models_dir: Path,
     ens = stage_tiny(ctx, out, emb_version)
     report_dir = models_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    broad_probs = evaluation.broad_probabilities(head, mix, out.val_emb, out.val_logits,
-                                                 ctx.taxonomy)
+    broad_probs = evaluation.broad_probabilities(
+        head, mix, out.val_emb, out.val_logits, ctx.taxonomy
+    )
     val_metrics, routing = evaluation.evaluate(
-        ctx.taxonomy, ctx.val, out.val_emb, out.val_logits, out.val_logits_tta, broad_probs, ens,
-        specialists, cfg.phases[-1].resolution, report_dir, cfg.val_per_class)
+        ctx.taxonomy,
+        ctx.val,
+        out.val_emb,
+        out.val_logits,
+        out.val_logits_tta,
+        broad_probs,
+        ens,
+        specialists,
+        cfg.phases[-1].resolution,
+        report_dir,
+        cfg.val_per_class,
+    )
     curation = evaluation.curate(ctx.taxonomy, ctx.train, out.train_logits, report_dir)
     history = json.loads((ctx.stage_dir / "backbone_history.json").read_text())
     manifest = export_all(
-        ctx.taxonomy, model, head, mix, specialists, routing, ens, models_dir, model_repository,
+        ctx.taxonomy,
+        model,
+        head,
+        mix,
+        specialists,
+        routing,
+        ens,
+        models_dir,
+        model_repository,
         {
             "profile_fingerprint": cfg.fingerprint(),
             "data_digest": ctx.digest,
@@ -232,29 +295,47 @@ def run(cfg: TrainConfig, data_dir: Path, work_dir: Path, models_dir: Path,
         },
     )
     # The validation keys travel with the models: the gallery and later evaluations skip them.
-    (models_dir / "split.json").write_text(json.dumps(
-        {"seed": cfg.seed, "per_class": cfg.val_per_class, "val_keys": sorted(ctx.val.keys)}))
+    (models_dir / "split.json").write_text(
+        json.dumps(
+            {"seed": cfg.seed, "per_class": cfg.val_per_class, "val_keys": sorted(ctx.val.keys)}
+        )
+    )
     doc = {**manifest, "validation": val_metrics}
     (report_dir / "README.md").write_text(report.markdown(doc))
-    logger.info("model set %s written: fine top-1 %.3f, broad top-1 %.3f",
-                manifest["model_set_version"], val_metrics["fine_top1"], val_metrics["broad_top1"])
+    logger.info(
+        "model set %s written: fine top-1 %.3f, broad top-1 %.3f",
+        manifest["model_set_version"],
+        val_metrics["fine_top1"],
+        val_metrics["broad_top1"],
+    )
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fieldlens-train", description=__doc__)
-    parser.add_argument("--profile", choices=["full", "smoke"], default="full",
-                        help="full: the shipped models (<= 90 min on 2 CPU cores); smoke: a shard "
-                             "or two and one epoch, for tests")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "FIELDLENS_DATA_DIR", DEFAULT_DATA_DIR)), help="Tiny ImageNet shards or the official folder")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                        help="checkpoints and caches (resumable)")
+    parser.add_argument(
+        "--profile",
+        choices=["full", "smoke"],
+        default="full",
+        help="full: the shipped models (<= 90 min on 2 CPU cores); smoke: a shard "
+        "or two and one epoch, for tests",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("FIELDLENS_DATA_DIR", DEFAULT_DATA_DIR)),
+        help="Tiny ImageNet shards or the official folder",
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="checkpoints and caches (resumable)"
+    )
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     torch.set_num_threads(args.threads)
     cfg = config_for(args.profile)
     run(cfg, args.data, args.work_dir, args.models_dir, args.model_repository)

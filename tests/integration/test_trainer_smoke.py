@@ -1,0 +1,128 @@
+"""The trainer's smoke profile end to end, and its export served by the real tritonserver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fieldlens.backends.triton_client import TritonClient
+from fieldlens.common.model_set import load_model_set
+from fieldlens.tiny.ensemble import TinyEnsemble
+from fieldlens.trainer.config import DEFAULT_DATA_DIR, config_for
+from fieldlens.trainer.data import load_dataset, read_classes
+from fieldlens.trainer.train import run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if not (DEFAULT_DATA_DIR / "classes.csv").exists():
+        pytest.skip(f"training data not found at {DEFAULT_DATA_DIR}")
+    root = tmp_path_factory.mktemp("smoke")
+    paths = {
+        "work": root / "build" / "train",
+        "models": root / "models",
+        "repo": root / "model_repository",
+    }
+    torch.set_num_threads(2)
+    run(config_for("smoke"), DEFAULT_DATA_DIR, paths["work"], paths["models"], paths["repo"])
+    return paths
+
+
+def test_artefacts_and_manifest(smoke: dict[str, Path]) -> None:
+    models, repo = smoke["models"], smoke["repo"]
+    for f in (
+        "manifest.json",
+        "taxonomy.json",
+        "tiny.npz",
+        "split.json",
+        "report/README.md",
+        "report/confusion_broad.png",
+        "report/top_losses.png",
+        "report/curation.csv",
+        "report/curation.png",
+        "report/precision_depth.png",
+    ):
+        assert (models / f).stat().st_size > 0, f
+    for m in ("broad", "specialist_insect", "specialist_other_invertebrate"):
+        assert (repo / m / "config.pbtxt").exists() and (repo / m / "1" / "model.pt").exists()
+    ms = load_model_set(models)
+    manifest = json.loads((models / "manifest.json").read_text())
+    val = manifest["metrics"]["validation"]
+    for key in ("fine_top1", "fine_top5", "broad_top1", "served_fine_top1", "precision_vs_depth"):
+        assert key in val
+    assert 0.0 <= val["fine_top1"] <= val["fine_top5"] <= 1.0
+    # The report shows the manifest's figures, not figures of its own.
+    report = (models / "report" / "README.md").read_text()
+    assert f"{val['fine_top1']:.2%}" in report and f"{val['broad_top1']:.2%}" in report
+    assert set(ms.routing) == set(ms.taxonomy.broad_ids)
+    assert set(val["specialists"]) == {"insect", "other_invertebrate"}
+    split = json.loads((models / "split.json").read_text())
+    assert len(split["val_keys"]) == len(set(split["val_keys"])) > 0
+    TinyEnsemble.load(models / "tiny.npz", ms.taxonomy)
+
+
+def test_rerun_resumes_and_reproduces(smoke: dict[str, Path]) -> None:
+    """A second run finds every stage's checkpoint and writes the same model set."""
+    first = json.loads((smoke["models"] / "manifest.json").read_text())
+    again = run(
+        config_for("smoke"), DEFAULT_DATA_DIR, smoke["work"], smoke["models"], smoke["repo"]
+    )
+    assert again["model_set_version"] == first["model_set_version"]
+    assert again["embedding_version"] == first["embedding_version"]
+
+
+def test_curation_finds_byte_identical_conflicts(smoke: dict[str, Path]) -> None:
+    rows = (smoke["models"] / "report" / "curation.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    conflicts = [r.split(",") for r in rows[1:] if r.startswith("duplicate_conflict")]
+    # Verify independently: every flagged hash really carries two labels in the data.
+    classes = read_classes(DEFAULT_DATA_DIR)
+    ds = load_dataset(
+        DEFAULT_DATA_DIR, classes, smoke["work"].parent / "cache", config_for("smoke").shard_limit
+    )
+    labels_by_hash: dict[str, set[int]] = {}
+    for h, y in zip(ds.sha256, ds.labels, strict=True):
+        labels_by_hash.setdefault(h, set()).add(int(y))
+    expected = {h for h, ls in labels_by_hash.items() if len(ls) > 1}
+    flagged = {r[header.index("sha256")] for r in conflicts}
+    # The curation runs over the training split only, so it can see at most these.
+    assert flagged <= expected
+
+
+def test_triton_serves_the_export_like_torch(
+    smoke: dict[str, Path], tmp_path: Path, launch_tritonserver
+) -> None:  # type: ignore[no-untyped-def]
+    """The exported repository on the real tritonserver gives the in-process module's outputs."""
+    repo = smoke["repo"]
+    server = launch_tritonserver(repo, tmp_path)
+    try:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
+
+        async def infer() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            async with TritonClient(server.grpc_addr) as client:
+                logits, emb = await client.infer_broad(images)
+                (spec,) = await client.infer("specialist_insect", images, ("LOGITS",))
+                return logits, emb, spec
+
+        logits, emb, spec = asyncio.run(infer())
+        broad = torch.jit.load(str(repo / "broad" / "1" / "model.pt"))
+        specialist = torch.jit.load(str(repo / "specialist_insect" / "1" / "model.pt"))
+        with torch.no_grad():
+            ref_logits, ref_emb = broad(torch.from_numpy(images))
+            (ref_spec,) = specialist(torch.from_numpy(images))
+        np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(emb, ref_emb.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(spec, ref_spec.numpy(), rtol=1e-4, atol=1e-4)
+        # Broad outputs are log-probabilities: they exponentiate to a distribution.
+        np.testing.assert_allclose(np.exp(logits).sum(axis=1), 1.0, atol=1e-4)
+    finally:
+        server.stop()

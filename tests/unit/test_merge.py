@@ -1,0 +1,201 @@
+"""Merging per-category answers: cumulative probabilities, best-effort answer, suggestions."""
+
+from __future__ import annotations
+
+import pytest
+
+from fieldlens.common.taxonomy import ROOT, Taxon, Taxonomy
+from fieldlens.router.merge import (
+    SPECIALIST,
+    TINY,
+    CategoryResult,
+    cumulative,
+    merge,
+    pick_categories,
+)
+
+# root
+# +- domain/animal
+# |  +- broad/bird  -> node/bird/raptor -> {eagle, kite};  heron
+# |  +- broad/fish  -> {gold, carp}
+# +- domain/artifact
+#    +- broad/tool  -> {hammer, saw}
+_EDGES = [
+    (ROOT, "root", None),
+    ("domain/animal", "domain", ROOT),
+    ("domain/artifact", "domain", ROOT),
+    ("broad/bird", "broad", "domain/animal"),
+    ("broad/fish", "broad", "domain/animal"),
+    ("broad/tool", "broad", "domain/artifact"),
+    ("node/bird/raptor", "node", "broad/bird"),
+    ("eagle", "class", "node/bird/raptor"),
+    ("kite", "class", "node/bird/raptor"),
+    ("heron", "class", "broad/bird"),
+    ("gold", "class", "broad/fish"),
+    ("carp", "class", "broad/fish"),
+    ("hammer", "class", "broad/tool"),
+    ("saw", "class", "broad/tool"),
+]
+_DEPTH = {
+    ROOT: 0,
+    "domain/animal": 1,
+    "domain/artifact": 1,
+    "broad/bird": 2,
+    "broad/fish": 2,
+    "broad/tool": 2,
+    "node/bird/raptor": 3,
+    "eagle": 4,
+    "kite": 4,
+    "heron": 3,
+    "gold": 3,
+    "carp": 3,
+    "hammer": 3,
+    "saw": 3,
+}
+
+TAX = Taxonomy(
+    [Taxon(i, i, rank, parent, _DEPTH[i]) for i, rank, parent in _EDGES],
+    ["broad/bird", "broad/fish", "broad/tool"],
+    ["eagle", "kite", "heron", "gold", "carp", "hammer", "saw"],
+)
+
+# Dyadic numbers so every product below is exact in binary floating point.
+BROAD = {"broad/bird": 0.5, "broad/fish": 0.375, "broad/tool": 0.125}
+BIRD = CategoryResult(
+    "broad/bird",
+    0.5,
+    {"node/bird/raptor": 0.875, "eagle": 0.625, "kite": 0.25, "heron": 0.125},
+    TINY,
+)
+FISH = CategoryResult("broad/fish", 0.375, {"gold": 0.75, "carp": 0.25}, SPECIALIST)
+RESULTS = [BIRD, FISH]
+
+# By hand: P(taxon) = P(broad) x P(taxon | broad); above the broads, sums of the broads below.
+EXPECTED_CUM = {
+    ROOT: 1.0,
+    "domain/animal": 0.875,
+    "domain/artifact": 0.125,
+    "broad/bird": 0.5,
+    "broad/fish": 0.375,
+    "broad/tool": 0.125,
+    "node/bird/raptor": 0.4375,
+    "eagle": 0.3125,
+    "kite": 0.125,
+    "heron": 0.0625,
+    "gold": 0.28125,
+    "carp": 0.09375,
+}
+
+
+def test_cumulative_matches_hand_computation() -> None:
+    cum = cumulative(TAX, BROAD, RESULTS)
+    # Taxa under a category nobody scored (tool's leaves) are not spoken for.
+    assert cum == pytest.approx(EXPECTED_CUM)
+    assert set(cum) == set(EXPECTED_CUM)
+
+
+def test_cumulative_without_classifier_results_covers_only_the_upper_levels() -> None:
+    cum = cumulative(TAX, {"broad/bird": 0.25, "broad/tool": 0.5}, [])
+    assert cum == pytest.approx(
+        {
+            ROOT: 0.75,
+            "domain/animal": 0.25,
+            "domain/artifact": 0.5,
+            "broad/bird": 0.25,
+            "broad/tool": 0.5,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("threshold", "answer"),
+    [
+        (0.1, "eagle"),  # eagle and kite clear it at depth 4: the more probable wins
+        (0.3, "eagle"),  # 0.3125
+        (0.32, "node/bird/raptor"),  # eagle 0.3125 fails; raptor 0.4375 (gold 0.28 fails)
+        (0.45, "broad/bird"),  # raptor 0.4375 fails; bird 0.5
+        (0.5, "broad/bird"),  # exactly at the threshold counts
+        (0.51, "domain/animal"),  # bird fails; animal 0.875
+        (0.875, "domain/animal"),
+        (0.9, ROOT),
+        (1.0, ROOT),
+    ],
+)
+def test_best_effort_answer_is_deepest_taxon_clearing_threshold(
+    threshold: float, answer: str
+) -> None:
+    merged = merge(TAX, BROAD, RESULTS, threshold, top_k=3)
+    assert merged.answer_id == answer
+    assert merged.answer_probability == pytest.approx(EXPECTED_CUM[answer])
+
+
+def test_answer_depth_never_grows_as_the_threshold_rises() -> None:
+    depths = []
+    for i in range(101):
+        t = i / 100
+        m = merge(TAX, BROAD, RESULTS, t, top_k=1)
+        depths.append(TAX.get(m.answer_id).depth)
+        if m.answer_id != ROOT:
+            assert m.answer_probability >= t
+        # Nothing deeper than the answer clears the threshold.
+        deeper = [x for x, p in EXPECTED_CUM.items() if p >= t and _DEPTH[x] > depths[-1]]
+        assert deeper == []
+    assert depths == sorted(depths, reverse=True)
+    assert depths[0] == 4 and depths[-1] == 0
+
+
+def test_falls_back_to_root_when_nothing_clears() -> None:
+    broad = {"broad/bird": 0.5, "broad/fish": 0.25, "broad/tool": 0.125}  # sums to 0.875
+    m = merge(TAX, broad, [], threshold=0.9, top_k=5)
+    assert m.answer_id == ROOT
+    assert m.answer_probability == pytest.approx(0.875)
+    assert m.suggestions == []
+
+
+def test_suggestions_are_leaves_ranked_by_joint_probability() -> None:
+    m = merge(TAX, BROAD, RESULTS, threshold=0.5, top_k=10)
+    got = [(s.taxon_id, s.probability, s.served_by) for s in m.suggestions]
+    # Leaves only (not raptor); P(broad) x P(leaf | broad), descending; served_by of the category.
+    assert got == [
+        ("eagle", pytest.approx(0.3125), TINY),
+        ("gold", pytest.approx(0.28125), SPECIALIST),
+        ("kite", pytest.approx(0.125), TINY),
+        ("carp", pytest.approx(0.09375), SPECIALIST),
+        ("heron", pytest.approx(0.0625), TINY),
+    ]
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 2, 4])
+def test_suggestions_are_cut_at_top_k(top_k: int) -> None:
+    m = merge(TAX, BROAD, RESULTS, threshold=0.5, top_k=top_k)
+    assert [s.taxon_id for s in m.suggestions] == ["eagle", "gold", "kite", "carp"][:top_k]
+
+
+def test_suggestions_keep_served_by_as_given_even_when_empty() -> None:
+    r = CategoryResult("broad/tool", 0.25, {"hammer": 0.5, "saw": 0.5}, "")
+    m = merge(TAX, {"broad/tool": 0.25}, [r], threshold=0.2, top_k=5)
+    assert {(s.taxon_id, s.probability, s.served_by) for s in m.suggestions} == {
+        ("hammer", 0.125, ""),
+        ("saw", 0.125, ""),
+    }
+    assert m.answer_id == "broad/tool"
+
+
+def test_pick_categories_top_n() -> None:
+    probs = {"a": 0.1, "b": 0.5, "c": 0.3, "d": 0.1}
+    assert pick_categories(probs, top=2, min_probability=0.05) == ["b", "c"]
+    assert pick_categories(probs, top=1, min_probability=0.0) == ["b"]
+    assert set(pick_categories(probs, top=4, min_probability=0.0)) == set(probs)
+
+
+def test_pick_categories_drops_negligible_ones() -> None:
+    probs = {"a": 0.02, "b": 0.9, "c": 0.05, "d": 0.03}
+    assert pick_categories(probs, top=3, min_probability=0.04) == ["b", "c"]
+    assert pick_categories(probs, top=3, min_probability=0.05) == ["b", "c"]  # inclusive
+    assert pick_categories(probs, top=3, min_probability=0.06) == ["b"]
+
+
+def test_pick_categories_always_returns_at_least_one() -> None:
+    probs = {"a": 0.3, "b": 0.35, "c": 0.35 - 0.01}
+    assert pick_categories(probs, top=3, min_probability=0.99) == ["b"]
+    assert pick_categories(probs, top=0, min_probability=0.0) == ["b"]
