@@ -188,6 +188,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """p50 of one image through the router (cache skipped) next to a direct Triton call."""
+    import asyncio
+    import statistics
+
+    import numpy as np
+    from PIL import Image
+
+    from fieldlens.backends.triton_client import TritonClient
+
+    data = args.image.read_bytes()
+    with Image.open(args.image) as im:
+        rgb = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.uint8)
+    channel, stub = _stub(args.addr)
+    router_ms = []
+    with channel:
+        request = router_pb2.ClassifyRequest(image=data, skip_cache=True)
+        stub.Classify(request, timeout=30)  # warm-up
+        for _ in range(args.n):
+            t0 = time.perf_counter()
+            stub.Classify(request, timeout=30)
+            router_ms.append((time.perf_counter() - t0) * 1e3)
+
+    async def triton_times() -> list[float]:
+        out = []
+        async with TritonClient(args.triton) as client:
+            await client.infer_broad(rgb[None])
+            for _ in range(args.n):
+                t0 = time.perf_counter()
+                await client.infer_broad(rgb[None])
+                out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    triton_ms = asyncio.run(triton_times())
+    r50, t50 = statistics.median(router_ms), statistics.median(triton_ms)
+    console.print(
+        f"router Classify p50 {r50:.2f} ms (cache skipped), direct Triton broad p50 "
+        f"{t50:.2f} ms, ratio {r50 / t50:.2f} ({args.n} calls each, concurrency 1)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fieldlens", description=__doc__)
     parser.add_argument("--addr", default=DEFAULT_ADDR, help="router address (host:port)")
@@ -199,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_classify)
+    p = sub.add_parser("probe", help="router p50 vs direct Triton p50 for one image")
+    p.add_argument("image", type=Path)
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.set_defaults(func=cmd_probe)
     sub.add_parser("up", help="start the local cluster").set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
     sub.add_parser("status", help="local cluster state").set_defaults(func=cmd_status)

@@ -274,6 +274,9 @@ class RouterDataPlane:
         timer: StageTimer,
     ) -> list[Neighbour]:
         if self.store is None:
+            # The store is part of every deployment; None means it failed to open.
+            degradations.append(Degradation(NEIGHBOURS_UNAVAILABLE, "no vector store"))
+            self.metrics.record_degradation(NEIGHBOURS_UNAVAILABLE)
             return []
         store = self.store
         with timer.stage("neighbours"):
