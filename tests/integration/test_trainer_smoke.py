@@ -14,7 +14,7 @@ from fieldlens.backends.triton_client import TritonClient
 from fieldlens.common.model_set import load_model_set
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.trainer.config import DEFAULT_DATA_DIR, config_for
-from fieldlens.trainer.data import load_dataset, read_classes
+from fieldlens.trainer.data import load_dataset, read_classes, split
 from fieldlens.trainer.train import run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -82,18 +82,16 @@ def test_curation_finds_byte_identical_conflicts(smoke: dict[str, Path]) -> None
     rows = (smoke["models"] / "report" / "curation.csv").read_text().splitlines()
     header = rows[0].split(",")
     conflicts = [r.split(",") for r in rows[1:] if r.startswith("duplicate_conflict")]
-    # Verify independently: every flagged hash really carries two labels in the data.
+    # Verify independently over the same training split the trainer curated.
+    cfg = config_for("smoke")
     classes = read_classes(DEFAULT_DATA_DIR)
-    ds = load_dataset(
-        DEFAULT_DATA_DIR, classes, smoke["work"].parent / "cache", config_for("smoke").shard_limit
-    )
+    ds = load_dataset(DEFAULT_DATA_DIR, classes, smoke["work"].parent / "cache", cfg.shard_limit)
+    train, _ = split(ds, cfg.val_per_class, cfg.seed)
     labels_by_hash: dict[str, set[int]] = {}
-    for h, y in zip(ds.sha256, ds.labels, strict=True):
+    for h, y in zip(train.sha256, train.labels, strict=True):
         labels_by_hash.setdefault(h, set()).add(int(y))
     expected = {h for h, ls in labels_by_hash.items() if len(ls) > 1}
-    flagged = {r[header.index("sha256")] for r in conflicts}
-    # The curation runs over the training split only, so it can see at most these.
-    assert flagged <= expected
+    assert {r[header.index("sha256")] for r in conflicts} == expected
 
 
 def test_triton_serves_the_export_like_torch(

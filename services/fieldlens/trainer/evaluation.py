@@ -115,41 +115,30 @@ def curate(
     p = metrics.softmax(logits)
     top2 = np.sort(p, axis=1)[:, -2:]
     pred = p.argmax(1)
-    rows: list[dict[str, object]] = []
     wrong = np.flatnonzero((pred != images.labels) & (top2[:, 1] >= CONFIDENT_P))
     ambiguous = np.flatnonzero(top2[:, 1] - top2[:, 0] < AMBIGUOUS_MARGIN)
-    for kind, idx in (("confidently_wrong", wrong), ("ambiguous", ambiguous)):
-        for i in idx[np.argsort(-top2[idx, 1])][:MAX_ROWS_PER_KIND]:
-            rows.append(
-                {
-                    "kind": kind,
-                    "key": images.keys[i],
-                    "sha256": images.sha256[i],
-                    "label": taxonomy.class_ids[images.labels[i]],
-                    "label_name": _name(taxonomy, images.labels[i]),
-                    "predicted": taxonomy.class_ids[pred[i]],
-                    "predicted_name": _name(taxonomy, pred[i]),
-                    "p_predicted": round(float(top2[i, 1]), 4),
-                }
-            )
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(images.sha256):
         by_hash[h].append(i)
     conflicts = [ix for ix in by_hash.values() if len({int(images.labels[i]) for i in ix}) > 1]
-    for ix in conflicts:
-        for i in ix:
-            rows.append(
-                {
-                    "kind": "duplicate_conflict",
-                    "key": images.keys[i],
-                    "sha256": images.sha256[i],
-                    "label": taxonomy.class_ids[images.labels[i]],
-                    "label_name": _name(taxonomy, images.labels[i]),
-                    "predicted": taxonomy.class_ids[pred[i]],
-                    "predicted_name": _name(taxonomy, pred[i]),
-                    "p_predicted": round(float(top2[i, 1]), 4),
-                }
-            )
+    flagged = [
+        (kind, int(i))
+        for kind, idx in (("confidently_wrong", wrong), ("ambiguous", ambiguous))
+        for i in idx[np.argsort(-top2[idx, 1])][:MAX_ROWS_PER_KIND]
+    ] + [("duplicate_conflict", i) for ix in conflicts for i in ix]
+    rows: list[dict[str, object]] = [
+        {
+            "kind": kind,
+            "key": images.keys[i],
+            "sha256": images.sha256[i],
+            "label": taxonomy.class_ids[images.labels[i]],
+            "label_name": _name(taxonomy, images.labels[i]),
+            "predicted": taxonomy.class_ids[pred[i]],
+            "predicted_name": _name(taxonomy, pred[i]),
+            "p_predicted": round(float(top2[i, 1]), 4),
+        }
+        for kind, i in flagged
+    ]
     report.write_csv(report_dir / "curation.csv", rows)
     shown = [("DUP", int(i)) for ix in conflicts[:6] for i in ix][:12]
     shown += [("WRONG", int(i)) for i in wrong[: 24 - len(shown)]]
