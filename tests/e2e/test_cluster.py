@@ -110,6 +110,18 @@ def test_corrupt_image_is_rejected_and_server_keeps_serving(live_cluster, indexe
         _classify(live_cluster, gif.getvalue())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "JPEG" in err.value.details()
+    # Over the image limit (4 MiB) but under the message limit: rejected by the router.
+    with pytest.raises(grpc.RpcError) as err:
+        _classify(live_cluster, data + b"\0" * (5 << 20))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit" in err.value.details()
+    # Over the message limit (8 MiB): refused by gRPC before any handler runs.
+    with pytest.raises(grpc.RpcError) as err:
+        _classify(live_cluster, b"\0" * (9 << 20))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for options in ({"top_k": -1}, {"top_k": 1000}, {"threshold": 1.5}, {"neighbours": 99}):
+        with pytest.raises(grpc.RpcError) as err:
+            _classify(live_cluster, data, **options)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _classify(live_cluster, data).suggestions
 
 
