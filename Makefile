@@ -8,6 +8,7 @@ DATA ?= ../shared/data/tiny-imagenet
 .PHONY: setup demo up down status test test-fast train train-smoke lint check clean
 
 include mk/proto.mk
+include mk/deploy.mk
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-setup: $(STAMP) proto
+setup: $(STAMP) proto deploy-tools
 
 demo: setup  ## start the local cluster, index the gallery if empty, classify sample photos
 	$(VENV)/bin/fieldlens demo --data $(DATA)

@@ -78,7 +78,10 @@ class TritonClient:
 
     def _get(self) -> InferenceServerClient:
         if self._client is None:
-            self._client = InferenceServerClient(url=self._addr)
+            # round_robin spreads calls over every address a headless Service resolves to.
+            self._client = InferenceServerClient(
+                url=self._addr, channel_args=[("grpc.lb_policy_name", "round_robin")]
+            )
         return self._client
 
     async def is_ready(self, timeout_s: float | None = None) -> bool:

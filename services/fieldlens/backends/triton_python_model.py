@@ -73,7 +73,13 @@ class TritonPythonModel:
         with warnings.catch_warnings():
             # torch 2.13 marks TorchScript deprecated; it is still the export contract here.
             warnings.simplefilter("ignore", DeprecationWarning)
-            self._module = torch.jit.load(str(model_path), map_location="cpu")
+            # instance_group KIND_GPU gives each instance its device; KIND_CPU stays on the CPU.
+            self._device = (
+                f"cuda:{args.get('model_instance_device_id', '0')}"
+                if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
+                else "cpu"
+            )
+            self._module = torch.jit.load(str(model_path), map_location=self._device)
         self._module.eval()
         logger.info(
             "loaded %s from %s (outputs=%s, threads=%d)",
@@ -124,7 +130,9 @@ class TritonPythonModel:
         batch = batches[0] if len(batches) == 1 else np.concatenate(batches, axis=0)
         try:
             with torch.inference_mode():
-                result = self._module(torch.from_numpy(np.ascontiguousarray(batch)))
+                result = self._module(
+                    torch.from_numpy(np.ascontiguousarray(batch)).to(self._device)
+                )
             tensors = result if isinstance(result, tuple | list) else (result,)
             if len(tensors) != len(self._outputs):
                 raise RuntimeError(

@@ -24,6 +24,8 @@ ServicerRegistration = tuple[Callable[[Any, aio.Server], None], object]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 30 * 1000
 
 
 class GrpcServer:
@@ -90,6 +92,9 @@ class GrpcServer:
                 # Without this a second instance on the same port binds too and silently
                 # takes half the connections; failing to bind is the honest outcome.
                 ("grpc.so_reuseport", 0),
+                # Recycle connections so round-robin clients discover new pods after a scale-up.
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
             ],
         )
         for add_servicer, servicer in self._servicers:

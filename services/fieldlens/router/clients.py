@@ -25,6 +25,8 @@ class ClassifierClient:
         self._channel = grpc.aio.insecure_channel(
             addr,
             options=[
+                # A headless Service resolves to every pod; spread calls over all of them.
+                ("grpc.lb_policy_name", "round_robin"),
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
