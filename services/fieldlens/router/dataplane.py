@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -165,6 +166,7 @@ class RouterDataPlane:
         )
 
     async def classify(self, image: bytes, options: ClassifyOptions) -> Classification:
+        started = time.perf_counter()
         timer = StageTimer("router", self.metrics)
         degradations: list[Degradation] = []
         with timer.stage("decode"):
@@ -176,7 +178,7 @@ class RouterDataPlane:
             if raw:
                 self.metrics.record_cache("hit")
                 hit = replace(self._decode(raw), cached=True, degradations=degradations)
-                hit.timings = [(d.stage, d.milliseconds) for d in timer.durations]
+                hit.timings = _timings(timer, started)
                 return hit
             self.metrics.record_cache("error" if degradations else "miss")
         with timer.stage("broad"):
@@ -217,7 +219,7 @@ class RouterDataPlane:
                     CACHE_UNAVAILABLE,
                     degradations,
                 )
-        result.timings = [(d.stage, d.milliseconds) for d in timer.durations]
+        result.timings = _timings(timer, started)
         return result
 
     def _options_tag(self, options: ClassifyOptions) -> str:
@@ -351,6 +353,12 @@ class RouterDataPlane:
         if self.store is None:
             return 0
         return await asyncio.to_thread(self.store.count)
+
+
+def _timings(timer: StageTimer, started: float) -> list[tuple[str, float]]:
+    """Per-stage milliseconds plus `total`, the request's wall time (stages overlap)."""
+    total = (time.perf_counter() - started) * 1e3
+    return [(d.stage, d.milliseconds) for d in timer.durations] + [("total", total)]
 
 
 def _attach_exemplars(
