@@ -9,6 +9,7 @@ DATA ?= ../shared/data/tiny-imagenet
 
 include mk/proto.mk
 include mk/deploy.mk
+include mk/bench.mk
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,4 +52,4 @@ lint: setup
 check: lint proto-check test
 
 clean:
-	rm -rf build .run
+	rm -rf build .run bench/results

@@ -1,0 +1,248 @@
+"""Micro-benchmarks: the tiny ensemble over the whole tree, neighbour search in Qdrant Edge at
+two store sizes, and the resident memory of the local cluster's processes."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from fieldlens import cluster
+from fieldlens.backends.vector_store import EdgeVectorStore, Exemplar
+from fieldlens.common.model_set import load_model_set
+from fieldlens.common.taxonomy import Taxon, Taxonomy
+from fieldlens.tiny.ensemble import TinyEnsemble
+
+TINY_BATCHES = (1, 64)
+TAXONOMY_SCALE = 10
+STORE_GROUPS = tuple(f"broad/group{i:02d}" for i in range(20))  # synthetic `broad` values
+FILTER_GROUPS = 3
+NEIGHBOURS_K = 5
+UPSERT_BATCH = 2_000
+_MAX_CALLS = 200_000
+_GIB = 1024**3
+
+
+def time_calls(
+    fn: Callable[[], object], budget_s: float, max_calls: int = _MAX_CALLS
+) -> dict[str, float]:
+    """Calls `fn` repeatedly for about `budget_s` (at least 5 times, at most `max_calls`):
+    median, mean and p99 of one call in ms."""
+    fn()  # warm caches and lazy allocations
+    times: list[float] = []
+    stop_at = time.perf_counter() + budget_s
+    while len(times) < max_calls and (len(times) < 5 or time.perf_counter() < stop_at):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "calls": float(len(times)),
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "p99_ms": float(np.percentile(times, 99)),
+    }
+
+
+def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = rng.standard_normal((n, dim), dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v
+
+
+def scaled_taxonomy(base: Taxonomy, factor: int) -> Taxonomy:
+    """A synthetic taxonomy with `factor` times the edges below the broad groups.
+
+    Each broad group's subtree is copied `factor` times under the same group (ids suffixed
+    `#k`), so depth, branching below the top and the broad groups (the broad net's outputs)
+    stay as they are while the tiny ensemble's weight matrix grows `factor`-fold.
+    """
+    if factor < 1:
+        raise ValueError("factor must be at least 1")
+    top = {"root", "domain", "broad"}
+    taxa: list[Taxon] = []
+    for t in base:
+        if t.rank in top:
+            taxa.append(t)
+            continue
+        assert t.parent is not None
+        parent_is_broad = base.get(t.parent).rank == "broad"
+        for k in range(factor):
+            parent = t.parent if parent_is_broad else f"{t.parent}#{k}"
+            taxa.append(Taxon(f"{t.id}#{k}", t.name, t.rank, parent, t.depth))
+    classes = [f"{c}#{k}" for k in range(factor) for c in base.class_ids]
+    return Taxonomy(taxa, base.broad_ids, classes)
+
+
+def _bench_ensemble(ens: TinyEnsemble, budget_s: float, rng: np.random.Generator) -> dict[str, Any]:
+    emb = _unit_rows(rng, max(TINY_BATCHES), ens.dim)
+    out: dict[str, Any] = {
+        "taxa": len(ens.taxonomy),
+        "rows": int(ens.weights.shape[0]),
+        "nodes": len(ens.layout.nodes),
+        "dim": ens.dim,
+    }
+    for b in TINY_BATCHES:
+        t = time_calls(functools.partial(ens.predict, emb[:b]), budget_s)
+        out[f"batch{b}"] = {**t, "per_image_ms": t["median_ms"] / b}
+    return out
+
+
+def tiny_ensemble(models_dir: Path, budget_s: float, seed: int = 0) -> dict[str, Any]:
+    """`TinyEnsemble.predict` (every taxon below every broad group) at batch 1 and 64, for the
+    shipped ensemble and for a synthetic one over a TAXONOMY_SCALE-times larger taxonomy."""
+    rng = np.random.default_rng(seed)
+    model_set = load_model_set(models_dir)
+    real = TinyEnsemble.load(model_set.tiny_path, model_set.taxonomy)
+    t0 = time.perf_counter()
+    big_tax = scaled_taxonomy(model_set.taxonomy, TAXONOMY_SCALE)
+    n_rows = len(real.layout.row_taxon) * TAXONOMY_SCALE
+    big = TinyEnsemble(
+        big_tax,
+        rng.normal(0.0, 0.1, (n_rows, real.dim)).astype(np.float32),
+        rng.normal(0.0, 0.1, n_rows).astype(np.float32),
+        "synthetic",
+    )
+    layout_s = time.perf_counter() - t0
+    return {
+        "real": _bench_ensemble(real, budget_s, rng),
+        f"x{TAXONOMY_SCALE}": {**_bench_ensemble(big, budget_s, rng), "build_s": layout_s},
+        "scale": TAXONOMY_SCALE,
+    }
+
+
+def _store_info(store: EdgeVectorStore) -> dict[str, int]:
+    # Not part of the VectorStore interface: whether optimize() built an HNSW index (and over
+    # how many vectors) is what explains the search times, so it is read off the shard itself.
+    shard = getattr(store, "_shard", None)
+    if shard is None:
+        return {}
+    info = shard.info()
+    return {
+        "segments": int(info.segments_count),
+        "indexed_vectors": int(info.indexed_vectors_count),
+    }
+
+
+def neighbour_search(
+    size: int,
+    dim: int,
+    queries: int,
+    budget_s: float,
+    groups: Sequence[str] = STORE_GROUPS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Filtered top-5 search in an Edge store of `size` random unit vectors.
+
+    Each exemplar's `broad` payload is one of `groups` (20); each query allows FILTER_GROUPS of
+    them, as the router's neighbour stage does with the dispatched categories. The store is
+    built in a temporary directory: bulk upsert, then `optimize()` (the HNSW build).
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(tempfile.mkdtemp(prefix="fieldlens-bench-store-"))
+    try:
+        store = EdgeVectorStore(root, "bench")
+        store.ensure_collection(dim)
+        t0 = time.perf_counter()
+        for start in range(0, size, UPSERT_BATCH):
+            n = min(UPSERT_BATCH, size - start)
+            vectors = _unit_rows(rng, n, dim)
+            store.upsert(
+                [
+                    Exemplar(
+                        id=f"{start + i:032x}",
+                        vector=vectors[i],
+                        label=f"synthetic{(start + i) % len(groups)}",
+                        broad=groups[(start + i) % len(groups)],
+                        source="bench",
+                    )
+                    for i in range(n)
+                ]
+            )
+        store.flush()
+        upsert_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.optimize()
+        optimize_s = time.perf_counter() - t0
+        qs = _unit_rows(rng, queries, dim)
+        filters = [
+            [str(g) for g in rng.choice(groups, FILTER_GROUPS, replace=False)]
+            for _ in range(queries)
+        ]
+        times: list[float] = []
+        found = 0
+        stop_at = time.perf_counter() + budget_s
+        for q, f in zip(qs, filters, strict=True):
+            if len(times) >= 5 and time.perf_counter() > stop_at:
+                break
+            t1 = time.perf_counter()
+            hits = store.search(q, NEIGHBOURS_K, f)
+            times.append((time.perf_counter() - t1) * 1e3)
+            found += len(hits)
+        info = _store_info(store)
+        count = store.count()
+        store.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "size": size,
+        "count": count,
+        "dim": dim,
+        "filter_groups": FILTER_GROUPS,
+        "groups": len(groups),
+        "k": NEIGHBOURS_K,
+        "upsert_s": upsert_s,
+        "optimize_s": optimize_s,
+        "queries": len(times),
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "p99_ms": float(np.percentile(times, 99)),
+        "hits_per_query": found / len(times),
+        **info,
+    }
+
+
+def cluster_memory(cfg: cluster.ClusterConfig) -> dict[str, Any]:
+    """Resident memory of every component from its pidfile, child processes included (Triton's
+    Python-backend stubs); RSS counts shared pages in every process, PSS shares them out."""
+    components: dict[str, Any] = {}
+    total_rss = total_pss = 0
+    for name in cluster.COMPONENTS:
+        try:
+            pid = int(cfg.pid_path(name).read_text().strip())
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except (FileNotFoundError, ValueError, psutil.Error):
+            continue
+        rss = pss = 0
+        n = 0
+        for p in procs:
+            try:
+                rss += p.memory_info().rss
+                pss += getattr(p.memory_full_info(), "pss", 0)
+                n += 1
+            except psutil.Error:
+                continue
+        components[name] = {
+            "pid": pid,
+            "processes": n,
+            "rss_mib": rss / 2**20,
+            "pss_mib": pss / 2**20,
+        }
+        total_rss += rss
+        total_pss += pss
+    if not components:
+        return {"components": {}, "rss_gib": None, "pss_gib": None}
+    return {
+        "components": components,
+        "rss_gib": total_rss / _GIB,
+        "pss_gib": total_pss / _GIB,
+        "complete": sorted(components) == sorted(cluster.COMPONENTS),
+    }

@@ -1,0 +1,470 @@
+"""One bench run: a cluster (started here, or one already running on loopback), the load
+scenarios, the micro-benchmarks, and the results written and printed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from fieldlens import cluster, gallery
+from fieldlens.backends.triton_client import TritonClient
+from fieldlens.bench import micro, report, runner, scrape
+from fieldlens.bench.plan import DEFAULT_DATA_DIR, MIXED_HIT_FRACTION, OPEN_LOOP_LOAD, Plan
+from fieldlens.common.errors import FieldlensError
+from fieldlens.common.model_set import load_model_set
+from fieldlens.v1 import router_pb2_grpc
+
+DEFAULT_TRITON_PORT = 8001
+DEFAULT_ROUTER_METRICS_PORT = 9101
+DEFAULT_TRITON_METRICS_PORT = 8002
+FALLBACK_RATE = 5.0  # open-loop rate when the sweep measured nothing to take half of
+TRITON_ARRAYS = 256  # decoded photos cycled through by the direct-Triton scenarios
+WARMUP_CALLS = 10
+WIDE_CONSOLE = 160
+_CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+)
+
+
+class BenchError(RuntimeError):
+    """The bench cannot run as asked (bad target, missing data); the message says why."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the load goes, and where its per-stage figures are scraped from."""
+
+    router: str
+    triton: str
+    router_metrics: str | None
+    triton_metrics: str | None
+    local: bool
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise BenchError(f"{addr!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _require_loopback(addr: str) -> str:
+    """The bench drives loopback addresses only: it must never load a shared deployment."""
+    host, port = _host_port(addr)
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise BenchError(f"cannot resolve {host!r}: {exc}") from exc
+    if not infos or not all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos):
+        raise BenchError(f"{addr} is not a loopback address; the bench only targets this machine")
+    return addr
+
+
+def _external_target(args: argparse.Namespace) -> Target:
+    router = _require_loopback(args.router_addr or f"{cluster.HOST}:50051")
+    router_host, _ = _host_port(router)
+    triton = _require_loopback(args.triton_addr or f"{router_host}:{DEFAULT_TRITON_PORT}")
+    triton_host, _ = _host_port(triton)
+    return Target(
+        router=router,
+        triton=triton,
+        router_metrics=_require_loopback(
+            args.router_metrics or f"{router_host}:{DEFAULT_ROUTER_METRICS_PORT}"
+        ),
+        triton_metrics=_require_loopback(
+            args.triton_metrics or f"{triton_host}:{DEFAULT_TRITON_METRICS_PORT}"
+        ),
+        local=False,
+    )
+
+
+def _local_target(cfg: cluster.ClusterConfig) -> Target:
+    return Target(
+        router=cfg.addr(cfg.router_port),
+        triton=cfg.addr(cfg.triton_grpc_port),
+        router_metrics=cfg.addr(cfg.router_metrics_port),
+        triton_metrics=cfg.addr(cfg.triton_metrics_port),
+        local=True,
+    )
+
+
+class _Steps:
+    """Progress display: one bar for the whole run, one per timed step."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress = progress
+        self.overall = progress.add_task("bench", total=total, info="")
+
+    def start(self, name: str, seconds: float | None = None) -> TaskID:
+        self.progress.update(self.overall, description=f"bench: {name}")
+        return self.progress.add_task(f"  {name}", total=seconds, info="")
+
+    def finish(self, task: TaskID, info: str = "") -> None:
+        total = self.progress.tasks[task].total
+        self.progress.update(task, completed=total if total is not None else 1, total=total or 1)
+        self.progress.update(task, info=info, visible=True)
+        self.progress.advance(self.overall)
+
+
+async def _ticker(
+    steps: _Steps, task: TaskID, stats: runner.LoadStats, seconds: float, stop: asyncio.Event
+) -> None:
+    t0 = time.perf_counter()
+    while not stop.is_set():
+        steps.progress.update(
+            task, completed=min(time.perf_counter() - t0, seconds), info=f"{stats.done} calls"
+        )
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25)
+        except TimeoutError:
+            pass
+
+
+class _LoadPhase:
+    """The load scenarios against one target, in one event loop."""
+
+    def __init__(self, plan: Plan, target: Target, steps: _Steps, photos: runner.Photos) -> None:
+        self.plan = plan
+        self.target = target
+        self.steps = steps
+        self.photos = photos
+        self.scenarios: dict[str, dict[str, Any]] = {}
+        self.sweep: dict[str, list[dict[str, Any]]] = {"router": [], "triton": []}
+
+    async def _measure(
+        self,
+        name: str,
+        load: str,
+        seconds: float,
+        run: Callable[[runner.LoadStats], Awaitable[runner.LoadStats]],
+        warmup: Callable[[], Awaitable[object]] | None = None,
+    ) -> dict[str, Any]:
+        task = self.steps.start(name, seconds)
+        stats = runner.LoadStats()
+        stop = asyncio.Event()
+        ticker = asyncio.create_task(_ticker(self.steps, task, stats, seconds, stop))
+        try:
+            if warmup is not None:
+                await warmup()
+            # Scraped after the warm-up, so the stage figures cover the measured calls only.
+            router_before = scrape.fetch(self.target.router_metrics)
+            triton_before = scrape.fetch(self.target.triton_metrics)
+            await run(stats)
+        finally:
+            stop.set()
+            await ticker
+        summary = stats.summary()
+        summary["load"] = load
+        stages = scrape.stage_breakdown(
+            router_before, scrape.fetch(self.target.router_metrics), summary["requests"]
+        )
+        if stages:
+            summary["stages"] = stages
+        triton = scrape.triton_breakdown(triton_before, scrape.fetch(self.target.triton_metrics))
+        if triton.get("requests"):
+            summary["triton"] = triton
+        self.scenarios[name] = summary
+        lat = summary["latency_ms"]
+        self.steps.finish(
+            task,
+            f"{summary['ok']} ok, {sum(summary['errors'].values())} errors, "
+            f"{report.fmt(summary['qps'], 1)} QPS, p50 {report.fmt(lat['p50'])} ms",
+        )
+        return summary
+
+    def _closed(self, name: str, call: runner.Call, concurrency: int) -> Awaitable[dict[str, Any]]:
+        plan = self.plan
+
+        def warmup() -> Awaitable[runner.LoadStats]:
+            return runner.warm_up(
+                call, concurrency, plan.warmup_s, plan.max_requests, plan.request_timeout_s
+            )
+
+        def run(stats: runner.LoadStats) -> Awaitable[runner.LoadStats]:
+            return runner.closed_loop(
+                call, stats, concurrency, plan.duration_s, plan.max_requests, plan.request_timeout_s
+            )
+
+        return self._measure(
+            name,
+            f"closed, {concurrency} in flight",
+            plan.warmup_s + plan.duration_s,
+            run,
+            warmup if plan.warmup_s > 0 else None,
+        )
+
+    def _sweep_point(self, target: str, concurrency: int, name: str) -> None:
+        s = self.scenarios[name]
+        self.sweep[target].append(
+            {
+                "concurrency": concurrency,
+                "scenario": name,
+                "qps": s["qps"],
+                "p50": s["latency_ms"]["p50"],
+                "p99": s["latency_ms"]["p99"],
+                "errors": sum(s["errors"].values()),
+            }
+        )
+
+    async def run(self, data_dir: Path, nonce: str) -> None:
+        plan = self.plan
+        async with grpc.aio.insecure_channel(self.target.router, options=_CHANNEL_OPTIONS) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            triton = TritonClient(self.target.triton, timeout_s=plan.request_timeout_s)
+            try:
+                await self._index(stub, data_dir)
+                await self._scenarios(stub, triton, nonce)
+            finally:
+                await triton.close()
+
+    async def _index(self, stub: router_pb2_grpc.RouterStub, data_dir: Path) -> None:
+        items = self.photos.gallery
+        task = self.steps.start("index_exemplars", float(len(items)))
+        before = scrape.fetch(self.target.triton_metrics)
+        stats = await runner.index_exemplars(
+            stub,
+            items,
+            gallery.UPLOAD_CHUNK,
+            f"gallery:{data_dir.name}",
+            max(60.0, self.plan.request_timeout_s),
+            on_chunk=lambda n: self.steps.progress.advance(task, n),
+        )
+        summary = stats.summary(gallery.UPLOAD_CHUNK)
+        summary["load"] = f"stream, {gallery.UPLOAD_CHUNK} images per call"
+        summary["note"] = (
+            "no Learn RPC yet: this is Router.IndexExemplars (decode, embed through Triton at "
+            "batch 64, upsert into Qdrant), one call at a time"
+        )
+        triton = scrape.triton_breakdown(before, scrape.fetch(self.target.triton_metrics))
+        if triton.get("requests"):
+            summary["triton"] = triton
+        self.scenarios["index_exemplars"] = summary
+        self.steps.finish(task, f"{report.fmt(summary['images_per_s'], 1)} images/s")
+
+    async def _scenarios(
+        self, stub: router_pb2_grpc.RouterStub, triton: TritonClient, nonce: str
+    ) -> None:
+        plan = self.plan
+        timeout = plan.request_timeout_s
+        misses = runner.UniquePhotos(self.photos.pool, nonce)
+        arrays = runner.decode_for_triton(self.photos.pool[:TRITON_ARRAYS])
+        router_miss = runner.router_call(stub, misses, timeout)
+        triton_direct = runner.triton_call(triton, arrays, timeout)
+
+        task = self.steps.start("warm-up")
+        for _ in range(WARMUP_CALLS):
+            await triton_direct()
+            await router_miss()
+        self.steps.finish(task)
+
+        await self._closed("triton_direct", triton_direct, 1)
+        self._sweep_point("triton", 1, "triton_direct")
+        await self._closed("router_miss", router_miss, 1)
+        self._sweep_point("router", 1, "router_miss")
+
+        # Cache hits: each photo answered once (and so cached), then only repeats.
+        hit_set = [misses() for _ in range(plan.hit_pool)]
+        task = self.steps.start("prime cache", float(len(hit_set)))
+        prime = runner.router_call(stub, runner.RepeatedPhotos(hit_set), timeout)
+        for _ in hit_set:
+            await prime()
+            self.steps.progress.advance(task)
+        self.steps.finish(task)
+        hits = runner.RepeatedPhotos(hit_set)
+        await self._closed("router_hit", runner.router_call(stub, hits, timeout), 1)
+        mixed = runner.MixedPhotos(hits, misses, MIXED_HIT_FRACTION)
+        await self._closed(
+            "router_mixed", runner.router_call(stub, mixed, timeout), plan.mixed_concurrency
+        )
+        self.scenarios["router_mixed"]["hit_fraction_sent"] = MIXED_HIT_FRACTION
+
+        for c in plan.sweep_levels:
+            if c == 1:
+                continue
+            for target, call in (("triton", triton_direct), ("router", router_miss)):
+                name = f"sweep_{target}_c{c}"
+                await self._closed(name, call, c)
+                self._sweep_point(target, c, name)
+
+        saturated = max((p["qps"] or 0.0 for p in self.sweep["router"]), default=0.0)
+        rate = plan.rate or (OPEN_LOOP_LOAD * saturated if saturated > 0 else FALLBACK_RATE)
+        max_in_flight = max(16, 4 * plan.max_concurrency)
+
+        def run_open(stats: runner.LoadStats) -> Awaitable[runner.LoadStats]:
+            return runner.open_loop(
+                router_miss, stats, rate, plan.open_loop_s, max_in_flight, timeout
+            )
+
+        summary = await self._measure(
+            "open_loop", f"Poisson {rate:.1f}/s, misses", plan.open_loop_s, run_open
+        )
+        summary["rate"] = rate
+        summary["rate_source"] = "--rate" if plan.rate else f"{OPEN_LOOP_LOAD:g} x saturated"
+        summary["max_in_flight"] = max_in_flight
+        summary["late_threshold_ms"] = runner.LATE_MS
+
+
+def _micro_phase(plan: Plan, models_dir: Path, steps: _Steps, results: dict[str, Any]) -> None:
+    task = steps.start("micro: tiny ensemble")
+    tiny = micro.tiny_ensemble(models_dir, plan.micro_budget_s)
+    results["micro"]["tiny"] = tiny
+    steps.finish(task, f"{tiny['real']['batch64']['per_image_ms']:.4f} ms/image at batch 64")
+    dim = load_model_set(models_dir).embedding_dim
+    for label, size in zip(("small", "large"), plan.store_sizes, strict=True):
+        task = steps.start(f"micro: neighbour search, {size} exemplars")
+        nb = micro.neighbour_search(size, dim, plan.store_queries, plan.micro_budget_s)
+        results["micro"].setdefault("neighbours", {})[label] = nb
+        steps.finish(
+            task, f"optimize {nb['optimize_s']:.1f} s, search p50 {nb['median_ms']:.3f} ms"
+        )
+
+
+def _step_count(plan: Plan, local: bool, micro_on: bool) -> int:
+    # read photos, index, warm-up, two c=1 points, prime, hit, mixed, open loop, memory;
+    # the sweep's other points for both targets; start and stop; tiny and two store sizes.
+    n = 10 + 2 * (len(plan.sweep_levels) - 1)
+    return n + (2 if local else 0) + (3 if micro_on else 0)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=WIDE_CONSOLE)  # logs and CI: rich's 80 columns fold the tables
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+    try:
+        plan = (Plan.quick() if args.quick else Plan.full()).with_overrides(
+            args.duration, args.max_concurrency, args.rate
+        )
+        previous = report.load_json(args.compare) if args.compare else None
+        external = args.router_addr is not None or args.triton_addr is not None
+        target = _external_target(args) if external else None
+    except (BenchError, ValueError, OSError) as exc:
+        console.print(f"[red]bench: {exc}[/red]")
+        return 2
+    data_dir: Path = args.data or DEFAULT_DATA_DIR
+    base = cluster.ClusterConfig()
+    models_dir = base.models_dir
+    started = time.time()
+    results: dict[str, Any] = {
+        "schema": report.SCHEMA,
+        "mode": plan.mode,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": report.describe_machine(),
+        "plan": dataclasses.asdict(plan),
+        "micro": {},
+    }
+    console.print(
+        f"fieldlens bench, {plan.mode} run: {plan.duration_s:g} s per point, sweep "
+        f"{list(plan.sweep_levels)}, stores {list(plan.store_sizes)}; load average "
+        f"{', '.join(f'{x:.2f}' for x in results['machine']['loadavg_start'])} on "
+        f"{results['machine']['cores_logical']} cores"
+    )
+    run_dir: Path | None = None
+    cfg = cluster.ClusterConfig(run_dir=args.run_dir.resolve()) if args.run_dir else base
+    failed = True
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
+    try:
+        with progress:
+            steps = _Steps(progress, _step_count(plan, target is None, not args.no_micro))
+            if target is None:
+                run_dir = Path(tempfile.mkdtemp(prefix="fieldlens-bench-"))
+                cfg = cluster.ClusterConfig(run_dir=run_dir).with_free_ports()
+                task = steps.start("start local cluster")
+                t0 = time.perf_counter()
+                cluster.start(cfg)
+                results["cluster_start_s"] = time.perf_counter() - t0
+                steps.finish(task, f"{results['cluster_start_s']:.1f} s")
+                target = _local_target(cfg)
+            results["target"] = dataclasses.asdict(target)
+            try:
+                task = steps.start("read photos")
+                n_classes = len(load_model_set(models_dir).taxonomy.class_ids)
+                photos = runner.read_photos(
+                    data_dir, models_dir, plan.gallery_per_class, plan.miss_pool, n_classes
+                )
+                steps.finish(task, f"{len(photos.gallery)} gallery, {len(photos.pool)} pool")
+                phase = _LoadPhase(plan, target, steps, photos)
+                asyncio.run(phase.run(data_dir, secrets.token_hex(6)))
+                results["scenarios"] = phase.scenarios
+                results["sweep"] = phase.sweep
+                task = steps.start("memory")
+                results["memory"] = micro.cluster_memory(cfg)
+                steps.finish(task, f"{report.fmt(results['memory']['rss_gib'])} GiB RSS")
+            finally:
+                if target.local:
+                    task = steps.start("stop local cluster")
+                    cluster.stop(cfg)
+                    steps.finish(task)
+            if not args.no_micro:
+                _micro_phase(plan, models_dir, steps, results)
+        failed = False
+    except cluster.ClusterError as exc:
+        console.print(f"[red]bench: the local cluster failed: {exc}[/red]")
+        return 1
+    except (grpc.RpcError, FieldlensError, FileNotFoundError) as exc:
+        console.print(f"[red]bench: {exc}[/red]")
+        return 1
+    finally:
+        if run_dir is not None:
+            if failed:
+                console.print(f"local cluster files kept for inspection in {run_dir}")
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+    results["ratios"] = report.ratios(results)
+    results["wall_s"] = time.time() - started
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    if previous is not None:
+        results["compare"] = {"previous": str(args.compare), **report.compare(previous, results)}
+    out: Path = args.out
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    report.write_json(results, out / "latest.json")
+    report.write_json(results, out / f"run-{stamp}.json")
+    report.write_markdown(results, out / "latest.md")
+    report.plot(results, out / "latest.png")
+    report.print_results(results, console)
+    if "compare" in results:
+        report.print_comparison(results["compare"], console)
+    console.print(
+        f"{plan.mode} run took {results['wall_s']:.0f} s; results in {out}/latest.json, "
+        f"latest.md, latest.png (and run-{stamp}.json)"
+    )
+    return 0

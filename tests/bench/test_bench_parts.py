@@ -1,0 +1,119 @@
+"""The bench's pure parts: histogram maths, comparison, synthetic taxonomy, request sources."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+from PIL import Image
+
+from fieldlens import cluster
+from fieldlens.bench import micro, plan, report, runner, scrape, suite
+from fieldlens.common.model_set import load_model_set
+from fieldlens.router.imaging import decode
+from fieldlens.tiny.ensemble import TreeLayout
+
+MODELS_DIR = cluster.ClusterConfig().models_dir
+
+METRICS = """\
+# TYPE fieldlens_stage_duration_seconds histogram
+fieldlens_stage_duration_seconds_bucket{{service="router",stage="broad",le="0.005"}} {a}
+fieldlens_stage_duration_seconds_bucket{{service="router",stage="broad",le="0.01"}} {b}
+fieldlens_stage_duration_seconds_bucket{{service="router",stage="broad",le="+Inf"}} {c}
+fieldlens_stage_duration_seconds_sum{{service="router",stage="broad"}} {s}
+fieldlens_stage_duration_seconds_count{{service="router",stage="broad"}} {c}
+"""
+
+
+def test_bucket_quantile_interpolates_within_the_bucket():
+    buckets = {0.005: 0.0, 0.01: 10.0, math.inf: 10.0}
+    assert scrape.bucket_quantile(0.5, buckets) == pytest.approx(0.0075)
+    assert scrape.bucket_quantile(0.5, {0.005: 0.0, math.inf: 0.0}) is None
+    # Everything beyond the last finite bound: that bound is the best estimate.
+    assert scrape.bucket_quantile(0.5, {0.005: 0.0, math.inf: 4.0}) == 0.005
+
+
+def test_stage_breakdown_differences_two_scrapes():
+    before = METRICS.format(a=5, b=5, c=5, s=0.01)
+    after = METRICS.format(a=5, b=15, c=15, s=0.085)
+    stages = scrape.stage_breakdown(before, after, requests=10)
+    assert stages["broad"]["count"] == 10
+    assert stages["broad"]["per_request"] == 1.0
+    assert stages["broad"]["mean_ms"] == pytest.approx(7.5)
+    assert stages["broad"]["p50_ms"] == pytest.approx(7.5)
+    assert scrape.stage_breakdown(None, after, 10) == {}
+
+
+def _results(p50: float, qps: float) -> dict:
+    return {
+        "schema": report.SCHEMA,
+        "mode": "quick",
+        "machine": {"cpu": "x", "cores_logical": 2},
+        "scenarios": {"router_miss": {"qps": qps, "latency_ms": {"p50": p50, "p99": 2 * p50}}},
+        "ratios": {"P1": {"value": 1.2, "pass": True}},
+    }
+
+
+def test_compare_flags_a_worse_p50_or_qps_only_beyond_the_threshold():
+    base = _results(10.0, 100.0)
+    same = report.compare(base, copy.deepcopy(base))
+    assert same["regressions"] == 0 and not same["warnings"]
+    slower = report.compare(base, _results(13.0, 100.0))
+    flagged = {(d["item"], d["metric"]) for d in slower["deltas"] if d["regression"]}
+    assert flagged == {("router_miss", "p50 ms")}
+    assert report.compare(base, _results(11.0, 85.0))["regressions"] == 0
+    fewer = report.compare(base, _results(10.0, 70.0))
+    assert {d["metric"] for d in fewer["deltas"] if d["regression"]} == {"qps"}
+    missed = _results(10.0, 100.0)
+    missed["ratios"]["P1"] = {"value": 1.9, "pass": False}
+    assert report.compare(base, missed)["regressions"] == 1
+
+
+def test_ratios_are_none_when_not_measured():
+    r = report.ratios({"scenarios": {}, "micro": {}})
+    assert set(r) == {"P1", "P2", "P3", "P4a", "P4b", "P5", "P6"}
+    assert all(v["value"] is None and v["pass"] is None for v in r.values())
+
+
+def test_scaled_taxonomy_has_ten_times_the_edges():
+    taxonomy = load_model_set(MODELS_DIR).taxonomy
+    base, big = (
+        TreeLayout.from_taxonomy(taxonomy),
+        TreeLayout.from_taxonomy(micro.scaled_taxonomy(taxonomy, 10)),
+    )
+    assert len(big.row_taxon) == 10 * len(base.row_taxon)
+    assert len(big.levels) == len(base.levels)
+
+
+def test_unique_photos_decode_like_the_original_but_hash_apart():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, "JPEG")
+    source = runner.UniquePhotos([buf.getvalue()], "run1")
+    a, b = source(), source()
+    assert a != b and source.issued == 2
+    da, db = decode(a, runner._LIMITS), decode(b, runner._LIMITS)
+    assert (da.rgb == db.rgb).all() and da.content_hash != db.content_hash
+
+
+def test_mixed_photos_send_the_hit_fraction_exactly():
+    mixed = runner.MixedPhotos(lambda: b"hit", lambda: b"miss", 0.8)
+    sent = [mixed() for _ in range(100)]
+    assert sent.count(b"hit") == 80
+    assert sent[:5].count(b"hit") == 4
+
+
+def test_plan_overrides_cap_the_sweep():
+    p = plan.Plan.full().with_overrides(duration_s=2.0, max_concurrency=10, rate=7.0)
+    assert p.sweep_levels == (1, 2, 4, 8, 10)
+    assert p.duration_s == 2.0 and p.rate == 7.0 and p.mixed_concurrency == 8
+    with pytest.raises(ValueError):
+        plan.Plan.quick().with_overrides(duration_s=0)
+
+
+def test_only_loopback_targets_are_accepted():
+    assert suite._require_loopback("127.0.0.1:50051") == "127.0.0.1:50051"
+    assert suite._require_loopback("localhost:1")
+    with pytest.raises(suite.BenchError):
+        suite._require_loopback("192.0.2.10:50051")

@@ -1,0 +1,114 @@
+"""The bench's quick mode, end to end: its own cluster on free ports, every figure produced.
+
+Asserts that each figure exists and is a finite number, not what it is: the values depend on
+the machine and its load, and the goals are reported (PASS / MISS), not enforced, by the bench.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fieldlens import cluster
+from fieldlens.bench import plan, report
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+DATA_DIR = cluster.REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
+QUICK_LIMIT_S = 300  # the run itself takes about a minute; this only bounds a hang
+GOALS = ("P1", "P2", "P3", "P4a", "P4b", "P5", "P6")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    if not (DATA_DIR / "classes.csv").exists():
+        pytest.skip(f"training data not found at {DATA_DIR}")
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fieldlens.bench", "--quick", "--out", str(out)],
+        cwd=cluster.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_LIMIT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, json.loads((out / "latest.json").read_text())
+
+
+def test_writes_json_markdown_and_plot(quick_run):
+    out, results = quick_run
+    assert results["schema"] == report.SCHEMA and results["mode"] == "quick"
+    assert (out / "latest.png").read_bytes()[:8] == PNG_MAGIC
+    assert "## Goals" in (out / "latest.md").read_text()
+    assert len(list(out.glob("run-*.json"))) == 1
+
+
+def test_describes_the_machine(quick_run):
+    machine = quick_run[1]["machine"]
+    for key in ("cpu", "cores_logical", "ram_gib", "python", "git_commit", "loadavg_start"):
+        assert machine.get(key) not in (None, ""), key
+    assert machine["packages"]["torch"]
+
+
+def test_every_load_scenario_has_its_figures(quick_run):
+    scenarios = quick_run[1]["scenarios"]
+    sweep_names = [
+        f"sweep_{t}_c{c}" for t in report.SWEEP_TARGETS for c in plan.QUICK_SWEEP_LEVELS if c > 1
+    ]
+    for name in (*report.SCENARIOS, *sweep_names):
+        s = scenarios[name]
+        assert s["ok"] > 0, name
+        assert _finite(s["qps"]), name
+        for q in ("mean", "p50", "p95", "p99", "max"):
+            assert _finite(s["latency_ms"][q]), (name, q)
+        assert isinstance(s["errors"], dict), name
+    assert _finite(scenarios["index_exemplars"]["images_per_s"])
+    for name in ("router_miss", "router_hit", "router_mixed", "open_loop"):
+        stages = scenarios[name]["stages"]
+        assert "decode" in stages, name
+        assert all(_finite(st["mean_ms"]) for st in stages.values()), name
+    assert scenarios["triton_direct"]["triton"]["requests"] > 0
+    for key in ("offered", "dropped", "late"):
+        assert key in scenarios["open_loop"]
+
+
+def test_sweep_covers_every_level_for_both_targets(quick_run):
+    sweep = quick_run[1]["sweep"]
+    for target in report.SWEEP_TARGETS:
+        assert [p["concurrency"] for p in sweep[target]] == list(plan.QUICK_SWEEP_LEVELS)
+        assert all(_finite(p["qps"]) and _finite(p["p99"]) for p in sweep[target])
+
+
+def test_micro_benchmarks_and_memory(quick_run):
+    results = quick_run[1]
+    tiny = results["micro"]["tiny"]
+    for variant in ("real", "x10"):
+        for batch in ("batch1", "batch64"):
+            assert _finite(tiny[variant][batch]["per_image_ms"]), (variant, batch)
+    assert tiny["x10"]["rows"] == 10 * tiny["real"]["rows"]
+    neighbours = results["micro"]["neighbours"]
+    assert [neighbours[k]["size"] for k in ("small", "large")] == list(
+        plan.Plan.quick().store_sizes
+    )
+    assert all(_finite(neighbours[k]["median_ms"]) for k in ("small", "large"))
+    memory = results["memory"]
+    assert memory["complete"] and _finite(memory["rss_gib"])
+
+
+def test_every_goal_is_measured(quick_run):
+    ratios = quick_run[1]["ratios"]
+    assert sorted(ratios) == sorted(GOALS)
+    for key in GOALS:
+        assert _finite(ratios[key]["value"]), key
+        assert ratios[key]["pass"] in (True, False), key
