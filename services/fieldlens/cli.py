@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fieldlens import bench, cluster, gallery
+from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_ADDR = "127.0.0.1:50051"
-DEFAULT_DATA_DIR = cluster.REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
 DEMO_SAMPLES = 6
 GALLERY_PER_CLASS = 10
 NATURE_DOMAINS = ("domain/animal", "domain/plant", "domain/landscape")

@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 
 from fieldlens.backends import redis_server, triton_server
+from fieldlens.common.settings import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
 # services/fieldlens/cluster.py -> the repository root.
-REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 COMPONENTS = ("redis", "triton", "tiny", "specialist", "router")
 SERVICES = ("tiny", "specialist", "router")

@@ -17,10 +17,10 @@ import pytest
 
 from fieldlens import cluster
 from fieldlens.bench import plan, report
+from fieldlens.common.settings import DEFAULT_DATA_DIR as DATA_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-DATA_DIR = cluster.REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
 QUICK_LIMIT_S = 300  # the run itself takes about a minute; this only bounds a hang
 GOALS = ("P1", "P2", "P3", "P4a", "P4b", "P5", "P6")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

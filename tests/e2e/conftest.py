@@ -11,9 +11,8 @@ import grpc
 import pytest
 
 from fieldlens import cluster, gallery
+from fieldlens.common.settings import DEFAULT_DATA_DIR as DATA_DIR
 from fieldlens.v1 import router_pb2_grpc
-
-DATA_DIR = cluster.REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
 
 
 @dataclass

@@ -12,8 +12,9 @@ import torch
 
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.common.model_set import load_model_set
+from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.tiny.ensemble import TinyEnsemble
-from fieldlens.trainer.config import DEFAULT_DATA_DIR, config_for
+from fieldlens.trainer.config import config_for
 from fieldlens.trainer.data import load_dataset, read_classes, split
 from fieldlens.trainer.train import run
 

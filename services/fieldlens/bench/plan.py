@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fieldlens.cluster import REPO_ROOT
+from fieldlens.common.settings import REPO_ROOT
 
 DEFAULT_OUT_DIR = REPO_ROOT / "bench" / "results"
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
 SWEEP_LEVELS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_SWEEP_LEVELS = (1, 4, 16)
 MIXED_HIT_FRACTION = 0.8

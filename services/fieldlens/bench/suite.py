@@ -34,9 +34,10 @@ from rich.progress import (
 from fieldlens import cluster, gallery
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.bench import micro, report, runner, scrape
-from fieldlens.bench.plan import DEFAULT_DATA_DIR, MIXED_HIT_FRACTION, OPEN_LOOP_LOAD, Plan
+from fieldlens.bench.plan import MIXED_HIT_FRACTION, OPEN_LOOP_LOAD, Plan
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.model_set import load_model_set
+from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.v1 import router_pb2_grpc
 
 DEFAULT_TRITON_PORT = 8001

@@ -13,6 +13,8 @@ logger = logging.getLogger(__name__)
 
 # services/fieldlens/common/settings.py -> the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# The training shards sit beside the checkout by default (FIELDLENS_DATA_DIR or --data).
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
 
 ServiceName = Literal["router", "specialist", "tiny"]
 ClassifierRole = Literal["specialist", "tiny"]

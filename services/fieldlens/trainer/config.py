@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
+from fieldlens.common.settings import REPO_ROOT
 from fieldlens.trainer.loops import Phase
 from fieldlens.trainer.nets import BackboneSpec
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
 DEFAULT_WORK_DIR = REPO_ROOT / "build" / "train"
 DEFAULT_MODELS_DIR = REPO_ROOT / "deploy" / "models"
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from tqdm import trange
 
+from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.tiny.ensemble import fit as tiny_fit
 from fieldlens.trainer import data as data_mod
 from fieldlens.trainer import evaluation, metrics, report
 from fieldlens.trainer.config import (
-    DEFAULT_DATA_DIR,
     DEFAULT_MODEL_REPOSITORY,
     DEFAULT_MODELS_DIR,
     DEFAULT_WORK_DIR,
