@@ -14,6 +14,9 @@ DEFAULT_WORK_DIR = REPO_ROOT / "build" / "train"
 DEFAULT_MODELS_DIR = REPO_ROOT / "deploy" / "models"
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 SPECIALIST_GROUPS = ("insect", "other_invertebrate")
+# Classes kept out of training altogether: no net or classifier ever sees them, so Learn can be
+# measured on classes that are new to the models (lion, standard poodle, bison, koala, mushroom).
+NOVEL_CLASSES = ("n02129165", "n02113799", "n02410509", "n01882714", "n07734744")
 
 
 @dataclass(frozen=True)
@@ -23,13 +26,18 @@ class TrainConfig:
     seed: int = 20261123
     shard_limit: int | None = None
     val_per_class: int = 50
+    novel_classes: tuple[str, ...] = NOVEL_CLASSES
     backbone: BackboneSpec = field(
-        default_factory=lambda: BackboneSpec(32, (32, 64, 128, 256), (1, 1, 1, 1))
+        default_factory=lambda: BackboneSpec(32, (32, 64, 128, 256), (1, 1, 2, 1))
     )
-    phases: tuple[Phase, ...] = (Phase(32, 10), Phase(48, 4), Phase(64, 2))
+    phases: tuple[Phase, ...] = (Phase(32, 18), Phase(48, 8), Phase(64, 6))
     batch_size: int = 128
     mixup_alpha: float = 0.0
     lr_finder: bool = True
+    # bf16 autocast: 1.5-2x faster steps on CPUs with AVX512-BF16 or AMX, and on GPUs.
+    precision: str = "bf16"
+    # Weight of the broad-group loss (fine softmax rolled up per group) next to the fine loss.
+    broad_loss_weight: float = 0.5
     specialist_groups: tuple[str, ...] = SPECIALIST_GROUPS
     specialist_epochs: int = 6
     specialist_lr: float = 0.02
@@ -45,11 +53,14 @@ class TrainConfig:
             "seed",
             "shard_limit",
             "val_per_class",
+            "novel_classes",
             "backbone",
             "phases",
             "batch_size",
             "mixup_alpha",
             "lr_finder",
+            "precision",
+            "broad_loss_weight",
         )
         blob = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -174,6 +174,29 @@ def load_dataset(
     return ds
 
 
+def hold_out(
+    ds: Dataset, classes: list[ClassInfo], held: tuple[str, ...]
+) -> tuple[Dataset, list[ClassInfo], Dataset, list[ClassInfo]]:
+    """Separates the images of the `held` classes: (kept data, kept classes, held data, held).
+
+    Labels of both parts are re-indexed into their own class lists.
+    """
+    unknown = set(held) - {c.wnid for c in classes}
+    if unknown:
+        raise ValueError(f"held-out classes not in classes.csv: {sorted(unknown)}")
+    keep = [c for c in classes if c.wnid not in held]
+    out = [c for c in classes if c.wnid in held]
+    parts = []
+    for part in (keep, out):
+        old = np.asarray([classes.index(c) for c in part], dtype=np.int64)
+        remap = np.full(len(classes), -1, dtype=np.int64)
+        remap[old] = np.arange(len(part))
+        sub = ds.subset(np.flatnonzero(np.isin(ds.labels, old)))
+        sub.labels = remap[sub.labels]
+        parts.append(sub)
+    return parts[0], keep, parts[1], out
+
+
 def split(ds: Dataset, per_class: int, seed: int) -> tuple[Dataset, Dataset]:
     """A seeded validation split of `per_class` images per class; the rest is for training."""
     rng = np.random.default_rng(seed)

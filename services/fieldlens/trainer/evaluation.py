@@ -86,6 +86,13 @@ def evaluate(
         "served_fine_top1": metrics.topk_accuracy(served, val.labels, 1),
         "served_fine_top5": metrics.topk_accuracy(served, val.labels, 5),
         "broad_top1": float((broad_probs.argmax(1) == y_broad).mean()),
+        # The fine net's flip-TTA softmax rolled up per group: what a TTA broad export would give.
+        "broad_top1_rollup_tta": float(
+            (
+                (metrics.softmax(val_logits_tta) @ metrics.group_matrix(taxonomy)).argmax(1)
+                == y_broad
+            ).mean()
+        ),
         "specialists": spec_rows,
         "precision_vs_depth": pvd,
     }

@@ -49,6 +49,7 @@ class Context:
     train: data_mod.Dataset
     val: data_mod.Dataset
     digest: str
+    novel: list[data_mod.ClassInfo]
 
     @property
     def stage_dir(self) -> Path:
@@ -58,11 +59,19 @@ class Context:
 def prepare(
     cfg: TrainConfig, data_dir: Path, work_dir: Path, models_dir: Path, model_repository: Path
 ) -> Context:
-    classes = data_mod.read_classes(data_dir)
-    ds = data_mod.load_dataset(data_dir, classes, work_dir.parent / "cache", cfg.shard_limit)
+    all_classes = data_mod.read_classes(data_dir)
+    ds = data_mod.load_dataset(data_dir, all_classes, work_dir.parent / "cache", cfg.shard_limit)
+    ds, classes, novel_ds, novel = data_mod.hold_out(ds, all_classes, cfg.novel_classes)
     train, val = data_mod.split(ds, cfg.val_per_class, cfg.seed)
     shards = data_mod.list_shards(data_dir, cfg.shard_limit)
-    logger.info("data: %d train / %d val images, %d classes", len(train), len(val), len(classes))
+    logger.info(
+        "data: %d train / %d val images, %d classes (%d held out as novel: %d images)",
+        len(train),
+        len(val),
+        len(classes),
+        len(novel),
+        len(novel_ds),
+    )
     return Context(
         cfg,
         data_dir,
@@ -75,6 +84,7 @@ def prepare(
         train,
         val,
         data_mod.data_digest(data_dir, shards) if shards else "folder",
+        novel,
     )
 
 
@@ -123,6 +133,9 @@ def stage_backbone(ctx: Context) -> Classifier:
         "backbone",
         mixup_alpha=cfg.mixup_alpha,
         evaluate=evaluate,
+        precision=cfg.precision,
+        class_groups=metrics.group_matrix(ctx.taxonomy).argmax(1),
+        group_weight=cfg.broad_loss_weight,
     )
     (ctx.stage_dir / "backbone_history.json").write_text(
         json.dumps({"max_lr": max_lr, "history": history, "seconds": time.time() - t0}, indent=1)
@@ -221,6 +234,7 @@ def stage_specialists(
                 ctx.cfg.seed,
                 ctx.stage_dir / f"specialist_{group}.ckpt",
                 f"specialist {group}",
+                precision=ctx.cfg.precision,
             )
             torch.save(net.state_dict(), done)
         net.eval()
@@ -300,6 +314,9 @@ def run(
             {"seed": cfg.seed, "per_class": cfg.val_per_class, "val_keys": sorted(ctx.val.keys)}
         )
     )
+    (models_dir / "novel.json").write_text(
+        json.dumps({"classes": novel_classes(ctx.taxonomy, ctx.novel)}, indent=1)
+    )
     doc = {**manifest, "validation": val_metrics}
     (report_dir / "README.md").write_text(report.markdown(doc))
     logger.info(
@@ -309,6 +326,31 @@ def run(
         val_metrics["broad_top1"],
     )
     return manifest
+
+
+def novel_classes(taxonomy: Taxonomy, novel: list[data_mod.ClassInfo]) -> list[dict[str, str]]:
+    """Held-out classes with the deepest served taxon on their WordNet chain (their parent)."""
+    rows = []
+    for c in novel:
+        broad = f"broad/{c.broad}"
+        chain = set(c.wordnet_path[:-1])
+        inner = [
+            t
+            for t in _descendants(taxonomy, broad)
+            if taxonomy.children(t) and taxonomy.get(t).name in chain
+        ]
+        parent = max(inner, key=lambda t: taxonomy.get(t).depth, default=broad)
+        rows.append({"wnid": c.wnid, "name": c.name, "broad": broad, "parent": parent})
+    return rows
+
+
+def _descendants(taxonomy: Taxonomy, taxon: str) -> list[str]:
+    out, stack = [], [taxon]
+    while stack:
+        t = stack.pop()
+        out.append(t)
+        stack.extend(taxonomy.children(t))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.set_num_threads(args.threads)
     cfg = config_for(args.profile)
+    if cfg.precision == "bf16" and not torch.cuda.is_available():
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            logger.warning("this CPU has no native bf16: training will be slow (try a GPU)")
     run(cfg, args.data, args.work_dir, args.models_dir, args.model_repository)
     return 0
 
