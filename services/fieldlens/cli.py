@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fieldlens import bench, cluster, gallery
+from fieldlens.common.credentials import bearer
 from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc
 
@@ -142,10 +143,14 @@ def cmd_index(args: argparse.Namespace) -> int:
                 f"gallery already holds {info.exemplar_count} exemplars (--force to add anyway)"
             )
             return 0
-        n_classes = sum(
-            1 for t in stub.GetTaxonomy(router_pb2.GetTaxonomyRequest()).taxa if t.rank == "class"
-        )
-    summary = gallery.index_gallery(args.addr, args.data, cfg.models_dir, args.per_class, n_classes)
+        classes = {
+            t.id
+            for t in stub.GetTaxonomy(router_pb2.GetTaxonomyRequest()).taxa
+            if t.rank == "class"
+        }
+    summary = gallery.index_gallery(
+        args.addr, args.data, cfg.models_dir, args.per_class, classes, cfg.write_token()
+    )
     console.print(
         f"indexed {summary.indexed} of {summary.received} "
         f"({summary.duplicates} duplicates, {summary.rejected} rejected)"
@@ -231,6 +236,59 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    """Learns image files as one taxon: an existing leaf id, or a new name under a parent."""
+    if bool(args.taxon) == bool(args.new):
+        console.print("[red]give --taxon ID, or --new NAME with --parent ID[/red]")
+        return 2
+    if args.new and not args.parent:
+        console.print("[red]--new needs --parent (an internal taxon id; see GetTaxonomy)[/red]")
+        return 2
+    cfg = _config(args)
+    channel, stub = _stub(args.addr)
+    with channel:
+        for path in args.images:
+            request = router_pb2.LearnRequest(image=path.read_bytes(), source=args.source)
+            if args.taxon:
+                request.taxon_id = args.taxon
+            else:
+                request.new_taxon.name, request.new_taxon.parent_id = args.new, args.parent
+            r = stub.Learn(request, timeout=60, metadata=bearer(cfg.write_token()))
+            state = (
+                "duplicate" if r.duplicate else "created taxon" if r.created_taxon else "learned"
+            )
+            path_names = " > ".join(t.name for t in r.path[1:])
+            console.print(f"{path}: {state} {r.taxon.id} ({path_names}); {r.learned_total} total")
+    return 0
+
+
+def cmd_learn_eval(args: argparse.Namespace) -> int:
+    from fieldlens import learn_eval
+
+    cfg = _config(args)
+    result = learn_eval.evaluate(args.data, cfg.models_dir, args.shots, args.held_out)
+    table = Table(title=f"Learn from {args.shots} photos: classes the models never saw")
+    for col in ("class", "learned under", "held-out photos", "recall@1", "recall@5"):
+        table.add_column(col)
+    for row in result["classes"]:  # type: ignore[attr-defined]
+        table.add_row(
+            row["class"],
+            row["parent"],
+            str(row["held_out"]),
+            f"{row['recall_at_1']:.0%}",
+            f"{row['recall_at_5']:.0%}",
+        )
+    console.print(table)
+    console.print(
+        f"mean recall@1 {result['mean_recall_at_1']:.1%}, recall@5 "
+        f"{result['mean_recall_at_5']:.1%}; Learn p50 {result['learn_p50_ms']:.1f} ms "
+        f"(durable), Classify p50 {result['classify_p50_ms']:.1f} ms (cache skipped)"
+    )
+    learn_eval.save(result, args.out)
+    console.print(f"written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fieldlens", description=__doc__)
     parser.add_argument("--addr", default=DEFAULT_ADDR, help="router address (host:port)")
@@ -250,6 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="load and micro benchmarks (see python -m fieldlens.bench)")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+    p = sub.add_parser("learn", help="learn labelled image files at once (needs the token)")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--taxon", help="an existing leaf taxon id")
+    p.add_argument("--new", help="name of a new taxon to create")
+    p.add_argument("--parent", help="internal taxon id the new taxon goes under")
+    p.add_argument("--source", default="cli", help="provenance stored with the exemplars")
+    p.set_defaults(func=cmd_learn)
+    p = sub.add_parser("learn-eval", help="recall of novel classes learned from a few photos")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--held-out", type=int, default=50)
+    p.add_argument("--out", type=Path, default=Path("build/learn-eval.json"))
+    p.set_defaults(func=cmd_learn_eval)
     sub.add_parser("up", help="start the local cluster").set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
     sub.add_parser("status", help="local cluster state").set_defaults(func=cmd_status)

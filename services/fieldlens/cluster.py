@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from fieldlens.backends import redis_server, triton_server
+from fieldlens.common import credentials
 from fieldlens.common.settings import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,18 @@ class ClusterConfig:
     def qdrant_dir(self) -> Path:
         return self.qdrant_path if self.qdrant_path is not None else self.run_dir / "qdrant"
 
+    @property
+    def token_path(self) -> Path:
+        return self.run_dir / "write-token"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / "state"
+
+    def write_token(self) -> str:
+        """The bearer token write RPCs need (FIELDLENS_WRITE_TOKEN, else this cluster's own)."""
+        return credentials.client_token(self.token_path)
+
     def addr(self, port: int) -> str:
         return f"{self.host}:{port}"
 
@@ -126,6 +139,8 @@ class ClusterConfig:
                 "QDRANT_ADDR": self.qdrant_addr,
                 "QDRANT_PATH": str(self.qdrant_dir),
                 "FIELDLENS_MODELS_DIR": str(self.models_dir),
+                "FIELDLENS_STATE_DIR": str(self.state_dir),
+                credentials.TOKEN_ENV: self.write_token(),
                 "PYTHONUNBUFFERED": "1",
             }
         )

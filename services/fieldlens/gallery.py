@@ -11,12 +11,14 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from fieldlens.common.credentials import bearer
 from fieldlens.trainer.data import iter_folder_samples, iter_shard_samples, list_shards
 from fieldlens.v1 import router_pb2, router_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.json"
+NOVEL_FILE = "novel.json"
 UPLOAD_CHUNK = 256
 
 
@@ -41,14 +43,36 @@ def gallery_items(
     data_dir: Path,
     per_class: int,
     exclude: set[str],
+    classes: set[str] | None = None,
 ) -> Iterator[tuple[str, bytes, str]]:
-    """(key, image bytes, class id): up to `per_class` images per class, skipping `exclude`."""
+    """(key, image bytes, class id): up to `per_class` images per class, skipping `exclude`,
+    only of `classes` when given (the model set's own: held-out novel classes stay out)."""
     taken: Counter[str] = Counter()
     for key, data, wnid in _samples(data_dir):
         if key in exclude or taken[wnid] >= per_class:
             continue
+        if classes is not None and wnid not in classes:
+            continue
         taken[wnid] += 1
         yield key, data, wnid
+
+
+def class_samples(data_dir: Path, wnids: Iterable[str], per_class: int) -> dict[str, list[bytes]]:
+    """Up to `per_class` images of each class in `wnids`, in shard order (e.g. novel classes)."""
+    want = set(wnids)
+    out: dict[str, list[bytes]] = {w: [] for w in want}
+    for _, data, wnid in _samples(data_dir):
+        if wnid in want and len(out[wnid]) < per_class:
+            out[wnid].append(data)
+            if all(len(v) >= per_class for v in out.values()):
+                break
+    return out
+
+
+def novel_classes(models_dir: Path) -> list[dict[str, str]]:
+    """Classes the model set never saw in training, with the parent to learn them under."""
+    path = models_dir / NOVEL_FILE
+    return json.loads(path.read_text())["classes"] if path.exists() else []
 
 
 def validation_samples(
@@ -71,6 +95,7 @@ def upload(
     items: Iterable[tuple[str, bytes, str]],
     total: int,
     source: str,
+    token: str,
 ) -> router_pb2.IndexExemplarsResponse:
     """Streams items to Router.IndexExemplars in chunks, with a progress bar."""
     summary = router_pb2.IndexExemplarsResponse()
@@ -80,7 +105,7 @@ def upload(
         def flush() -> None:
             if not chunk:
                 return
-            reply = stub.IndexExemplars(iter(chunk), timeout=300)
+            reply = stub.IndexExemplars(iter(chunk), timeout=300, metadata=bearer(token))
             for field in ("received", "indexed", "duplicates", "rejected"):
                 setattr(summary, field, getattr(summary, field) + getattr(reply, field))
             summary.errors.extend(reply.errors[: max(0, 10 - len(summary.errors))])
@@ -96,9 +121,10 @@ def upload(
 
 
 def index_gallery(
-    addr: str, data_dir: Path, models_dir: Path, per_class: int, n_classes: int
+    addr: str, data_dir: Path, models_dir: Path, per_class: int, classes: set[str], token: str
 ) -> router_pb2.IndexExemplarsResponse:
     with grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
-        items = gallery_items(data_dir, per_class, validation_keys(models_dir))
-        return upload(stub, items, per_class * n_classes, source=f"gallery:{data_dir.name}")
+        items = gallery_items(data_dir, per_class, validation_keys(models_dir), classes)
+        total = per_class * len(classes)
+        return upload(stub, items, total, source=f"gallery:{data_dir.name}", token=token)

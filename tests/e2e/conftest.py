@@ -22,6 +22,10 @@ class LiveCluster:
     channel: grpc.Channel
 
     @property
+    def token(self) -> str:
+        return self.cfg.write_token()
+
+    @property
     def router_addr(self) -> str:
         return self.cfg.addr(self.cfg.router_port)
 

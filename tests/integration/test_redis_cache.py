@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
-from fieldlens.backends.cache import RedisCache, ResultCache, cache_key
+from fieldlens.backends.cache import RedisCache, ResultCache, cache_key, generations_key
 from fieldlens.common.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -127,6 +127,39 @@ def test_hung_server_costs_one_short_timeout(fresh_redis: RedisProcess) -> None:
                 proc.send_signal(signal.SIGCONT)
             await asyncio.sleep(COOLDOWN_S + 0.05)
             assert await cache.get(key) == b"v"
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+def test_knowledge_generations_round_trip_with_the_entry(redis_server: RedisProcess) -> None:
+    async def body() -> None:
+        cache = RedisCache.from_addr(redis_server.addr)
+        gens = generations_key("gen-test-set")
+        key = cache_key("beef" * 16, "gen-test-set")
+        try:
+            assert await cache.get_with_generations(key, gens) == (None, {})
+            await cache.set(key, b"answer", ttl_s=30)
+            assert await cache.bump_generation(gens, "broad/cat") == 1
+            assert await cache.bump_generation(gens, "broad/cat") == 2
+            assert await cache.bump_generation(gens, "broad/dog") == 1
+            value, seen = await cache.get_with_generations(key, gens)
+            assert value == b"answer"
+            assert seen == {"broad/cat": 2, "broad/dog": 1}
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+def test_generation_bump_fails_typed_when_redis_is_down(fresh_redis: RedisProcess) -> None:
+    async def body() -> None:
+        cache = RedisCache.from_addr(fresh_redis.addr, cooldown_s=COOLDOWN_S)
+        try:
+            fresh_redis.kill()
+            with pytest.raises(Unavailable):
+                await cache.bump_generation(generations_key("s"), "broad/cat")
         finally:
             await cache.close()
 

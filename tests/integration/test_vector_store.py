@@ -175,3 +175,28 @@ def test_edge_and_qdrant_client_agree(tmp_path: Path) -> None:
         for hit in edge_hits:
             if hit.id in ref_hits:
                 assert hit.similarity == pytest.approx(ref_hits[hit.id], abs=1e-4)
+
+
+def test_vectors_of_another_embedding_version_are_never_compared(tmp_path: Path) -> None:
+    """The router opens one collection per embedding version: an old-version vector is not
+    even visible to a new-version query, however similar."""
+    from fieldlens.router.__main__ import collection_name
+
+    root = str(tmp_path / "qdrant")
+    vectors, points = _dataset(50)
+    old = open_vector_store(root, collection_name("emb-old"), DIM)
+    old.upsert(points)
+    old.close()
+    new = open_vector_store(root, collection_name("emb-new"), DIM)
+    try:
+        assert collection_name("emb-old") != collection_name("emb-new")
+        assert new.count() == 0
+        assert new.search(vectors[0], 5) == []
+    finally:
+        new.close()
+    reopened = open_vector_store(root, collection_name("emb-old"), DIM)
+    try:
+        assert reopened.count() == 50  # still there for a re-index
+        assert reopened.search(vectors[0], 1)[0].id == points[0].id
+    finally:
+        reopened.close()

@@ -47,11 +47,22 @@ def cache_key(content_hash: str, model_set_version: str, generation: str = "0") 
     return f"{KEY_PREFIX}:{model_set_version}:{generation}:{content_hash}"
 
 
+def generations_key(model_set_version: str) -> str:
+    """Hash of knowledge generations (broad group -> count of Learn writes) of a model set."""
+    return f"{KEY_PREFIX}:{model_set_version}:knowledge"
+
+
 @runtime_checkable
 class ResultCache(Protocol):
     """What the router needs from a result cache; see the module docstring for failures."""
 
     async def get(self, key: str) -> bytes | None: ...
+
+    async def get_with_generations(
+        self, key: str, generations: str
+    ) -> tuple[bytes | None, dict[str, int]]: ...
+
+    async def bump_generation(self, generations: str, category: str) -> int: ...
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
 
@@ -182,6 +193,34 @@ class RedisCache:
             raise self._trip("get", exc) from exc
         self._recover()
         return value if value is None else bytes(value)
+
+    async def get_with_generations(
+        self, key: str, generations: str
+    ) -> tuple[bytes | None, dict[str, int]]:
+        """`get(key)` and the knowledge generations hash, in one round trip."""
+        self._admit("get")
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            pipe.get(key)
+            pipe.hgetall(generations)
+            value, gens = await asyncio.wait_for(pipe.execute(), self._deadline())
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise self._trip("get", exc) from exc
+        self._recover()
+        parsed = {k.decode(): int(v) for k, v in gens.items()}
+        return (value if value is None else bytes(value)), parsed
+
+    async def bump_generation(self, generations: str, category: str) -> int:
+        """Increments one category's knowledge generation; returns the new value."""
+        self._admit("bump")
+        try:
+            value = await asyncio.wait_for(
+                self._redis().hincrby(generations, category, 1), self._deadline()
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise self._trip("bump", exc) from exc
+        self._recover()
+        return int(value)
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         """Store `value` under `key` for `ttl_s` seconds. Raises Unavailable on failure."""

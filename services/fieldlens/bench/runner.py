@@ -240,7 +240,7 @@ class Photos:
 
 
 def read_photos(
-    data_dir: Path, models_dir: Path, per_class: int, pool_size: int, n_classes: int
+    data_dir: Path, models_dir: Path, per_class: int, pool_size: int, classes: set[str]
 ) -> Photos:
     """The first `per_class` photos of each class (as `fieldlens index-gallery` picks them)
     for the gallery, and the next `pool_size` photos after those for the load scenarios.
@@ -252,10 +252,11 @@ def read_photos(
     per_class_seen: Counter[str] = Counter()
     chosen: list[tuple[str, bytes, str]] = []
     pool: list[bytes] = []
+    n_classes = len(classes)
     want_gallery = per_class * n_classes
     # A generous per-class cap keeps the pool spread over the classes.
     cap = per_class + max(1, math.ceil(2 * pool_size / max(1, n_classes)))
-    for key, data, wnid in gallery.gallery_items(data_dir, cap, exclude):
+    for key, data, wnid in gallery.gallery_items(data_dir, cap, exclude, classes):
         if per_class_seen[wnid] < per_class:
             chosen.append((key, data, wnid))
         elif len(pool) < pool_size:
@@ -394,6 +395,7 @@ async def index_exemplars(
     source: str,
     timeout_s: float,
     on_chunk: Callable[[int], None] | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> IndexStats:
     """Streams `items` to IndexExemplars, `chunk` photos per call, one call at a time (the
     router serialises writes into its store anyway)."""
@@ -407,7 +409,7 @@ async def index_exemplars(
         ]
         c0 = time.perf_counter()
         try:
-            reply = await stub.IndexExemplars(iter(requests), timeout=timeout_s)
+            reply = await stub.IndexExemplars(iter(requests), timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             stats.errors[error_code(exc)] += 1
             continue

@@ -35,6 +35,7 @@ from fieldlens import cluster, gallery
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.bench import micro, report, runner, scrape
 from fieldlens.bench.plan import MIXED_HIT_FRACTION, OPEN_LOOP_LOAD, Plan
+from fieldlens.common import credentials
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.settings import DEFAULT_DATA_DIR
@@ -66,6 +67,8 @@ class Target:
     router_metrics: str | None
     triton_metrics: str | None
     local: bool
+    # Bearer token for the write RPCs (indexing, Learn).
+    write_token: str
 
 
 def _host_port(addr: str) -> tuple[str, int]:
@@ -102,6 +105,7 @@ def _external_target(args: argparse.Namespace) -> Target:
             args.triton_metrics or f"{triton_host}:{DEFAULT_TRITON_METRICS_PORT}"
         ),
         local=False,
+        write_token=cluster.ClusterConfig().write_token(),
     )
 
 
@@ -112,6 +116,7 @@ def _local_target(cfg: cluster.ClusterConfig) -> Target:
         router_metrics=cfg.addr(cfg.router_metrics_port),
         triton_metrics=cfg.addr(cfg.triton_metrics_port),
         local=True,
+        write_token=cfg.write_token(),
     )
 
 
@@ -255,6 +260,7 @@ class _LoadPhase:
             f"gallery:{data_dir.name}",
             max(60.0, self.plan.request_timeout_s),
             on_chunk=lambda n: self.steps.progress.advance(task, n),
+            metadata=credentials.bearer(self.target.write_token),
         )
         summary = stats.summary(gallery.UPLOAD_CHUNK)
         summary["load"] = f"stream, {gallery.UPLOAD_CHUNK} images per call"
@@ -417,9 +423,9 @@ def run_bench(args: argparse.Namespace) -> int:
             results["target"] = dataclasses.asdict(target)
             try:
                 task = steps.start("read photos")
-                n_classes = len(load_model_set(models_dir).taxonomy.class_ids)
+                classes = set(load_model_set(models_dir).taxonomy.class_ids)
                 photos = runner.read_photos(
-                    data_dir, models_dir, plan.gallery_per_class, plan.miss_pool, n_classes
+                    data_dir, models_dir, plan.gallery_per_class, plan.miss_pool, classes
                 )
                 steps.finish(task, f"{len(photos.gallery)} gallery, {len(photos.pool)} pool")
                 phase = _LoadPhase(plan, target, steps, photos)

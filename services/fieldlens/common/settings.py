@@ -35,6 +35,7 @@ DEFAULT_SPECIALIST_ADDR = DEFAULT_LISTEN_ADDRS["specialist"]
 DEFAULT_TINY_ADDR = DEFAULT_LISTEN_ADDRS["tiny"]
 DEFAULT_REDIS_ADDR = "127.0.0.1:6379"
 DEFAULT_QDRANT_PATH = ".run/qdrant"
+DEFAULT_STATE_DIR = ".run/state"
 DEFAULT_CACHE_TTL_S = 3600
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD = 0.5
@@ -75,6 +76,8 @@ class CommonSettings:
     log_level: str
     # Root of the model artefacts (Triton repository, tiny ensemble, manifest).
     models_dir: Path
+    # Durable service state: knowledge journals (and, for the router, the local blob store).
+    state_dir: Path
 
     @classmethod
     def from_env(cls, service: ServiceName, env: Mapping[str, str] | None = None) -> CommonSettings:
@@ -98,6 +101,7 @@ class CommonSettings:
             grace_s=_read(env, "FIELDLENS_GRACE_S", DEFAULT_GRACE_S, _non_negative_float),
             log_level=_read(env, "FIELDLENS_LOG_LEVEL", DEFAULT_LOG_LEVEL, _log_level),
             models_dir=_read(env, "FIELDLENS_MODELS_DIR", _repo_path(DEFAULT_MODELS_DIR), _path),
+            state_dir=_read(env, "FIELDLENS_STATE_DIR", _repo_path(DEFAULT_STATE_DIR), _path),
         )
 
 
@@ -129,6 +133,10 @@ class RouterSettings:
     stage_timeout_s: float
     # JSON file {category: "specialist" | "tiny"} overriding the manifest's routing; None = none.
     routing_path: Path | None
+    # Bearer token that write RPCs (Learn, IndexExemplars) must present; None = writes refused.
+    write_token: str | None
+    # Where exemplar image bytes are kept for re-indexing: a folder (or file:// URL).
+    blob_store: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RouterSettings:
@@ -153,6 +161,8 @@ class RouterSettings:
                 env, "FIELDLENS_STAGE_TIMEOUT_S", DEFAULT_STAGE_TIMEOUT_S, _positive_float
             ),
             routing_path=_read_optional(env, "FIELDLENS_ROUTING", None, _existing_file),
+            write_token=_read_optional(env, "FIELDLENS_WRITE_TOKEN", None, _token),
+            blob_store=_read(env, "FIELDLENS_BLOB_STORE", "", str),
         )
 
 
@@ -194,6 +204,12 @@ def _read_optional(
     if raw is not None and raw.strip() == "":
         return None
     return _read(env, name, default, parse)
+
+
+def _token(raw: str) -> str:
+    if len(raw) < 16 or any(c.isspace() for c in raw):
+        raise ValueError("must be at least 16 characters with no whitespace")
+    return raw
 
 
 def _host(raw: str) -> str:

@@ -105,6 +105,24 @@ class Taxonomy:
         class_order = [c.wnid for c in classes]
         return cls(taxa, broad_order, class_order)
 
+    def with_learned(self, taxa: Iterable[tuple[str, str, str]]) -> Taxonomy:
+        """A copy with new leaf taxa (id, name, parent id) added; existing ids are skipped.
+
+        A parent must be an internal taxon at or below a broad group, so every new leaf has a
+        broad group (its dispatch category) and no existing class stops being a leaf.
+        """
+        existing = list(self._taxa.values())
+        added: dict[str, Taxon] = {}
+        for tid, name, parent in taxa:
+            if tid in self._taxa or tid in added:
+                continue
+            check_learn_parent(self, parent)
+            depth = self._taxa[parent].depth + 1
+            added[tid] = Taxon(tid, name, "class", parent, depth)
+        if not added:
+            return self
+        return Taxonomy([*existing, *added.values()], self.broad_ids, [*self.class_ids, *added])
+
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, object]:
         return {
@@ -184,6 +202,29 @@ class Taxonomy:
             if self._taxa[t].rank == "broad":
                 return t
         return None
+
+
+LEARNED_PREFIX = "learned/"
+
+
+def learned_taxon_id(name: str) -> str:
+    """The id Learn gives a new taxon: stable for a name, distinct from trained ids."""
+    slug = _slug(name)
+    if not slug:
+        raise ValueError(f"taxon name {name!r} has no letters or digits")
+    return LEARNED_PREFIX + slug
+
+
+def check_learn_parent(taxonomy: Taxonomy, parent: str) -> None:
+    """Raises ValueError unless `parent` can take a learned leaf (see Taxonomy.with_learned)."""
+    if parent not in taxonomy:
+        raise ValueError(f"unknown parent taxon {parent!r}")
+    if taxonomy.broad_of(parent) is None:
+        raise ValueError(
+            f"parent {parent!r} is above the broad groups; pick a broad group or a node below one"
+        )
+    if not taxonomy.children(parent):
+        raise ValueError(f"parent {parent!r} is a leaf class; pick an internal taxon")
 
 
 def _common_prefix_len(paths: Sequence[Sequence[str]]) -> int:

@@ -37,7 +37,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 DEFAULT_METRICS_ADDR = "127.0.0.1"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-CacheResult = Literal["hit", "miss", "error"]
+CacheResult = Literal["hit", "miss", "stale", "error"]
 DispatchTarget = Literal["specialist", "tiny"]
 
 
@@ -75,6 +75,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.learned_examples = Counter(
+            "fieldlens_learned_examples",
+            "Labelled examples learned online (durable and applied).",
+            registry=registry,
+        )
+        self.learn_seconds = Histogram(
+            "fieldlens_learn_seconds",
+            "Time of one Learn batch from embedding to the last durable write.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.cache_requests = Counter(
             "fieldlens_cache_requests",
             "Result-cache look-ups by outcome.",
@@ -93,6 +104,11 @@ class Metrics:
             ("kind",),
             registry=registry,
         )
+
+    def record_learn(self, examples: int, seconds: float) -> None:
+        """Count learned examples and time one durable Learn batch."""
+        self.learned_examples.inc(examples)
+        self.learn_seconds.observe(seconds)
 
     def record_cache(self, result: CacheResult) -> None:
         """Count one cache look-up."""

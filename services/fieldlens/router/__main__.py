@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from fieldlens.backends.blob_store import open_blob_store
 from fieldlens.backends.cache import RedisCache
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.backends.vector_store import VectorStore, open_vector_store
 from fieldlens.common.bootstrap import main_with_settings, serve_grpc
+from fieldlens.common.knowledge import KnowledgeJournal
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.settings import RouterSettings
 from fieldlens.router.clients import ClassifierClient
@@ -49,6 +51,10 @@ async def serve(settings: RouterSettings) -> None:
         settings.specialist_addr, settings.stage_timeout_s, common.max_message_bytes
     )
     tiny = ClassifierClient(settings.tiny_addr, settings.stage_timeout_s, common.max_message_bytes)
+    journal = KnowledgeJournal.for_model_set(
+        common.state_dir, "router", model_set.version, model_set.embedding_version
+    )
+    blobs = open_blob_store(settings.blob_store, common.state_dir / "blobs")
     plane = RouterDataPlane(
         model_set,
         triton,
@@ -56,14 +62,24 @@ async def serve(settings: RouterSettings) -> None:
         tiny,
         store,
         cache,
-        codec(model_set.taxonomy),
+        codec(lambda: plane.model_set.taxonomy),
         ImageLimits(settings.max_image_bytes, settings.max_pixels, model_set.image_size),
         ClassifyOptions(settings.top_k, DEFAULT_NEIGHBOURS, settings.threshold),
         settings.dispatch_top,
         settings.cache_ttl_s,
         settings.stage_timeout_s,
+        journal=journal,
+        blobs=blobs,
     )
-    logger.info("model set %s, %d exemplars", model_set.version, await plane.exemplar_count())
+    await plane.restore_knowledge()
+    await plane.sync_learned_taxa()  # taxa learned through other router replicas
+    logger.info(
+        "model set %s, %d exemplars, %d learned examples, writes %s",
+        model_set.version,
+        await plane.exemplar_count(),
+        plane.learned_total,
+        "enabled" if settings.write_token else "disabled (no FIELDLENS_WRITE_TOKEN)",
+    )
 
     async def ready() -> bool:
         # The parts the router cannot answer without: Triton's broad net and the tiny service.
@@ -79,7 +95,10 @@ async def serve(settings: RouterSettings) -> None:
 
     await serve_grpc(
         common,
-        (router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(plane)),
+        (
+            router_pb2_grpc.add_RouterServicer_to_server,
+            RouterServicer(plane, settings.write_token),
+        ),
         SERVICE,
         ready,
         close,

@@ -8,12 +8,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fieldlens.common.errors import InvalidInput, NotFound, Unavailable
+from fieldlens.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from fieldlens.common.knowledge import LearnedExample, NewTaxonSpec
 from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVED_BY = {classifier_pb2.SPECIALIST: "specialist", classifier_pb2.TINY: "tiny"}
+LEARN_TIMEOUT_S = 10.0  # a Learn waits for the classifier's journal fsync
 
 
 class ClassifierClient:
@@ -55,6 +57,49 @@ class ClassifierClient:
             raise Unavailable(f"classifier {self.addr}: {code.name} {exc.details()}") from None
         scores = {s.taxon_id: float(s.probability) for s in reply.scores}
         return scores, SERVED_BY.get(reply.served_by, "")
+
+    async def learned_taxa(self) -> list[NewTaxonSpec]:
+        """Taxa this classifier learned online (tiny), in creation order."""
+        try:
+            reply = await self._stub.Describe(
+                classifier_pb2.DescribeRequest(), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(
+                f"classifier {self.addr}: {exc.code().name} {exc.details()}"
+            ) from None
+        return [NewTaxonSpec(t.id, t.name, t.parent_id) for t in reply.learned_taxa]
+
+    async def learn(
+        self, examples: list[LearnedExample], model_set_version: str
+    ) -> tuple[int, int, int]:
+        """Applies examples online; returns (applied, duplicates, learned total)."""
+        request = classifier_pb2.LearnExamplesRequest(
+            examples=[
+                classifier_pb2.LearnedExample(
+                    id=e.id,
+                    taxon_id=e.taxon_id,
+                    embedding=np.asarray(e.vector, dtype=np.float32).tolist(),
+                    new_taxon=None
+                    if e.new_taxon is None
+                    else classifier_pb2.NewTaxon(
+                        id=e.new_taxon.id, name=e.new_taxon.name, parent_id=e.new_taxon.parent
+                    ),
+                )
+                for e in examples
+            ],
+            model_set_version=model_set_version,
+        )
+        try:
+            reply = await self._stub.Learn(request, timeout=max(self._timeout_s, LEARN_TIMEOUT_S))
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidInput(f"{self.addr}: {exc.details()}") from None
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(f"{self.addr}: {exc.details()}") from None
+            raise Unavailable(f"classifier {self.addr}: {code.name} {exc.details()}") from None
+        return reply.applied, reply.duplicates, reply.learned_total
 
     async def is_serving(self, timeout_s: float = 1.0) -> bool:
         try:

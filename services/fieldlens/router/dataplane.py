@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -11,14 +12,17 @@ from typing import TypeVar
 
 import numpy as np
 
-from fieldlens.backends.cache import ResultCache, cache_key
+from fieldlens.backends.blob_store import FolderBlobStore
+from fieldlens.backends.cache import ResultCache, cache_key, generations_key
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.backends.vector_store import Exemplar, Neighbour, VectorStore
 from fieldlens.common.errors import FieldlensError, InvalidInput, Unavailable
+from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
 from fieldlens.common.model_set import ModelSet
+from fieldlens.common.taxonomy import check_learn_parent, learned_taxon_id
 from fieldlens.common.telemetry import Metrics, StageTimer, get_metrics
 from fieldlens.router.clients import ClassifierClient
-from fieldlens.router.imaging import DecodedImage, ImageLimits, decode
+from fieldlens.router.imaging import DecodedImage, ImageLimits, checked_hash, decode
 from fieldlens.router.merge import (
     SPECIALIST,
     TINY,
@@ -93,6 +97,26 @@ class IndexReport:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class LearnItem:
+    """One labelled image for Learn: an existing leaf id, or (name, parent) of a new taxon."""
+
+    image: bytes
+    taxon_id: str = ""
+    new_name: str = ""
+    new_parent: str = ""
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class LearnOutcome:
+    exemplar_id: str
+    taxon_id: str
+    created_taxon: bool
+    duplicate: bool
+    learned_total: int
+
+
 Codec = tuple[Callable[[Classification], bytes], Callable[[bytes], Classification]]
 
 
@@ -129,6 +153,8 @@ class RouterDataPlane:
         cache_ttl_s: float,
         stage_timeout_s: float,
         metrics: Metrics | None = None,
+        journal: KnowledgeJournal | None = None,
+        blobs: FolderBlobStore | None = None,
     ) -> None:
         self.model_set = model_set
         self.triton = triton
@@ -144,6 +170,15 @@ class RouterDataPlane:
         self.stage_timeout_s = stage_timeout_s
         self.metrics = metrics or get_metrics()
         self._store_lock = asyncio.Lock()  # one writer at a time into the in-process store
+        self.journal = journal
+        self.blobs = blobs
+        self._learn_lock = asyncio.Lock()  # Learn writes are ordered: journal order = apply order
+        self._learned: dict[str, str] = {}  # exemplar id -> taxon id, everything learned
+        # Broad groups holding learned taxa: their specialist net cannot know those taxa.
+        self._learned_groups: set[str] = set()
+        self._pending_bumps: set[str] = set()  # generation bumps Redis has not taken yet
+        self._generations_key = generations_key(model_set.version)
+        self._tasks: set[asyncio.Future[object]] = set()
 
     # -- Classify ------------------------------------------------------------------------------
     def resolve(
@@ -169,18 +204,28 @@ class RouterDataPlane:
         started = time.perf_counter()
         timer = StageTimer("router", self.metrics)
         degradations: list[Degradation] = []
-        with timer.stage("decode"):
-            img = decode(image, self.limits)
-        key = cache_key(f"{img.content_hash}.{self._options_tag(options)}", self.model_set.version)
-        if self.cache is not None and not options.skip_cache:
+        digest = checked_hash(image, self.limits)
+        key = cache_key(f"{digest}.{self._options_tag(options)}", self.model_set.version)
+        generations: dict[str, int] | None = None
+        if self.cache is not None and await self._flush_bumps():
             with timer.stage("cache_get"):
-                raw = await self._optional(self.cache.get(key), CACHE_UNAVAILABLE, degradations)
-            if raw:
-                self.metrics.record_cache("hit")
-                hit = replace(self._decode(raw), cached=True, degradations=degradations)
-                hit.timings = _timings(timer, started)
-                return hit
-            self.metrics.record_cache("error" if degradations else "miss")
+                got = await self._optional(
+                    self.cache.get_with_generations(key, self._generations_key),
+                    CACHE_UNAVAILABLE,
+                    degradations,
+                )
+            if got is not None:
+                raw, generations = got
+                hit = None if options.skip_cache else self._fresh_hit(raw, generations)
+                if hit is not None:
+                    self.metrics.record_cache("hit")
+                    hit = replace(hit, cached=True, degradations=degradations)
+                    hit.timings = _timings(timer, started)
+                    return hit
+            if not options.skip_cache:
+                self.metrics.record_cache("error" if degradations else "miss")
+        with timer.stage("decode"):
+            img = decode(image, self.limits, digest)
         with timer.stage("broad"):
             logits, emb = await self.triton.infer_broad(img.rgb[None])
         broad_probs = self._broad_probabilities(logits[0])
@@ -211,16 +256,50 @@ class RouterDataPlane:
             model_set_version=self.model_set.version,
             embedding_version=self.model_set.embedding_version,
         )
-        # A degraded answer is not cached: it would outlive the outage it reflects.
-        if self.cache is not None and not degradations:
-            with timer.stage("cache_set"):
-                await self._optional(
-                    self.cache.set(key, self._encode(result), self.cache_ttl_s),
-                    CACHE_UNAVAILABLE,
-                    degradations,
-                )
+        # A degraded answer is not cached: it would outlive the outage it reflects. The entry
+        # records the knowledge generation of every category it used, as read before computing.
+        if self.cache is not None and generations is not None and not degradations:
+            used = {d.category: generations.get(d.category, 0) for d in result.dispatch}
+            value = json.dumps(used, separators=(",", ":")).encode() + b"\n" + self._encode(result)
+            # Off the response path: the caller does not wait for the write-back.
+            self._background(self._write_back(key, value))
         result.timings = _timings(timer, started)
         return result
+
+    async def _write_back(self, key: str, value: bytes) -> None:
+        assert self.cache is not None
+        with StageTimer("router", self.metrics).stage("cache_set"):  # metrics only
+            await self._optional(
+                self.cache.set(key, value, self.cache_ttl_s), CACHE_UNAVAILABLE, []
+            )
+
+    def _background(self, aw: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(aw)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    def _fresh_hit(self, raw: bytes | None, generations: dict[str, int]) -> Classification | None:
+        """The cached answer, unless a category it used has learned something since."""
+        if not raw:
+            return None
+        header, _, payload = raw.partition(b"\n")
+        used = json.loads(header)
+        if any(generations.get(c, 0) != g for c, g in used.items()):
+            self.metrics.record_cache("stale")
+            return None
+        return self._decode(payload)
+
+    async def _flush_bumps(self) -> bool:
+        """Retries generation bumps Redis missed; until they land, no cached answer is read."""
+        if not self._pending_bumps or self.cache is None:
+            return True
+        for category in sorted(self._pending_bumps):
+            try:
+                await self.cache.bump_generation(self._generations_key, category)
+            except Unavailable:
+                return False
+            self._pending_bumps.discard(category)
+        return True
 
     def _options_tag(self, options: ClassifyOptions) -> str:
         # Answers differ with the options, so the options are part of the key.
@@ -241,6 +320,8 @@ class RouterDataPlane:
         timer: StageTimer,
     ) -> CategoryResult:
         route = self.model_set.routing.get(category, TINY)
+        if category in self._learned_groups:
+            route = TINY  # the specialist was trained before these taxa existed
         if route == SPECIALIST:
             try:
                 with timer.stage("specialist"):
@@ -265,6 +346,8 @@ class RouterDataPlane:
             degradations.append(Degradation(CLASSIFIER_UNAVAILABLE, str(exc), category))
             self.metrics.record_degradation(CLASSIFIER_UNAVAILABLE)
             return CategoryResult(category, probability, {}, "", fell_back)
+        if any(t not in self.model_set.taxonomy for t in scores):
+            scores = await self._with_known_taxa(scores)
         self.metrics.record_dispatch(category, TINY, fell_back)
         return CategoryResult(category, probability, scores, served or TINY, fell_back)
 
@@ -348,6 +431,219 @@ class RouterDataPlane:
             async with self._store_lock:
                 await asyncio.to_thread(self.store.flush)
         return report
+
+    # -- Learn -------------------------------------------------------------------------------
+    @property
+    def learned_total(self) -> int:
+        return len(self._learned)
+
+    async def restore_knowledge(self) -> int:
+        """Replays the journal: learned taxa, routing, exemplars; re-sends examples to tiny.
+
+        The tiny service keeps its own journal and skips examples it already has, so the
+        re-send only repairs what a failed Learn left half-done. Returns the examples replayed.
+        """
+        if self.journal is None:
+            return 0
+        examples = await asyncio.to_thread(lambda: list(self.journal.replay()))  # type: ignore[union-attr]
+        if not examples:
+            return 0
+        for e in examples:
+            self._apply_locally(e)
+        if self.store is not None:
+            async with self._store_lock:
+                await asyncio.to_thread(self.store.upsert, [self._exemplar(e) for e in examples])
+        try:
+            for i in range(0, len(examples), INDEX_BATCH):
+                await self.tiny.learn(examples[i : i + INDEX_BATCH], self.model_set.version)
+        except FieldlensError as exc:
+            logger.warning("could not re-send %d learned examples to tiny: %s", len(examples), exc)
+        logger.info(
+            "knowledge restored: %d examples, %d learned taxa",
+            len(self._learned),
+            sum(1 for t in self.model_set.taxonomy if t.id.startswith("learned/")),
+        )
+        return len(examples)
+
+    async def sync_learned_taxa(self) -> int:
+        """Adopts taxa the tiny service learned through another router replica."""
+        try:
+            specs = await self.tiny.learned_taxa()
+        except FieldlensError as exc:
+            logger.warning("could not read learned taxa from tiny: %s", exc)
+            return 0
+        known = self.model_set.taxonomy
+        added = 0
+        for spec in specs:
+            if spec.id not in self.model_set.taxonomy:
+                try:
+                    self._ensure_taxon(spec)
+                except ValueError as exc:  # a parent this model set does not have
+                    logger.warning("ignoring learned taxon %s: %s", spec.id, exc)
+                    continue
+                added += 1
+        if added:
+            logger.info("adopted %d taxa learned elsewhere (%d before)", added, len(known))
+        return added
+
+    async def _with_known_taxa(self, scores: dict[str, float]) -> dict[str, float]:
+        """Scores mention a taxon this replica has not seen learned: adopt it, or drop it."""
+        async with self._learn_lock:
+            if any(t not in self.model_set.taxonomy for t in scores):
+                await self.sync_learned_taxa()
+        taxonomy = self.model_set.taxonomy
+        return {t: p for t, p in scores.items() if t in taxonomy}
+
+    def _resolve_label(
+        self, item: LearnItem, pending: dict[str, NewTaxonSpec]
+    ) -> tuple[str, NewTaxonSpec | None]:
+        """(leaf id, creating spec); `pending` holds taxa that earlier items of the call create."""
+        taxonomy = self.model_set.taxonomy
+        if bool(item.taxon_id) == bool(item.new_name):
+            raise InvalidInput("give either an existing taxon id or a new taxon (name and parent)")
+        if item.taxon_id in pending:
+            return item.taxon_id, pending[item.taxon_id]
+        if item.taxon_id:
+            if item.taxon_id not in taxonomy:
+                raise InvalidInput(f"unknown taxon {item.taxon_id!r}")
+            if taxonomy.children(item.taxon_id):
+                raise InvalidInput(
+                    f"taxon {item.taxon_id!r} is not a leaf; learn a new taxon under it instead"
+                )
+            return item.taxon_id, self._spec_of(item.taxon_id)
+        try:
+            tid = learned_taxon_id(item.new_name)
+            check_learn_parent(taxonomy, item.new_parent)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        if tid in taxonomy and taxonomy.get(tid).parent != item.new_parent:
+            raise InvalidInput(
+                f"taxon {tid!r} already exists under {taxonomy.get(tid).parent!r}, not "
+                f"{item.new_parent!r}"
+            )
+        if tid in pending and pending[tid].parent != item.new_parent:
+            raise InvalidInput(f"taxon {tid!r} is created under {pending[tid].parent!r} already")
+        if tid in taxonomy:
+            return tid, self._spec_of(tid)
+        spec = pending.setdefault(tid, NewTaxonSpec(tid, item.new_name.strip(), item.new_parent))
+        return tid, spec
+
+    def _spec_of(self, taxon_id: str) -> NewTaxonSpec | None:
+        """The creating spec of a learned taxon (sent along so any replica can create it)."""
+        if not taxon_id.startswith("learned/"):
+            return None
+        t = self.model_set.taxonomy.get(taxon_id)
+        return NewTaxonSpec(t.id, t.name, t.parent or "")
+
+    def _exemplar(self, e: LearnedExample) -> Exemplar:
+        taxonomy = self.model_set.taxonomy
+        return Exemplar(
+            id=e.id,
+            vector=e.vector,
+            label=e.taxon_id,
+            broad=taxonomy.broad_of(e.taxon_id) or "",
+            path=taxonomy.path(e.taxon_id),
+            source=e.source or "learn",
+            embedding_version=self.model_set.embedding_version,
+        )
+
+    def _ensure_taxon(self, spec: NewTaxonSpec | None) -> None:
+        """Adds a learned taxon (ValueError for a parent this model set lacks)."""
+        if spec is None:
+            return
+        if spec.id not in self.model_set.taxonomy:
+            taxonomy = self.model_set.taxonomy.with_learned([(spec.id, spec.name, spec.parent)])
+            self.model_set = replace(self.model_set, taxonomy=taxonomy)
+        self._learned_groups.add(self.model_set.taxonomy.broad_of(spec.id) or "")
+
+    def _apply_locally(self, e: LearnedExample) -> None:
+        self._ensure_taxon(e.new_taxon)
+        self._learned[e.id] = e.taxon_id
+
+    async def learn(self, items: Sequence[LearnItem]) -> list[LearnOutcome | FieldlensError]:
+        """Learns labelled images; one outcome (or the item's error) per item, in order.
+
+        Writes, in order: image bytes to the blob store, the example to the journal (the
+        durable record), the exemplar to the vector store, the tiny classifiers (which journal
+        it too), then the category's knowledge generation. An item is acknowledged only after
+        all of them; the first failure of a shared backend fails the rest as Unavailable.
+        """
+        if self.store is None or self.journal is None or self.blobs is None:
+            raise Unavailable("learning needs the vector store, the journal and the blob store")
+        results: list[LearnOutcome | FieldlensError | None] = [None] * len(items)
+        todo: list[tuple[int, DecodedImage, str, NewTaxonSpec | None, str]] = []
+        pending: dict[str, NewTaxonSpec] = {}
+        async with self._learn_lock:
+            for n, item in enumerate(items):
+                try:
+                    tid, spec = self._resolve_label(item, pending)
+                    img = decode(item.image, self.limits)
+                except InvalidInput as exc:
+                    results[n] = exc
+                    continue
+                if self._learned.get(img.content_hash) == tid:
+                    results[n] = LearnOutcome(
+                        img.content_hash, tid, False, True, self.learned_total
+                    )
+                    continue
+                todo.append((n, img, tid, spec, item.source))
+            for i in range(0, len(todo), INDEX_BATCH):
+                chunk = todo[i : i + INDEX_BATCH]
+                try:
+                    outcomes = await self._learn_batch(
+                        [(img, tid, spec, src) for _, img, tid, spec, src in chunk],
+                        [items[n].image for n, *_ in chunk],
+                    )
+                except FieldlensError as exc:
+                    for n, *_ in todo[i:]:
+                        results[n] = exc
+                    break
+                for (n, *_), outcome in zip(chunk, outcomes, strict=True):
+                    results[n] = outcome
+        return [r for r in results if r is not None]
+
+    async def _learn_batch(
+        self,
+        chunk: list[tuple[DecodedImage, str, NewTaxonSpec | None, str]],
+        raw_images: list[bytes],
+    ) -> list[LearnOutcome]:
+        assert self.store is not None and self.journal is not None and self.blobs is not None
+        started = time.perf_counter()
+        _, emb = await self.triton.infer_broad(np.stack([img.rgb for img, *_ in chunk]))
+        taxonomy = self.model_set.taxonomy
+        created = {spec.id for _, tid, spec, _ in chunk if spec and spec.id not in taxonomy}
+        examples = [
+            LearnedExample(img.content_hash, tid, emb[j].astype(np.float32), spec, src or "learn")
+            for j, (img, tid, spec, src) in enumerate(chunk)
+        ]
+        blobs = self.blobs
+        await asyncio.to_thread(lambda: [blobs.put(b) for b in raw_images])
+        await asyncio.to_thread(self.journal.append, examples)
+        for e in examples:  # the taxa must exist before their exemplars get paths
+            self._ensure_taxon(e.new_taxon)
+        points = [self._exemplar(e) for e in examples]
+        async with self._store_lock:
+            await asyncio.to_thread(self.store.upsert, points)
+            await asyncio.to_thread(self.store.flush)
+        await self.tiny.learn(examples, self.model_set.version)
+        for e in examples:
+            self._apply_locally(e)
+        await self._bump({p.broad for p in points})
+        self.metrics.record_learn(len(examples), time.perf_counter() - started)
+        outcomes = []
+        for e in examples:  # "created" goes to the first example of a new taxon only
+            outcomes.append(
+                LearnOutcome(e.id, e.taxon_id, e.taxon_id in created, False, self.learned_total)
+            )
+            created.discard(e.taxon_id)
+        return outcomes
+
+    async def _bump(self, categories: set[str]) -> None:
+        """Makes cached answers of these categories stale; Redis down -> retried later."""
+        if self.cache is None:
+            return
+        self._pending_bumps |= categories
+        await self._flush_bumps()
 
     async def exemplar_count(self) -> int:
         if self.store is None:

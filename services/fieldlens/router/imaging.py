@@ -40,12 +40,19 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode(data: bytes, limits: ImageLimits) -> DecodedImage:
-    """Validates and decodes an encoded image, raising InvalidInput with a clear reason."""
+def checked_hash(data: bytes, limits: ImageLimits) -> str:
+    """The content hash of an encoded image within the byte limit (no decoding: cache hits
+    are answered from the hash alone)."""
     if not data:
         raise InvalidInput("image is empty")
     if len(data) > limits.max_bytes:
         raise InvalidInput(f"image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+    return content_hash(data)
+
+
+def decode(data: bytes, limits: ImageLimits, digest: str | None = None) -> DecodedImage:
+    """Validates and decodes an encoded image, raising InvalidInput with a clear reason."""
+    digest = digest or checked_hash(data, limits)
     try:
         with warnings.catch_warnings():
             # Pillow warns (rather than raises) between 1x and 2x its own bomb limit; the header
@@ -87,4 +94,4 @@ def decode(data: bytes, limits: ImageLimits) -> DecodedImage:
     except (OSError, SyntaxError, ValueError) as exc:
         # Truncated or corrupt data surfaces from the decoder as OSError/SyntaxError.
         raise InvalidInput(f"corrupt image data: {exc}") from None
-    return DecodedImage(arr, content_hash(data), fmt, width, height)
+    return DecodedImage(arr, digest, fmt, width, height)

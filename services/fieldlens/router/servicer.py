@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from fieldlens.backends.vector_store import Neighbour
-from fieldlens.common.errors import FieldlensError, InvalidInput
+from fieldlens.common.errors import (
+    FailedPrecondition,
+    FieldlensError,
+    InvalidInput,
+    Unauthenticated,
+)
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.router.dataplane import (
     Classification,
     Degradation,
     Dispatch,
+    LearnItem,
+    LearnOutcome,
     RouterDataPlane,
 )
 from fieldlens.router.merge import SPECIALIST, TINY, Suggestion
@@ -24,6 +32,21 @@ logger = logging.getLogger(__name__)
 _SERVED_BY = {SPECIALIST: classifier_pb2.SPECIALIST, TINY: classifier_pb2.TINY}
 _SERVED_BY_NAME = {v: k for k, v in _SERVED_BY.items()}
 MAX_INDEX_ITEMS = 100_000  # per IndexExemplars call
+MAX_LEARN_ITEMS = 10_000  # per LearnStream call
+
+
+def check_write_token(context: grpc.aio.ServicerContext, token: str | None) -> None:
+    """Write RPCs need `authorization: Bearer <token>` matching the configured token."""
+    if token is None:
+        raise FailedPrecondition("writes are disabled: this router has no write token configured")
+    values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    if not values:
+        raise Unauthenticated("write RPCs need an 'authorization: Bearer <token>' header")
+    scheme, _, given = str(values[0]).partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthenticated("invalid write credential")
 
 
 def taxon_pb(taxonomy: Taxonomy, taxon_id: str) -> taxonomy_pb2.Taxon:
@@ -113,10 +136,10 @@ def from_proto(r: router_pb2.ClassifyResponse) -> Classification:
     )
 
 
-def codec(taxonomy: Taxonomy):  # type: ignore[no-untyped-def]
-    """(encode, decode) for the result cache: the protobuf wire form."""
+def codec(taxonomy: Callable[[], Taxonomy]):  # type: ignore[no-untyped-def]
+    """(encode, decode) for the result cache: the protobuf wire form (current taxonomy)."""
     return (
-        lambda c: to_proto(c, taxonomy).SerializeToString(),
+        lambda c: to_proto(c, taxonomy()).SerializeToString(),
         lambda raw: from_proto(router_pb2.ClassifyResponse.FromString(raw)),
     )
 
@@ -124,8 +147,9 @@ def codec(taxonomy: Taxonomy):  # type: ignore[no-untyped-def]
 class RouterServicer(router_pb2_grpc.RouterServicer):
     """fieldlens.v1.Router: the public API."""
 
-    def __init__(self, plane: RouterDataPlane) -> None:
+    def __init__(self, plane: RouterDataPlane, write_token: str | None = None) -> None:
         self.plane = plane
+        self.write_token = write_token
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -178,13 +202,71 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             embedding_version=ms.embedding_version,
             exemplar_count=await self.plane.exemplar_count(),
             routing=dict(ms.routing),
+            learned_examples=self.plane.learned_total,
         )
+
+    @staticmethod
+    def _learn_item(r: router_pb2.LearnRequest) -> LearnItem:
+        label = r.WhichOneof("label")
+        return LearnItem(
+            image=r.image,
+            taxon_id=r.taxon_id if label == "taxon_id" else "",
+            new_name=r.new_taxon.name if label == "new_taxon" else "",
+            new_parent=r.new_taxon.parent_id if label == "new_taxon" else "",
+            source=r.source,
+        )
+
+    async def Learn(
+        self, request: router_pb2.LearnRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.LearnResponse:
+        check_write_token(context, self.write_token)
+        (outcome,) = await self.plane.learn([self._learn_item(request)])
+        if isinstance(outcome, FieldlensError):
+            raise outcome
+        return self._learn_response(outcome, request.request_id)
+
+    def _learn_response(self, o: LearnOutcome, request_id: str) -> router_pb2.LearnResponse:
+        return router_pb2.LearnResponse(
+            request_id=request_id,
+            exemplar_id=o.exemplar_id,
+            taxon=taxon_pb(self.taxonomy, o.taxon_id),
+            path=[taxon_pb(self.taxonomy, t) for t in self.taxonomy.path(o.taxon_id)],
+            created_taxon=o.created_taxon,
+            duplicate=o.duplicate,
+            learned_total=o.learned_total,
+            embedding_version=self.plane.model_set.embedding_version,
+        )
+
+    async def LearnStream(
+        self,
+        request_iterator: AsyncIterator[router_pb2.LearnRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> router_pb2.LearnStreamResponse:
+        check_write_token(context, self.write_token)
+        items = []
+        async for r in request_iterator:
+            if len(items) >= MAX_LEARN_ITEMS:
+                raise InvalidInput(f"at most {MAX_LEARN_ITEMS} items per LearnStream; split it")
+            items.append(self._learn_item(r))
+        outcomes = await self.plane.learn(items)
+        reply = router_pb2.LearnStreamResponse(received=len(items))
+        for n, o in enumerate(outcomes):
+            if isinstance(o, FieldlensError):
+                reply.rejected += 1
+                if len(reply.errors) < 10:
+                    reply.errors.append(f"item {n}: {o.code.name}: {o.message}")
+            elif o.duplicate:
+                reply.duplicates += 1
+            else:
+                reply.learned += 1
+        return reply
 
     async def IndexExemplars(
         self,
         request_iterator: AsyncIterator[router_pb2.IndexExemplarsRequest],
         context: grpc.aio.ServicerContext,
     ) -> router_pb2.IndexExemplarsResponse:
+        check_write_token(context, self.write_token)
         items = []
         async for r in request_iterator:
             if len(items) >= MAX_INDEX_ITEMS:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from fieldlens.common.bootstrap import main_with_settings, serve_grpc
+from fieldlens.common.errors import FieldlensError
+from fieldlens.common.knowledge import KnowledgeJournal
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.settings import ClassifierSettings
 from fieldlens.tiny.ensemble import TinyEnsemble
@@ -25,9 +27,25 @@ async def serve(settings: ClassifierSettings) -> None:
             f"for {model_set.embedding_version}"
         )
     logger.info("tiny ensemble: %d edges over %d-d embeddings", len(ensemble.bias), ensemble.dim)
+    journal = KnowledgeJournal.for_model_set(
+        settings.common.state_dir, "tiny", model_set.version, model_set.embedding_version
+    )
+    try:
+        replayed = list(journal.replay())
+        ensemble.learn(replayed)
+    except (ValueError, FieldlensError) as e:
+        raise SystemExit(f"cannot replay the knowledge journal {journal.path}: {e}") from e
+    logger.info(
+        "replayed %d learned examples (%d distinct, %d new taxa) from %s",
+        len(replayed),
+        ensemble.learned_examples,
+        len(ensemble.learned_taxa),
+        journal.path,
+    )
+    servicer = TinyServicer(model_set, ensemble, journal)
     await serve_grpc(
         settings.common,
-        (classifier_pb2_grpc.add_ClassifierServicer_to_server, TinyServicer(model_set, ensemble)),
+        (classifier_pb2_grpc.add_ClassifierServicer_to_server, servicer),
         SERVICE,
     )
 

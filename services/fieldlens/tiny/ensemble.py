@@ -4,19 +4,45 @@ Every internal taxon at or below the broad level owns a softmax classifier over 
 All of them live in one weight matrix (a row per child edge, rows of one node contiguous), so the
 whole tree is evaluated with one matrix product, a segmented softmax and one multiply per depth
 level. A node with a single child is a segment of one row: its softmax is exactly 1.
+
+Learn adds labelled examples online, new leaf taxa included: a new taxon's row is imprinted from
+the mean of its examples (Qi et al. 2018, "Low-Shot Learning with Imprinted Weights") and SGD on
+each example's path teaches its ancestors to route to it. Unlike the cosine classifier of that
+paper, the trained rows here are discriminative: a softmax ignores what all children of a node
+share, so a sibling row points from the node's centroid towards its class, not at the class mean.
+The imprint is therefore taken from the parent's training centroid (kept by `fit`) to the new
+taxon's mean; a raw mean would share the whole group's common direction and outscore every
+sibling on the siblings' own images. Examples are applied one at a time, so the same examples in
+the same order give the same weights however they were batched: replaying the knowledge journal
+rebuilds exactly the state that was served.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fieldlens.common.taxonomy import Taxonomy
+from fieldlens.common.errors import InvalidInput
+from fieldlens.common.knowledge import LearnedExample, NewTaxonSpec
+from fieldlens.common.taxonomy import LEARNED_PREFIX, Taxonomy
 
 logger = logging.getLogger(__name__)
+
+# SGD steps per learned example on its path (each at the ensemble's `lr`).
+LEARN_STEPS = 5
+# Imprint scale when a new taxon's siblings carry no usable norm (e.g. the only child of a node,
+# whose softmax was always 1 and so never trained) and no other row has one either.
+DEFAULT_IMPRINT_SCALE = 1.0
+# Without the parent's centroid (an ensemble saved before centroids were kept), a learned row's
+# bias is set so that it beats the best sibling on its own examples by this many logits on
+# average: enough to win there, little enough to leave the siblings their own images.
+UNCENTRED_MARGIN = 1.0
+_TINY_NORM = 1e-6
 
 
 @dataclass(frozen=True)
@@ -75,23 +101,89 @@ class TinyEnsemble:
         embedding_version: str,
         lr: float = 0.05,
     ) -> None:
-        self.taxonomy = taxonomy
-        self.layout = TreeLayout.from_taxonomy(taxonomy)
-        n_rows = len(self.layout.row_taxon)
+        layout = TreeLayout.from_taxonomy(taxonomy)
+        n_rows = len(layout.row_taxon)
         if weights.shape[0] != n_rows or bias.shape != (n_rows,):
             raise ValueError(
                 f"tiny weights {weights.shape} do not match the taxonomy's {n_rows} edges"
             )
-        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
-        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+        self._set_layout(
+            taxonomy,
+            layout,
+            np.ascontiguousarray(weights, dtype=np.float32),
+            np.ascontiguousarray(bias, dtype=np.float32),
+        )
         self.embedding_version = embedding_version
         self.lr = lr
-        self._row_of = {t: r for r, t in enumerate(self.layout.row_taxon)}
-        self._seg_len = np.diff(np.append(self.layout.seg_start, n_rows))
+        # Taxa created by Learn, in creation order.
+        self.learned_taxa: dict[str, NewTaxonSpec] = {}
+        # Latest label of every learned example id (a relabel replaces it).
+        self._labels: dict[str, str] = {}
+        # Every (example id, taxon id) ever applied: re-sending history is a no-op.
+        self._applied: set[tuple[str, str]] = set()
+        self._imprints: dict[str, _Imprint] = {}
+        # Mean training embedding under each internal taxon (see `fit`); empty when unknown.
+        self.centroids: dict[str, np.ndarray] = {}
+        # Nodes trained with a single child: a softmax of one is constant, so that child's row
+        # never learnt anything and its norm says nothing about a scale.
+        self._untrained_nodes = frozenset(
+            str(n) for n, k in zip(layout.nodes, self._seg_len, strict=True) if k == 1
+        )
+
+    def _set_layout(
+        self, taxonomy: Taxonomy, layout: TreeLayout, weights: np.ndarray, bias: np.ndarray
+    ) -> None:
+        self.taxonomy = taxonomy
+        self.layout = layout
+        self.weights = weights
+        self.bias = bias
+        self._row_of = {str(t): r for r, t in enumerate(layout.row_taxon)}
+        self._seg_len = np.diff(np.append(layout.seg_start, len(layout.row_taxon)))
 
     @property
     def dim(self) -> int:
         return int(self.weights.shape[1])
+
+    @property
+    def learned_examples(self) -> int:
+        """Distinct example ids learned online (a relabelled example counts once)."""
+        return len(self._labels)
+
+    def copy(self) -> TinyEnsemble:
+        """An independent copy: learning on it leaves this one (and readers of it) untouched."""
+        out = copy.copy(self)  # the layout and taxonomy are immutable and shared
+        out.weights = self.weights.copy()
+        out.bias = self.bias.copy()
+        out.learned_taxa = dict(self.learned_taxa)
+        out._labels = dict(self._labels)
+        out._applied = set(self._applied)
+        out._imprints = {t: i.copy() for t, i in self._imprints.items()}
+        return out
+
+    def with_taxonomy(self, taxonomy: Taxonomy) -> TinyEnsemble:
+        """A copy laid out for `taxonomy` (e.g. one extended by `Taxonomy.with_learned`).
+
+        Rows are matched by taxon id: a taxon in both keeps its weights and bias, a new one starts
+        at zero, and a row whose taxon is gone is dropped.
+        """
+        out = self.copy()
+        out._relayout(taxonomy)
+        return out
+
+    def _relayout(self, taxonomy: Taxonomy) -> None:
+        layout = TreeLayout.from_taxonomy(taxonomy)
+        n_rows = len(layout.row_taxon)
+        weights = np.zeros((n_rows, self.dim), np.float32)
+        bias = np.zeros(n_rows, np.float32)
+        new_rows, old_rows = [], []
+        for r, t in enumerate(layout.row_taxon):
+            old = self._row_of.get(str(t))
+            if old is not None:
+                new_rows.append(r)
+                old_rows.append(old)
+        weights[new_rows] = self.weights[old_rows]
+        bias[new_rows] = self.bias[old_rows]
+        self._set_layout(taxonomy, layout, weights, bias)
 
     # -- inference ----------------------------------------------------------------------------
     def conditional(self, emb: np.ndarray) -> np.ndarray:
@@ -148,8 +240,119 @@ class TinyEnsemble:
             self.weights -= self.lr * grad_logits.T @ emb / len(leaves)
             self.bias -= self.lr * grad_logits.sum(0) / len(leaves)
 
+    # -- online learning ----------------------------------------------------------------------
+    def triage(self, examples: Sequence[LearnedExample]) -> tuple[list[LearnedExample], int]:
+        """Checks a batch against the current state without changing it.
+
+        Returns the examples to apply (in order) and how many are duplicates: an example id
+        already applied, or earlier in the batch, with the same taxon. The same id with a taxon
+        it never had is a relabel and is applied. Going back to a label the id had before is a
+        duplicate too, so that a client re-sending its whole history (relabels included)
+        changes nothing. Raises InvalidInput naming the first bad example.
+        """
+        taxonomy = self.taxonomy
+        seen: set[tuple[str, str]] = set()
+        fresh: list[LearnedExample] = []
+        duplicates = 0
+        for ex in examples:
+            taxonomy = _check_example(ex, taxonomy, self.dim)
+            key = (ex.id, ex.taxon_id)
+            if key in self._applied or key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            fresh.append(ex)
+        return fresh, duplicates
+
+    def learn(self, examples: Iterable[LearnedExample], steps: int = LEARN_STEPS) -> None:
+        """Applies examples in order, one at a time, in place; see the module docstring.
+
+        Every example is applied, duplicates included: `triage` decides what to apply, and the
+        journal holds exactly what was applied, so replaying it reproduces the same weights.
+        """
+        for ex in examples:
+            self._learn_one(ex, steps)
+
+    def _learn_one(self, ex: LearnedExample, steps: int) -> None:
+        taxonomy = _check_example(ex, self.taxonomy, self.dim)
+        if taxonomy is not self.taxonomy:
+            assert ex.new_taxon is not None
+            self._relayout(taxonomy)
+            self.learned_taxa[ex.new_taxon.id] = ex.new_taxon
+            self._imprints[ex.new_taxon.id] = _Imprint(np.zeros(self.dim))
+        vec = np.asarray(ex.vector, dtype=np.float32)
+        touched: set[str] = set()
+        previous = self._imprints.get(self._labels.get(ex.id, ""))
+        if previous is not None and previous.remove(ex.id):
+            touched.add(self._labels[ex.id])
+        self._labels[ex.id] = ex.taxon_id
+        self._applied.add((ex.id, ex.taxon_id))
+        imprint = self._imprints.get(ex.taxon_id)
+        if imprint is not None:
+            imprint.add(ex.id, vec)
+            self._imprint(ex.taxon_id)
+        self.partial_fit(vec[None], [ex.taxon_id], steps=steps)
+        # SGD moved every row in the path's segments, learned rows among them: put their
+        # imprints back so a few SGD steps cannot erode what the examples' mean says.
+        for r in self.path_rows(ex.taxon_id):
+            node = self.layout.row_node[r]
+            start = self.layout.seg_start[node]
+            for q in range(start, start + self._seg_len[node]):
+                touched.add(str(self.layout.row_taxon[q]))
+        for t in sorted(touched & self._imprints.keys(), key=self._row_of.__getitem__):
+            self._imprint(t)
+
+    def _imprint(self, taxon: str) -> None:
+        """Row = s * unit(mean of the taxon's examples - parent centroid), s = median sibling norm.
+
+        The bias is the median sibling bias; without a centroid, see UNCENTRED_MARGIN.
+        """
+        imprint = self._imprints[taxon]
+        if not imprint.vectors:
+            return  # every example was relabelled away: keep the row as it last was
+        r = self._row_of[taxon]
+        node = self.layout.row_node[r]
+        centre = self.centroids.get(str(self.layout.nodes[node]))
+        direction = imprint.total / len(imprint.vectors)
+        if centre is not None:
+            direction = direction - centre
+        norm = float(np.linalg.norm(direction))
+        if norm < _TINY_NORM:
+            return
+        start = self.layout.seg_start[node]
+        others = [q for q in range(start, start + self._seg_len[node]) if q != r]
+        # Other learned rows are imprints themselves: trained siblings set the scale if any.
+        siblings = [q for q in others if str(self.layout.row_taxon[q]) not in self._imprints]
+        siblings = siblings or others
+        scale = float(np.median(np.linalg.norm(self.weights[siblings], axis=1))) if siblings else 0
+        if scale < _TINY_NORM or str(self.layout.nodes[node]) in self._untrained_nodes:
+            scale = self._default_scale()
+        row = (direction * (scale / norm)).astype(np.float32)
+        if centre is not None or not others:
+            bias = float(np.median(self.bias[siblings])) if siblings else 0.0
+        else:
+            x = np.stack(list(imprint.vectors.values()))
+            best_other = (x @ self.weights[others].T + self.bias[others]).max(axis=1)
+            bias = float(np.mean(best_other) - np.mean(x @ row) + UNCENTRED_MARGIN)
+        self.weights[r] = row
+        self.bias[r] = bias
+
+    def _default_scale(self) -> float:
+        """Median norm of the rows that were trained."""
+        learned = {self._row_of[t] for t in self._imprints}
+        norms = np.linalg.norm(self.weights, axis=1)
+        usable = [
+            float(n)
+            for q, n in enumerate(norms)
+            if q not in learned
+            and n >= _TINY_NORM
+            and str(self.layout.nodes[self.layout.row_node[q]]) not in self._untrained_nodes
+        ]
+        return float(np.median(usable)) if usable else DEFAULT_IMPRINT_SCALE
+
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: Path) -> None:
+        """Writes the trained model; what Learn added lives in the knowledge journal instead."""
         np.savez_compressed(
             path,
             weights=self.weights.astype(np.float16),
@@ -157,6 +360,10 @@ class TinyEnsemble:
             row_taxon=self.layout.row_taxon,
             taxonomy_version=np.asarray(self.taxonomy.version),
             embedding_version=np.asarray(self.embedding_version),
+            centroid_nodes=np.asarray(list(self.centroids), dtype=str),
+            centroids=np.asarray(list(self.centroids.values()), dtype=np.float32).reshape(
+                len(self.centroids), self.dim
+            ),
         )
 
     @classmethod
@@ -169,7 +376,90 @@ class TinyEnsemble:
         ens = cls(taxonomy, z["weights"].astype(np.float32), z["bias"], str(z["embedding_version"]))
         if list(ens.layout.row_taxon) != list(z["row_taxon"]):
             raise ValueError(f"{path}: row order differs from the taxonomy's layout")
+        if "centroids" in z.files:
+            ens.centroids = {
+                str(n): c for n, c in zip(z["centroid_nodes"], z["centroids"], strict=True)
+            }
+        if not ens.centroids:
+            logger.warning(
+                "%s has no node centroids (saved before Learn existed): new taxa will be "
+                "imprinted uncentred, which serves their siblings worse; retrain to fix",
+                path,
+            )
         return ens
+
+
+@dataclass
+class _Imprint:
+    """Running sum of one learned taxon's example embeddings.
+
+    The vectors are kept by example id so that a relabel can take one back out of the sum.
+    """
+
+    total: np.ndarray  # float64
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def copy(self) -> _Imprint:
+        return _Imprint(self.total.copy(), dict(self.vectors))
+
+    def add(self, example_id: str, vec: np.ndarray) -> None:
+        self.remove(example_id)
+        self.vectors[example_id] = vec
+        self.total = self.total + vec
+
+    def remove(self, example_id: str) -> bool:
+        vec = self.vectors.pop(example_id, None)
+        if vec is None:
+            return False
+        self.total = self.total - vec
+        return True
+
+
+def _check_example(ex: LearnedExample, taxonomy: Taxonomy, dim: int) -> Taxonomy:
+    """Raises InvalidInput unless `ex` can be learned; returns `taxonomy` with its new taxon."""
+    if not ex.id:
+        raise InvalidInput("a learned example has no id")
+    if ex.vector.shape != (dim,):
+        raise InvalidInput(
+            f"example {ex.id}: embedding has {ex.vector.size} values; expected {dim}"
+        )
+    if not np.all(np.isfinite(ex.vector)):
+        raise InvalidInput(f"example {ex.id}: embedding contains NaN or infinity")
+    nt = ex.new_taxon
+    if nt is not None:
+        if nt.id != ex.taxon_id:
+            raise InvalidInput(
+                f"example {ex.id}: new_taxon.id {nt.id!r} is not its taxon_id {ex.taxon_id!r}"
+            )
+        if nt.id in taxonomy:
+            parent = taxonomy.get(nt.id).parent
+            if parent != nt.parent:
+                raise InvalidInput(
+                    f"example {ex.id}: taxon {nt.id!r} already exists under {parent!r}, "
+                    f"not under {nt.parent!r}"
+                )
+        else:
+            if not nt.id.startswith(LEARNED_PREFIX) or nt.id == LEARNED_PREFIX:
+                raise InvalidInput(
+                    f"example {ex.id}: a new taxon's id must start with {LEARNED_PREFIX!r} "
+                    f"(got {nt.id!r})"
+                )
+            if not nt.name.strip():
+                raise InvalidInput(f"example {ex.id}: new taxon {nt.id!r} has no name")
+            try:
+                taxonomy = taxonomy.with_learned([(nt.id, nt.name, nt.parent)])
+            except ValueError as e:
+                raise InvalidInput(f"example {ex.id}: cannot create {nt.id!r}: {e}") from None
+    if ex.taxon_id not in taxonomy:
+        raise InvalidInput(
+            f"example {ex.id}: unknown taxon {ex.taxon_id!r} (set new_taxon to create one)"
+        )
+    if taxonomy.children(ex.taxon_id) or taxonomy.broad_of(ex.taxon_id) is None:
+        raise InvalidInput(
+            f"example {ex.id}: {ex.taxon_id!r} is not a leaf below a broad group; "
+            "label examples with a class"
+        )
+    return taxonomy
 
 
 def fit(
@@ -225,4 +515,23 @@ def fit(
         opt.step()
     ens.weights = w.detach().numpy().astype(np.float32)
     ens.bias = b.detach().numpy().astype(np.float32)
+    ens.centroids = _node_centroids(taxonomy, layout, emb, leaves)
     return ens
+
+
+def _node_centroids(
+    taxonomy: Taxonomy, layout: TreeLayout, emb: np.ndarray, leaves: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Mean training embedding under every internal taxon (imprinting centres on it)."""
+    leaf_ids, inverse = np.unique(np.asarray(leaves).astype(str), return_inverse=True)
+    sums = np.zeros((len(leaf_ids), emb.shape[1]), np.float64)
+    np.add.at(sums, inverse, emb.astype(np.float64))
+    counts = np.bincount(inverse, minlength=len(leaf_ids))
+    index = {str(leaf): i for i, leaf in enumerate(leaf_ids)}
+    out: dict[str, np.ndarray] = {}
+    for node in map(str, layout.nodes):
+        rows = [index[leaf] for leaf in taxonomy.leaves_under(node) if leaf in index]
+        n = int(counts[rows].sum())
+        if n:
+            out[node] = (sums[rows].sum(axis=0) / n).astype(np.float32)
+    return out

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
 import numpy as np
 
-from fieldlens.common.errors import FailedPrecondition, InvalidInput, NotFound
+from fieldlens.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
 from fieldlens.common.model_set import ModelSet
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
+
+logger = logging.getLogger(__name__)
 
 
 def check_request(model_set: ModelSet, request: classifier_pb2.CategoryRequest) -> None:
@@ -46,36 +52,63 @@ def to_response(
     )
 
 
-class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
-    """fieldlens.v1.Classifier over the tiny ensemble (no Triton needed)."""
+def from_proto(example: classifier_pb2.LearnedExample) -> LearnedExample:
+    """The domain form of one LearnedExample message (checked later, by the ensemble)."""
+    nt = example.new_taxon
+    return LearnedExample(
+        id=example.id,
+        taxon_id=example.taxon_id,
+        vector=np.asarray(example.embedding, dtype=np.float32),
+        new_taxon=(
+            NewTaxonSpec(nt.id, nt.name, nt.parent_id) if example.HasField("new_taxon") else None
+        ),
+    )
 
-    def __init__(self, model_set: ModelSet, ensemble: TinyEnsemble) -> None:
+
+class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
+    """fieldlens.v1.Classifier over the tiny ensemble (no Triton needed).
+
+    Args:
+        model_set: The served model set (its taxonomy's broad groups are the categories).
+        ensemble: The ensemble with the knowledge journal already replayed into it.
+        journal: Where Learn makes examples durable before applying them.
+    """
+
+    def __init__(
+        self, model_set: ModelSet, ensemble: TinyEnsemble, journal: KnowledgeJournal
+    ) -> None:
         self.model_set = model_set
+        # Replaced, never mutated, by Learn: a Classify holds whichever version it read.
         self.ensemble = ensemble
+        self.journal = journal
+        self._learn_lock = asyncio.Lock()
+        self._learning: set[asyncio.Task[tuple[int, int, int]]] = set()
 
     async def Classify(
         self, request: classifier_pb2.CategoryRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.CategoryResponse:
         check_request(self.model_set, request)
-        if len(request.embedding) != self.ensemble.dim:
+        ensemble = self.ensemble
+        if len(request.embedding) != ensemble.dim:
             raise InvalidInput(
-                f"embedding has {len(request.embedding)} values; expected {self.ensemble.dim}"
+                f"embedding has {len(request.embedding)} values; expected {ensemble.dim}"
             )
         emb = np.asarray(request.embedding, dtype=np.float32)
         if not np.all(np.isfinite(emb)):
             raise InvalidInput("embedding contains NaN or infinity")
-        scores = self.ensemble.scores_for(emb[None], request.category)
+        scores = ensemble.scores_for(emb[None], request.category)
         return to_response(
             request.category,
             scores,
             request.top_k,
             classifier_pb2.TINY,
-            self.ensemble.embedding_version,
+            ensemble.embedding_version,
         )
 
     async def Describe(
         self, request: classifier_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.DescribeResponse:
+        ensemble = self.ensemble
         return classifier_pb2.DescribeResponse(
             served_by=classifier_pb2.TINY,
             categories=[
@@ -83,5 +116,60 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
                 for b in self.model_set.taxonomy.broad_ids
             ],
             model_set_version=self.model_set.version,
-            embedding_version=self.ensemble.embedding_version,
+            embedding_version=ensemble.embedding_version,
+            learned_examples=ensemble.learned_examples,
+            learned_taxa=[
+                classifier_pb2.NewTaxon(id=t.id, name=t.name, parent_id=t.parent)
+                for t in ensemble.learned_taxa.values()
+            ],
         )
+
+    async def Learn(
+        self, request: classifier_pb2.LearnExamplesRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.LearnExamplesResponse:
+        # Required, unlike Classify's: learned vectors are kept, and a vector from another
+        # embedding space would corrupt the classifiers for good.
+        if not request.model_set_version:
+            raise InvalidInput("model_set_version is required: name the embeddings' model set")
+        if request.model_set_version != self.model_set.version:
+            raise FailedPrecondition(
+                f"examples are for model set {request.model_set_version}, this service learns "
+                f"for {self.model_set.version}"
+            )
+        examples = [from_proto(e) for e in request.examples]
+        # Shielded: once an example is in the journal it must also be applied in memory, even
+        # if the caller goes away, or a retry would journal it a second time.
+        task = asyncio.ensure_future(self._learn(examples))
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
+        applied, duplicates, total = await asyncio.shield(task)
+        return classifier_pb2.LearnExamplesResponse(
+            applied=applied, duplicates=duplicates, learned_total=total
+        )
+
+    async def _learn(self, examples: list[LearnedExample]) -> tuple[int, int, int]:
+        """Journal first (durable), then apply to a copy and swap it in; one batch at a time."""
+        async with self._learn_lock:
+            current = self.ensemble
+            fresh, duplicates = current.triage(examples)
+            if fresh:
+                try:
+                    await asyncio.to_thread(self.journal.append, fresh)
+                except OSError as e:
+                    logger.exception("cannot append to %s", self.journal.path)
+                    raise Unavailable("the knowledge journal cannot be written; retry") from e
+                self.ensemble = await asyncio.to_thread(_learned, current, fresh)
+                logger.info(
+                    "learned %d examples (%d duplicates); %d examples, %d new taxa in all",
+                    len(fresh),
+                    duplicates,
+                    self.ensemble.learned_examples,
+                    len(self.ensemble.learned_taxa),
+                )
+            return len(fresh), duplicates, self.ensemble.learned_examples
+
+
+def _learned(ensemble: TinyEnsemble, examples: list[LearnedExample]) -> TinyEnsemble:
+    updated = ensemble.copy()
+    updated.learn(examples)
+    return updated

@@ -1,0 +1,170 @@
+"""End-to-end Learn: credentials, a class the models never saw, cache staleness, restarts."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from fieldlens import cluster, gallery
+from fieldlens.common.credentials import bearer
+from fieldlens.common.taxonomy import learned_taxon_id
+from fieldlens.v1 import router_pb2
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+LEARN_SHOTS = 5
+HELD_OUT = 20
+
+
+@pytest.fixture(scope="module")
+def cluster_up(live_cluster):
+    # Earlier end-to-end tests kill Redis and the specialist; bring everything back.
+    cluster.start(live_cluster.cfg)
+    return live_cluster
+
+
+@pytest.fixture(scope="module")
+def token(cluster_up) -> tuple[tuple[str, str], ...]:
+    return bearer(cluster_up.token)
+
+
+@pytest.fixture(scope="module")
+def novel(data_dir):
+    classes = gallery.novel_classes(cluster.ClusterConfig().models_dir)
+    if len(classes) < 2:
+        pytest.skip("this model set holds out fewer than two novel classes")
+    images = gallery.class_samples(
+        data_dir, [c["wnid"] for c in classes[:2]], LEARN_SHOTS + HELD_OUT
+    )
+    return [(c, images[c["wnid"]]) for c in classes[:2]]
+
+
+def _learn(router, image: bytes, metadata, **label) -> router_pb2.LearnResponse:
+    return router.Learn(
+        router_pb2.LearnRequest(image=image, **label), timeout=30, metadata=metadata
+    )
+
+
+def _new(c: dict[str, str]) -> router_pb2.NewTaxonLabel:
+    return router_pb2.NewTaxonLabel(name=c["name"], parent_id=c["parent"])
+
+
+def _top(router, image: bytes, **kw) -> router_pb2.ClassifyResponse:
+    return router.Classify(router_pb2.ClassifyRequest(image=image, **kw), timeout=30)
+
+
+def _until_cached(router, image: bytes) -> router_pb2.ClassifyResponse:
+    for _ in range(50):  # the cache write-back is off the response path
+        r = _top(router, image)
+        if r.cached:
+            break
+        time.sleep(0.02)
+    return r
+
+
+def test_writes_need_the_token_reads_do_not(cluster_up, novel):
+    router = cluster_up.router
+    (c, images), _ = novel
+    for metadata in ((), (("authorization", "Bearer not-the-token"),)):
+        with pytest.raises(grpc.RpcError) as err:
+            _learn(router, images[0], metadata, new_taxon=_new(c))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        router.IndexExemplars(iter([router_pb2.IndexExemplarsRequest()]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert router.GetInfo(router_pb2.GetInfoRequest(), timeout=10).model_set_version
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ({"new_taxon": router_pb2.NewTaxonLabel(name="x", parent_id="broad/nope")}, "unknown"),
+        ({"new_taxon": router_pb2.NewTaxonLabel(name="x", parent_id="root")}, "above"),
+        ({"taxon_id": "broad/cat"}, "not a leaf"),
+        ({"taxon_id": "n00000000"}, "unknown taxon"),
+        ({}, "either"),
+    ],
+)
+def test_bad_learn_requests_are_invalid_argument(cluster_up, token, novel, label, message):
+    (_, images), _ = novel
+    with pytest.raises(grpc.RpcError) as err:
+        _learn(cluster_up.router, images[0], token, **label)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_corrupt_image_is_refused_and_nothing_is_learned(cluster_up, token, novel):
+    (c, _), _ = novel
+    with pytest.raises(grpc.RpcError) as err:
+        _learn(cluster_up.router, b"\xff\xd8not a jpeg", token, new_taxon=_new(c))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = cluster_up.router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert info.learned_examples == 0
+
+
+def test_a_class_learned_from_five_images_is_recognised(cluster_up, token, novel):
+    router = cluster_up.router
+    (c, images), _ = novel
+    shots, held_out = images[:LEARN_SHOTS], images[LEARN_SHOTS:]
+    probe = held_out[0]
+    before = _top(router, probe)
+    assert _until_cached(router, probe).cached  # the answer is cached before Learn
+    replies = [_learn(router, img, token, new_taxon=_new(c)) for img in shots]
+    tid = replies[0].taxon.id
+    assert tid.startswith("learned/")
+    assert [r.created_taxon for r in replies] == [True] + [False] * (LEARN_SHOTS - 1)
+    assert replies[0].path[-2].id == c["parent"]
+    assert replies[-1].learned_total == LEARN_SHOTS
+    taxa = {t.id for t in router.GetTaxonomy(router_pb2.GetTaxonomyRequest(), timeout=10).taxa}
+    assert tid in taxa
+    # The cached answer of that category is no longer served.
+    after = _top(router, probe)
+    assert not after.cached
+    assert tid not in [s.taxon.id for s in before.suggestions]
+    assert tid in [s.taxon.id for s in after.suggestions]
+    hits = sum(_top(router, img).suggestions[0].taxon.id == tid for img in held_out)
+    recall = hits / len(held_out)
+    print(f"recall of {c['name']} learned from {LEARN_SHOTS} images: {recall:.2f}")
+    assert recall >= 0.5
+    # The learned exemplars are evidence for it.
+    ex = [e for s in _top(router, shots[0]).suggestions for e in s.exemplars]
+    assert any(e.label_id == tid and e.similarity > 0.99 for e in ex)
+
+
+def test_learning_the_same_image_again_changes_nothing(cluster_up, token, novel):
+    (c, images), _ = novel
+    first = _learn(cluster_up.router, images[0], token, new_taxon=_new(c))
+    assert first.duplicate and not first.created_taxon
+    assert first.learned_total == LEARN_SHOTS
+
+
+def test_learn_stream_learns_good_items_and_reports_bad_ones(cluster_up, token, novel):
+    _, (c, images) = novel
+    requests = [router_pb2.LearnRequest(image=img, new_taxon=_new(c)) for img in images[:3]]
+    requests.append(router_pb2.LearnRequest(image=b"garbage", new_taxon=_new(c)))
+    # A later item may name the taxon an earlier item of the same stream creates.
+    requests.append(router_pb2.LearnRequest(image=images[3], taxon_id=learned_taxon_id(c["name"])))
+    reply = cluster_up.router.LearnStream(iter(requests), timeout=60, metadata=token)
+    assert (reply.received, reply.learned, reply.rejected) == (5, 4, 1)
+    assert len(reply.errors) == 1 and "item 3: INVALID_ARGUMENT" in reply.errors[0]
+
+
+def test_learned_knowledge_survives_a_kill_of_router_and_tiny(cluster_up, token, novel):
+    router = cluster_up.router
+    (c, images), _ = novel
+    probe = images[-1]
+    info = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    before = _top(router, probe, skip_cache=True)
+    for name in ("router", "tiny"):
+        assert cluster.kill(cluster_up.cfg, name)  # SIGKILL: no chance to flush anything
+    cluster.start(cluster_up.cfg)
+    again = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert again.learned_examples == info.learned_examples == LEARN_SHOTS + 4
+    assert again.exemplar_count == info.exemplar_count
+    after = _top(router, probe, skip_cache=True)
+    assert after.suggestions[0].taxon.id == before.suggestions[0].taxon.id
+    assert after.suggestions[0].probability == pytest.approx(
+        before.suggestions[0].probability, rel=1e-4
+    )
