@@ -13,6 +13,7 @@ from fieldlens.backends.vector_store import (
     Exemplar,
     QdrantClientVectorStore,
     VectorStore,
+    list_collections,
     open_vector_store,
 )
 from fieldlens.common.errors import FailedPrecondition
@@ -200,3 +201,39 @@ def test_vectors_of_another_embedding_version_are_never_compared(tmp_path: Path)
         assert reopened.search(vectors[0], 1)[0].id == points[0].id
     finally:
         reopened.close()
+
+
+def test_scroll_returns_every_exemplar_once(edge_store: VectorStore, tmp_path: Path) -> None:
+    _, points = _dataset(300)
+    edge_store.upsert(points)
+    ref = open_vector_store(":memory:", COLLECTION, DIM)
+    ref.upsert(points)
+    for store in (edge_store, ref):
+        pages = list(store.scroll(batch=64))
+        seen = [e.id for page in pages for e in page]
+        assert sorted(seen) == sorted(p.id for p in points), type(store).__name__
+        assert max(len(p) for p in pages) <= 64
+        first = next(e for page in pages for e in page if e.id == points[0].id)
+        assert (first.label, first.source, first.embedding_version) == (
+            points[0].label,
+            "test",
+            "emb-test-v1",
+        )
+    ref.close()
+
+
+def test_edge_publish_renames_atomically_and_reopens(tmp_path: Path) -> None:
+    root = str(tmp_path / "qdrant")
+    vectors, points = _dataset(20)
+    staging = open_vector_store(root, "exemplars_new__reindex", DIM)
+    staging.upsert(points)
+    staging.publish_as("exemplars_new")
+    assert list_collections(root) == ["exemplars_new"]
+    assert staging.count() == 20 and staging.search(vectors[3], 1)[0].id == points[3].id
+    staging.close()
+    with pytest.raises(FailedPrecondition):
+        other = open_vector_store(root, "exemplars_other", DIM)
+        try:
+            other.publish_as("exemplars_new")
+        finally:
+            other.close()

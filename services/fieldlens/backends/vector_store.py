@@ -95,6 +95,25 @@ def point_uuid(content_hash: str) -> uuid.UUID:
     return uuid.UUID(hex=normalised[:32])
 
 
+@dataclass(frozen=True)
+class StoredExemplar:
+    """What a re-index needs of a stored exemplar: its id (the image's content hash, also its
+    blob key), label and provenance; the vector is not needed, it is recomputed."""
+
+    id: str
+    label: str
+    source: str
+    embedding_version: str
+
+
+def _stored(point_id: Any, payload: dict[str, Any] | None) -> StoredExemplar:
+    n = _neighbour(point_id, 0.0, payload)
+    payload = payload or {}
+    return StoredExemplar(
+        n.id, n.label, str(payload.get("source", "")), str(payload.get("embedding_version", ""))
+    )
+
+
 def _payload(ex: Exemplar) -> dict[str, Any]:
     return {
         "exemplar_id": ex.id.lower(),
@@ -185,6 +204,14 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     def optimize(self) -> bool:
         """Build indexes / merge segments after bulk loads; True if anything changed."""
+
+    @abc.abstractmethod
+    def scroll(self, batch: int = 256) -> Iterator[list[StoredExemplar]]:
+        """Every stored exemplar, `batch` at a time (for re-indexing)."""
+
+    @abc.abstractmethod
+    def publish_as(self, collection: str) -> None:
+        """Makes this (fully built) collection the one named `collection`, atomically."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -395,6 +422,30 @@ class EdgeVectorStore(VectorStore):
         logger.info("optimized edge vector store %s (changed=%s)", self._path, changed)
         return changed
 
+    def scroll(self, batch: int = 256) -> Iterator[list[StoredExemplar]]:
+        import qdrant_edge as qe
+
+        offset = None
+        while True:
+            records, offset = self._require().scroll(
+                qe.ScrollRequest(limit=batch, offset=offset, with_payload=True, with_vector=False)
+            )
+            if records:
+                yield [_stored(r.id, r.payload) for r in records]
+            if offset is None or not records:
+                return
+
+    def publish_as(self, collection: str) -> None:
+        """Renames the shard directory (atomic on one filesystem) and reopens it there."""
+        final = self._path.parent / collection
+        if final.exists():
+            raise FailedPrecondition(f"{final} exists already")
+        dim = self._dim
+        self.close()
+        os.rename(self._path, final)
+        self._path, self._collection = final, collection
+        self.ensure_collection(dim)
+
     def close(self) -> None:
         with self._write_lock:
             shard, self._shard = self._shard, None
@@ -594,10 +645,61 @@ class QdrantClientVectorStore(VectorStore):
         self._require_dim()
         return False
 
+    def scroll(self, batch: int = 256) -> Iterator[list[StoredExemplar]]:
+        self._require_dim()
+        offset = None
+        while True:
+            with self._call("scroll"):
+                records, offset = self._client.scroll(
+                    self._collection,
+                    limit=batch,
+                    offset=offset,
+                    with_payload=True,
+                    with_vectors=False,
+                )
+            if records:
+                yield [_stored(r.id, r.payload) for r in records]
+            if offset is None or not records:
+                return
+
+    def publish_as(self, collection: str) -> None:
+        """Points the alias `collection` at this collection (one atomic alias update)."""
+        from qdrant_client import models
+
+        with self._call("publish"):
+            self._client.update_collection_aliases(
+                change_aliases_operations=[
+                    models.CreateAliasOperation(
+                        create_alias=models.CreateAlias(
+                            collection_name=self._collection, alias_name=collection
+                        )
+                    )
+                ]
+            )
+
     def close(self) -> None:
         with self._lock:
             self._client.close()
         self._dim = 0
+
+
+def list_collections(url_or_path: str) -> list[str]:
+    """Collections (and, on a server, aliases) at a Qdrant URL or an Edge directory."""
+    scheme = urlparse(url_or_path).scheme
+    if scheme in ("http", "https", "grpc") or _HOST_PORT.match(url_or_path):
+        url = url_or_path if scheme else f"http://{url_or_path}"
+        probe = QdrantClientVectorStore("_", url=url)
+        try:
+            with probe._call("list collections"):
+                names = [c.name for c in probe._client.get_collections().collections]
+                names += [a.alias_name for a in probe._client.get_aliases().aliases]
+        finally:
+            probe.close()
+        return sorted(set(names))
+    root = Path(url_or_path)
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if (d / "edge_config.json").exists())
 
 
 def open_vector_store(url_or_path: str, collection: str, dim: int) -> VectorStore:

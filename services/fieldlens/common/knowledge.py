@@ -104,6 +104,20 @@ class KnowledgeJournal:
         path = state_dir / "knowledge" / f"{service}-{model_set_version}.jsonl"
         return cls(path, model_set_version, embedding_version)
 
+    @classmethod
+    def older(cls, state_dir: Path, service: str, model_set_version: str) -> list[KnowledgeJournal]:
+        """Journals of `service` for other model sets, oldest first (for re-learning)."""
+        paths = sorted(
+            (state_dir / "knowledge").glob(f"{service}-*.jsonl"), key=lambda p: p.stat().st_mtime
+        )
+        out = []
+        for path in paths:
+            header = json.loads(path.open("rb").readline() or b"{}")
+            msv = header.get("model_set_version")
+            if msv and msv != model_set_version:
+                out.append(cls(path, msv, str(header.get("embedding_version", ""))))
+        return out
+
     def append(self, examples: Iterable[LearnedExample]) -> None:
         """Returns once the examples are on disk (flushed and fsynced)."""
         lines = [e.to_json() for e in examples]

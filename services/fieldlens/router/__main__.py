@@ -8,7 +8,7 @@ import logging
 from fieldlens.backends.blob_store import open_blob_store
 from fieldlens.backends.cache import RedisCache
 from fieldlens.backends.triton_client import TritonClient
-from fieldlens.backends.vector_store import VectorStore, open_vector_store
+from fieldlens.backends.vector_store import VectorStore, list_collections, open_vector_store
 from fieldlens.common.bootstrap import main_with_settings, serve_grpc
 from fieldlens.common.knowledge import KnowledgeJournal
 from fieldlens.common.model_set import load_model_set
@@ -25,9 +25,24 @@ SERVICE = "fieldlens.v1.Router"
 DEFAULT_NEIGHBOURS = 1
 
 
+COLLECTION_PREFIX = "exemplars_"
+STAGING_SUFFIX = "__reindex"
+
+
 def collection_name(embedding_version: str) -> str:
     """One collection per embedding space: vectors of different backbones never meet."""
-    return "exemplars_" + embedding_version.replace("-", "_")
+    return COLLECTION_PREFIX + embedding_version.replace("-", "_")
+
+
+def reindex_plan(existing: list[str], collection: str) -> list[str]:
+    """Older collections to re-embed from, when this embedding space has no collection yet."""
+    if collection in existing:
+        return []
+    return [
+        c
+        for c in existing
+        if c.startswith(COLLECTION_PREFIX) and c != collection and not c.endswith(STAGING_SUFFIX)
+    ]
 
 
 def _open_store(settings: RouterSettings, collection: str, dim: int) -> VectorStore | None:
@@ -39,11 +54,38 @@ def _open_store(settings: RouterSettings, collection: str, dim: int) -> VectorSt
         return None
 
 
+async def _reindex(
+    plane: RouterDataPlane,
+    sources: list[VectorStore],
+    staging: VectorStore,
+    collection: str,
+    journals: list[KnowledgeJournal],
+) -> None:
+    try:
+        await plane.reindex(sources, staging, collection, journals)
+    except Exception:
+        logger.exception("re-index into %s failed; neighbours stay off until a restart", collection)
+        plane.reindexing = f"re-index into {collection} failed (see the router log)"
+    finally:
+        for src in sources:
+            src.close()
+
+
 async def serve(settings: RouterSettings) -> None:
     common = settings.common
     model_set = load_model_set(common.models_dir, settings.routing_path)
+    collection = collection_name(model_set.embedding_version)
+    target = settings.qdrant_addr or str(settings.qdrant_path)
+    try:
+        older = reindex_plan(await asyncio.to_thread(list_collections, target), collection)
+    except Exception:
+        logger.exception("cannot list the collections at %s", target)
+        older = []
+    dim = model_set.embedding_dim
+    # With older collections and none for this embedding space, exemplars are re-embedded
+    # into a staging collection first; neighbours come back when it is published.
     store = await asyncio.to_thread(
-        _open_store, settings, collection_name(model_set.embedding_version), model_set.embedding_dim
+        _open_store, settings, collection + STAGING_SUFFIX if older else collection, dim
     )
     cache = RedisCache.from_addr(settings.redis_addr) if settings.redis_addr else None
     triton = TritonClient(settings.triton_addr)
@@ -73,6 +115,15 @@ async def serve(settings: RouterSettings) -> None:
     )
     await plane.restore_knowledge()
     await plane.sync_learned_taxa()  # taxa learned through other router replicas
+    background: set[asyncio.Task[object]] = set()
+    if older and store is not None:
+        staging, plane.store = store, None
+        sources = [await asyncio.to_thread(_open_store, settings, c, dim) for c in older]
+        journals = KnowledgeJournal.older(common.state_dir, "router", model_set.version)
+        task = asyncio.create_task(
+            _reindex(plane, [s for s in sources if s is not None], staging, collection, journals)
+        )
+        background.add(task)
     logger.info(
         "model set %s, %d exemplars, %d learned examples, writes %s",
         model_set.version,
@@ -90,8 +141,10 @@ async def serve(settings: RouterSettings) -> None:
             await client.close()
         if cache is not None:
             await cache.close()
-        if store is not None:
-            store.close()
+        for task in background:
+            task.cancel()
+        if plane.store is not None:
+            plane.store.close()
 
     await serve_grpc(
         common,

@@ -15,7 +15,7 @@ import numpy as np
 from fieldlens.backends.blob_store import FolderBlobStore
 from fieldlens.backends.cache import ResultCache, cache_key, generations_key
 from fieldlens.backends.triton_client import TritonClient
-from fieldlens.backends.vector_store import Exemplar, Neighbour, VectorStore
+from fieldlens.backends.vector_store import Exemplar, Neighbour, StoredExemplar, VectorStore
 from fieldlens.common.errors import FieldlensError, InvalidInput, Unavailable
 from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
 from fieldlens.common.model_set import ModelSet
@@ -179,6 +179,8 @@ class RouterDataPlane:
         self._pending_bumps: set[str] = set()  # generation bumps Redis has not taken yet
         self._generations_key = generations_key(model_set.version)
         self._tasks: set[asyncio.Future[object]] = set()
+        # Set while exemplars of an older embedding space are re-embedded into this one.
+        self.reindexing: str | None = None
 
     # -- Classify ------------------------------------------------------------------------------
     def resolve(
@@ -232,11 +234,8 @@ class RouterDataPlane:
         categories = pick_categories(broad_probs, self.dispatch_top, MIN_DISPATCH_PROBABILITY)
         with timer.stage("classify"):
             results, neighbours = await asyncio.gather(
-                asyncio.gather(
-                    *(
-                        self._classify_category(c, broad_probs[c], emb[0], img, degradations, timer)
-                        for c in categories
-                    )
+                self._classify_categories(
+                    categories, broad_probs, emb[0], img, degradations, timer
                 ),
                 self._neighbours(emb[0], categories, degradations, timer),
             )
@@ -310,46 +309,87 @@ class RouterDataPlane:
         p = p / p.sum()
         return {b: float(v) for b, v in zip(self.model_set.taxonomy.broad_ids, p, strict=True)}
 
-    async def _classify_category(
+    def _route(self, category: str) -> str:
+        if category in self._learned_groups:
+            return TINY  # the specialist was trained before these taxa existed
+        return self.model_set.routing.get(category, TINY)
+
+    async def _classify_categories(
+        self,
+        categories: Sequence[str],
+        broad_probs: dict[str, float],
+        emb: np.ndarray,
+        img: DecodedImage,
+        degradations: list[Degradation],
+        timer: StageTimer,
+    ) -> list[CategoryResult]:
+        """Specialist categories one call each, every tiny category in one call, in parallel."""
+        special = [c for c in categories if self._route(c) == SPECIALIST]
+        tiny = [c for c in categories if c not in special]
+        from_specialists, from_tiny = await asyncio.gather(
+            asyncio.gather(
+                *(
+                    self._specialist_category(c, broad_probs, emb, img, degradations, timer)
+                    for c in special
+                )
+            ),
+            self._tiny_categories(tiny, broad_probs, emb, degradations, timer),
+        )
+        by_category = {r.category: r for r in [*from_specialists, *from_tiny]}
+        return [by_category[c] for c in categories]
+
+    async def _specialist_category(
         self,
         category: str,
-        probability: float,
+        broad_probs: dict[str, float],
         emb: np.ndarray,
         img: DecodedImage,
         degradations: list[Degradation],
         timer: StageTimer,
     ) -> CategoryResult:
-        route = self.model_set.routing.get(category, TINY)
-        if category in self._learned_groups:
-            route = TINY  # the specialist was trained before these taxa existed
-        if route == SPECIALIST:
-            try:
-                with timer.stage("specialist"):
-                    scores, served = await self.specialist.classify(
-                        category, emb, img.rgb, self.model_set.version
-                    )
-                self.metrics.record_dispatch(category, SPECIALIST, False)
-                return CategoryResult(category, probability, scores, served or SPECIALIST)
-            except Unavailable as exc:
-                logger.warning(
-                    "specialist for %s unavailable, falling back to tiny: %s", category, exc
-                )
-                degradations.append(Degradation(SPECIALIST_FALLBACK, str(exc), category))
-                self.metrics.record_degradation(SPECIALIST_FALLBACK)
-        fell_back = route == SPECIALIST
         try:
-            with timer.stage("tiny"):
-                scores, served = await self.tiny.classify(
+            with timer.stage("specialist"):
+                scores, served = await self.specialist.classify(
                     category, emb, img.rgb, self.model_set.version
                 )
+            self.metrics.record_dispatch(category, SPECIALIST, False)
+            return CategoryResult(category, broad_probs[category], scores, served or SPECIALIST)
         except Unavailable as exc:
-            degradations.append(Degradation(CLASSIFIER_UNAVAILABLE, str(exc), category))
-            self.metrics.record_degradation(CLASSIFIER_UNAVAILABLE)
-            return CategoryResult(category, probability, {}, "", fell_back)
-        if any(t not in self.model_set.taxonomy for t in scores):
-            scores = await self._with_known_taxa(scores)
-        self.metrics.record_dispatch(category, TINY, fell_back)
-        return CategoryResult(category, probability, scores, served or TINY, fell_back)
+            logger.warning("specialist for %s unavailable, falling back to tiny: %s", category, exc)
+            degradations.append(Degradation(SPECIALIST_FALLBACK, str(exc), category))
+            self.metrics.record_degradation(SPECIALIST_FALLBACK)
+        (result,) = await self._tiny_categories(
+            [category], broad_probs, emb, degradations, timer, fell_back=True
+        )
+        return result
+
+    async def _tiny_categories(
+        self,
+        categories: list[str],
+        broad_probs: dict[str, float],
+        emb: np.ndarray,
+        degradations: list[Degradation],
+        timer: StageTimer,
+        fell_back: bool = False,
+    ) -> list[CategoryResult]:
+        if not categories:
+            return []
+        try:
+            with timer.stage("tiny"):
+                got = await self.tiny.classify_categories(categories, emb, self.model_set.version)
+        except Unavailable as exc:
+            for c in categories:
+                degradations.append(Degradation(CLASSIFIER_UNAVAILABLE, str(exc), c))
+                self.metrics.record_degradation(CLASSIFIER_UNAVAILABLE)
+            return [CategoryResult(c, broad_probs[c], {}, "", fell_back) for c in categories]
+        results = []
+        for c in categories:
+            scores, served = got[c]
+            if any(t not in self.model_set.taxonomy for t in scores):
+                scores = await self._with_known_taxa(scores)
+            self.metrics.record_dispatch(c, TINY, fell_back)
+            results.append(CategoryResult(c, broad_probs[c], scores, served or TINY, fell_back))
+        return results
 
     async def _neighbours(
         self,
@@ -359,8 +399,11 @@ class RouterDataPlane:
         timer: StageTimer,
     ) -> list[Neighbour]:
         if self.store is None:
-            # The store is part of every deployment; None means it failed to open.
-            degradations.append(Degradation(NEIGHBOURS_UNAVAILABLE, "no vector store"))
+            # The store is part of every deployment; None means it failed to open, or that it
+            # is being rebuilt for this embedding space (old vectors are never searched).
+            degradations.append(
+                Degradation(NEIGHBOURS_UNAVAILABLE, self.reindexing or "no vector store")
+            )
             self.metrics.record_degradation(NEIGHBOURS_UNAVAILABLE)
             return []
         store = self.store
@@ -388,9 +431,14 @@ class RouterDataPlane:
     # -- IndexExemplars ------------------------------------------------------------------------
     async def index_exemplars(self, items: Sequence[tuple[bytes, str, str]]) -> IndexReport:
         """Embeds labelled images through Triton and upserts them (id = content hash)."""
+        if self.reindexing:
+            raise Unavailable(f"{self.reindexing}; retry when it is done")
         if self.store is None:
             raise Unavailable("no vector store is configured")
         report = IndexReport(received=len(items))
+        if self.blobs is not None:  # kept for re-embedding when the backbone changes
+            blobs = self.blobs
+            await asyncio.to_thread(lambda: [blobs.put(data) for data, _, _ in items if data])
         taxonomy = self.model_set.taxonomy
         seen: set[str] = set()
         batch: list[tuple[DecodedImage, str, str]] = []
@@ -568,6 +616,8 @@ class RouterDataPlane:
         it too), then the category's knowledge generation. An item is acknowledged only after
         all of them; the first failure of a shared backend fails the rest as Unavailable.
         """
+        if self.reindexing:
+            raise Unavailable(f"{self.reindexing}; retry when it is done")
         if self.store is None or self.journal is None or self.blobs is None:
             raise Unavailable("learning needs the vector store, the journal and the blob store")
         results: list[LearnOutcome | FieldlensError | None] = [None] * len(items)
@@ -644,6 +694,89 @@ class RouterDataPlane:
             return
         self._pending_bumps |= categories
         await self._flush_bumps()
+
+    # -- re-index ----------------------------------------------------------------------------
+    async def reindex(
+        self,
+        sources: Sequence[VectorStore],
+        staging: VectorStore,
+        final_name: str,
+        old_journals: Sequence[KnowledgeJournal] = (),
+    ) -> dict[str, int]:
+        """Re-embeds the exemplars of older embedding spaces into `staging` with this model
+        set's backbone (image bytes from the blob store), publishes it as `final_name` once
+        complete, and only then serves neighbours from it. Then re-learns what the older model
+        sets learned. Old vectors are never searched or copied."""
+        assert self.blobs is not None
+        blobs = self.blobs
+        taxonomy = self.model_set.taxonomy
+        counts = {"seen": 0, "indexed": 0, "no_blob": 0, "unknown_label": 0, "relearned": 0}
+        self.reindexing = f"re-indexing exemplars into {final_name}"
+        logger.info("%s from %d older collection(s)", self.reindexing, len(sources))
+        for src in sources:
+            pages = src.scroll(INDEX_BATCH)
+            while (page := await asyncio.to_thread(next, pages, None)) is not None:
+                todo: list[tuple[StoredExemplar, DecodedImage]] = []
+                for ex in page:
+                    counts["seen"] += 1
+                    if ex.label not in taxonomy or taxonomy.children(ex.label):
+                        counts["unknown_label"] += 1  # learned labels come back via journals
+                        continue
+                    if ex.id not in blobs:
+                        counts["no_blob"] += 1
+                        continue
+                    data = await asyncio.to_thread(blobs.get, ex.id)
+                    todo.append((ex, decode(data, self.limits, ex.id)))
+                if not todo:
+                    continue
+                _, emb = await self.triton.infer_broad(np.stack([img.rgb for _, img in todo]))
+                points = [
+                    Exemplar(
+                        id=ex.id,
+                        vector=emb[j],
+                        label=ex.label,
+                        broad=taxonomy.broad_of(ex.label) or "",
+                        path=taxonomy.path(ex.label),
+                        source=ex.source,
+                        embedding_version=self.model_set.embedding_version,
+                    )
+                    for j, (ex, _) in enumerate(todo)
+                ]
+                await asyncio.to_thread(staging.upsert, points)
+                counts["indexed"] += len(points)
+                self.reindexing = (
+                    f"re-indexing exemplars into {final_name} ({counts['indexed']} done)"
+                )
+        await asyncio.to_thread(staging.flush)
+        await asyncio.to_thread(staging.publish_as, final_name)
+        self.store, self.reindexing = staging, None
+        logger.info("re-index into %s complete: %s", final_name, counts)
+        counts["relearned"] = await self._relearn(old_journals)
+        return counts
+
+    async def _relearn(self, journals: Sequence[KnowledgeJournal]) -> int:
+        """Learns again, with this backbone, what older model sets learned (last label wins)."""
+        assert self.blobs is not None
+        latest: dict[str, LearnedExample] = {}
+        for journal in journals:
+            for e in await asyncio.to_thread(lambda j=journal: list(j.replay())):
+                latest[e.id] = e
+        items = []
+        for e in latest.values():
+            if e.id not in self.blobs:
+                continue
+            data = await asyncio.to_thread(self.blobs.get, e.id)
+            if e.new_taxon is not None:
+                items.append(LearnItem(data, "", e.new_taxon.name, e.new_taxon.parent, e.source))
+            else:
+                items.append(LearnItem(data, e.taxon_id, source=e.source))
+        if not items:
+            return 0
+        outcomes = await self.learn(items)
+        failed = [o for o in outcomes if isinstance(o, FieldlensError)]
+        for o in failed[:5]:
+            logger.warning("could not re-learn an example: %s", o)
+        return len(outcomes) - len(failed)
 
     async def exemplar_count(self) -> int:
         if self.store is None:

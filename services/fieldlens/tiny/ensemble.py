@@ -46,6 +46,20 @@ _TINY_NORM = 1e-6
 
 
 @dataclass(frozen=True)
+class GroupSlice:
+    """One broad group's rows (contiguous in the layout), with indices relative to `start`."""
+
+    start: int
+    stop: int
+    seg_start: np.ndarray
+    seg_len: np.ndarray
+    parent_row: np.ndarray  # -1 for rows directly under the broad group
+    levels: tuple[np.ndarray, ...]
+    taxa: tuple[str, ...]
+    leaf: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
 class TreeLayout:
     """Index arrays describing the rows of the weight matrix."""
 
@@ -139,6 +153,7 @@ class TinyEnsemble:
         self.bias = bias
         self._row_of = {str(t): r for r, t in enumerate(layout.row_taxon)}
         self._seg_len = np.diff(np.append(layout.seg_start, len(layout.row_taxon)))
+        self._groups = _group_slices(taxonomy, layout, self._seg_len)
 
     @property
     def dim(self) -> int:
@@ -204,20 +219,34 @@ class TinyEnsemble:
             out[:, rows] = cond[:, rows] * out[:, self.layout.row_parent_row[rows]]
         return out
 
+    def predict_group(self, emb: np.ndarray, broad: str) -> np.ndarray:
+        """P(taxon | broad) for the rows of one group only, shape (batch, group rows): the cost
+        follows the group's size, not the whole tree's."""
+        g = self._groups[broad]
+        x = np.atleast_2d(emb).astype(np.float32, copy=False)
+        logits = x @ self.weights[g.start : g.stop].T + self.bias[g.start : g.stop]
+        mx = np.maximum.reduceat(logits, g.seg_start, axis=1)
+        e = np.exp(logits - np.repeat(mx, g.seg_len, axis=1))
+        cond = e / np.repeat(np.add.reduceat(e, g.seg_start, axis=1), g.seg_len, axis=1)
+        out = np.empty_like(cond)
+        out[:, g.levels[0]] = cond[:, g.levels[0]]
+        for rows in g.levels[1:]:
+            out[:, rows] = cond[:, rows] * out[:, g.parent_row[rows]]
+        return out
+
+    def group_scores(self, emb: np.ndarray, broad: str) -> list[tuple[str, float, bool]]:
+        """`scores_for` of one image, evaluating only that group's classifiers."""
+        if broad not in self._groups:
+            raise KeyError(f"unknown broad group {broad!r}")
+        g = self._groups[broad]
+        probs = self.predict_group(emb, broad)[0]
+        return [(t, float(p), leaf) for t, p, leaf in zip(g.taxa, probs, g.leaf, strict=True)]
+
     def scores_for(self, emb: np.ndarray, broad: str) -> list[tuple[str, float, bool]]:
         """(taxon id, P(taxon | broad), is_leaf) for every taxon under one broad group."""
         if broad not in self.taxonomy or self.taxonomy.get(broad).rank != "broad":
             raise KeyError(f"unknown broad group {broad!r}")
-        probs = self.predict(emb)[0]
-        rows = np.flatnonzero(self.layout.row_broad == broad)
-        return [
-            (
-                str(self.layout.row_taxon[r]),
-                float(probs[r]),
-                not self.taxonomy.children(str(self.layout.row_taxon[r])),
-            )
-            for r in rows
-        ]
+        return self.group_scores(emb, broad)
 
     # -- training -----------------------------------------------------------------------------
     def path_rows(self, leaf: str) -> list[int]:
@@ -460,6 +489,38 @@ def _check_example(ex: LearnedExample, taxonomy: Taxonomy, dim: int) -> Taxonomy
             "label examples with a class"
         )
     return taxonomy
+
+
+def _group_slices(
+    taxonomy: Taxonomy, layout: TreeLayout, seg_len: np.ndarray
+) -> dict[str, GroupSlice]:
+    out: dict[str, GroupSlice] = {}
+    row_broad = layout.row_broad
+    for broad in taxonomy.broad_ids:
+        rows = np.flatnonzero(row_broad == broad)
+        if not len(rows):
+            continue
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        if stop - start != len(rows):
+            raise ValueError(f"rows of {broad} are not contiguous in the layout")
+        nodes = np.flatnonzero((layout.seg_start >= start) & (layout.seg_start < stop))
+        parent = layout.row_parent_row[start:stop]
+        rel_parent = np.where(parent >= 0, parent - start, -1)
+        depth = np.zeros(stop - start, dtype=np.int64)
+        for r in range(stop - start):  # parents come before children within a group
+            depth[r] = 0 if rel_parent[r] < 0 else depth[rel_parent[r]] + 1
+        taxa = tuple(str(t) for t in layout.row_taxon[start:stop])
+        out[broad] = GroupSlice(
+            start=start,
+            stop=stop,
+            seg_start=layout.seg_start[nodes] - start,
+            seg_len=seg_len[nodes],
+            parent_row=rel_parent,
+            levels=tuple(np.flatnonzero(depth == d) for d in range(int(depth.max()) + 1)),
+            taxa=taxa,
+            leaf=tuple(not taxonomy.children(t) for t in taxa),
+        )
+    return out
 
 
 def fit(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -84,25 +85,52 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
         self._learn_lock = asyncio.Lock()
         self._learning: set[asyncio.Task[tuple[int, int, int]]] = set()
 
+    def _embedding(self, values: Sequence[float], ensemble: TinyEnsemble) -> np.ndarray:
+        if len(values) != ensemble.dim:
+            raise InvalidInput(f"embedding has {len(values)} values; expected {ensemble.dim}")
+        emb = np.asarray(values, dtype=np.float32)
+        if not np.all(np.isfinite(emb)):
+            raise InvalidInput("embedding contains NaN or infinity")
+        return emb[None]
+
     async def Classify(
         self, request: classifier_pb2.CategoryRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.CategoryResponse:
         check_request(self.model_set, request)
         ensemble = self.ensemble
-        if len(request.embedding) != ensemble.dim:
-            raise InvalidInput(
-                f"embedding has {len(request.embedding)} values; expected {ensemble.dim}"
-            )
-        emb = np.asarray(request.embedding, dtype=np.float32)
-        if not np.all(np.isfinite(emb)):
-            raise InvalidInput("embedding contains NaN or infinity")
-        scores = ensemble.scores_for(emb[None], request.category)
+        emb = self._embedding(request.embedding, ensemble)
+        scores = ensemble.scores_for(emb, request.category)
         return to_response(
             request.category,
             scores,
             request.top_k,
             classifier_pb2.TINY,
             ensemble.embedding_version,
+        )
+
+    async def ClassifyCategories(
+        self, request: classifier_pb2.CategoriesRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.CategoriesResponse:
+        for category in request.categories:
+            check_request(
+                self.model_set,
+                classifier_pb2.CategoryRequest(
+                    category=category, model_set_version=request.model_set_version
+                ),
+            )
+        ensemble = self.ensemble
+        emb = self._embedding(request.embedding, ensemble)
+        return classifier_pb2.CategoriesResponse(
+            responses=[
+                to_response(
+                    c,
+                    ensemble.scores_for(emb, c),
+                    request.top_k,
+                    classifier_pb2.TINY,
+                    ensemble.embedding_version,
+                )
+                for c in request.categories
+            ]
         )
 
     async def Describe(

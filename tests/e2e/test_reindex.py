@@ -1,0 +1,101 @@
+"""End-to-end re-index: a router whose backbone is new re-embeds the exemplars (and re-learns
+the examples) of an older embedding space from the blob store, and only then serves them."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fieldlens import cluster, gallery
+from fieldlens.backends.blob_store import FolderBlobStore
+from fieldlens.backends.vector_store import Exemplar, list_collections, open_vector_store
+from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
+from fieldlens.common.model_set import load_model_set
+from fieldlens.router.__main__ import STAGING_SUFFIX, collection_name
+from fieldlens.v1 import router_pb2, router_pb2_grpc
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+OLD_EMBEDDING = "emb-old000000000"
+N_GALLERY = 30
+
+
+@pytest.fixture(scope="module")
+def old_space_cluster(tmp_path_factory, data_dir, validation_keys):
+    """A cluster started over the leftovers of an older model set: its exemplar collection
+    (random vectors: another space), their image bytes, and its Learn journal."""
+    model_set = load_model_set(cluster.ClusterConfig().models_dir)
+    cfg = cluster.ClusterConfig(run_dir=tmp_path_factory.mktemp("reindex")).with_free_ports()
+    classes = set(model_set.taxonomy.class_ids)
+    items = list(gallery.gallery_items(data_dir, 1, validation_keys, classes))[: N_GALLERY + 1]
+    items, learned_image = items[:-1], items[-1][1]
+    blobs = FolderBlobStore(cfg.state_dir / "blobs")
+    old = open_vector_store(
+        str(cfg.qdrant_dir), collection_name(OLD_EMBEDDING), model_set.embedding_dim
+    )
+    rng = np.random.default_rng(0)
+    points = []
+    for _, data, wnid in items:
+        v = rng.normal(size=model_set.embedding_dim).astype(np.float32)
+        points.append(
+            Exemplar(
+                id=blobs.put(data),
+                vector=v / np.linalg.norm(v),
+                label=wnid,
+                broad=model_set.taxonomy.broad_of(wnid) or "",
+                path=model_set.taxonomy.path(wnid),
+                source="old-gallery",
+                embedding_version=OLD_EMBEDDING,
+            )
+        )
+    # One exemplar whose bytes were never kept: it cannot be re-embedded, and is skipped.
+    lost = Exemplar(**{**points[0].__dict__, "id": "f" * 64})
+    old.upsert([*points, lost])
+    old.close()
+    journal = KnowledgeJournal.for_model_set(cfg.state_dir, "router", "ms-old", OLD_EMBEDDING)
+    spec = NewTaxonSpec("learned/house_cat", "house cat", "broad/cat")
+    journal.append([LearnedExample(blobs.put(learned_image), spec.id, points[0].vector, spec)])
+    try:
+        cluster.start(cfg)
+    except cluster.ClusterError:
+        cluster.stop(cfg)
+        raise
+    import grpc
+
+    channel = grpc.insecure_channel(cfg.addr(cfg.router_port))
+    try:
+        yield cfg, router_pb2_grpc.RouterStub(channel), items, model_set
+    finally:
+        channel.close()
+        cluster.stop(cfg)
+
+
+def test_old_exemplars_are_re_embedded_then_served(old_space_cluster):
+    cfg, router, items, model_set = old_space_cluster
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        info = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+        if info.learned_examples == 1:
+            break
+        time.sleep(0.5)
+    assert info.learned_examples == 1, "the old model set's learned example was not re-learned"
+    # Every gallery exemplar with kept bytes, plus the re-learned one; not the lost one.
+    assert info.exemplar_count == len(items) + 1
+    names = list_collections(str(cfg.qdrant_dir))
+    new = collection_name(model_set.embedding_version)
+    assert new in names and collection_name(OLD_EMBEDDING) in names
+    assert not any(n.endswith(STAGING_SUFFIX) for n in names)
+    # Each exemplar now sits where this backbone puts its image: a photo finds itself.
+    for _, data, wnid in items[:5]:
+        r = router.Classify(
+            router_pb2.ClassifyRequest(image=data, top_k=10, skip_cache=True), timeout=30
+        )
+        ex = [e for s in r.suggestions for e in s.exemplars if e.label_id == wnid]
+        if ex:
+            assert ex[0].similarity > 0.99
+        kinds = {router_pb2.DegradationKind.Name(d.kind) for d in r.degradations}
+        assert "NEIGHBOURS_UNAVAILABLE" not in kinds
+    taxa = {t.id for t in router.GetTaxonomy(router_pb2.GetTaxonomyRequest(), timeout=10).taxa}
+    assert "learned/house_cat" in taxa
