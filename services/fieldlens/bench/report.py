@@ -32,6 +32,7 @@ SCENARIOS = (
     "router_hit",
     "router_mixed",
     "open_loop",
+    "learn",
 )
 SWEEP_TARGETS = ("router", "triton")
 

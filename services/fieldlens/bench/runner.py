@@ -343,6 +343,26 @@ def router_call(
     return call
 
 
+def learn_call(
+    stub: router_pb2_grpc.RouterStub,
+    items: Sequence[tuple[str, bytes, str]],
+    nonce: str,
+    metadata: tuple[tuple[str, str], ...],
+    timeout_s: float,
+) -> Call:
+    """Router.Learn of labelled photos, each call a new image (no duplicate short cut)."""
+    photos = UniquePhotos([data for _, data, _ in items], nonce + "-learn")
+    labels = [label for _, _, label in items]
+
+    async def call() -> Sequence[str]:
+        label = labels[photos.issued % len(labels)]
+        request = router_pb2.LearnRequest(image=photos(), taxon_id=label, source="bench")
+        reply = await stub.Learn(request, timeout=timeout_s, metadata=metadata)
+        return ["duplicate"] if reply.duplicate else []
+
+    return call
+
+
 def decode_for_triton(photos: Sequence[bytes]) -> list[np.ndarray]:
     """Each photo as the router hands it to Triton: decoded, 64x64x3 uint8, batch of one."""
     return [decode(p, _LIMITS).rgb[None] for p in photos]

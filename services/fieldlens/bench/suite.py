@@ -265,8 +265,9 @@ class _LoadPhase:
         summary = stats.summary(gallery.UPLOAD_CHUNK)
         summary["load"] = f"stream, {gallery.UPLOAD_CHUNK} images per call"
         summary["note"] = (
-            "no Learn RPC yet: this is Router.IndexExemplars (decode, embed through Triton at "
-            "batch 64, upsert into Qdrant), one call at a time"
+            "gallery bulk load through Router.IndexExemplars (decode, keep the bytes, embed "
+            "through Triton at batch 64, upsert into Qdrant), one call at a time; Learn is the "
+            "'learn' scenario"
         )
         triton = scrape.triton_breakdown(before, scrape.fetch(self.target.triton_metrics))
         if triton.get("requests"):
@@ -335,6 +336,17 @@ class _LoadPhase:
         summary["rate_source"] = "--rate" if plan.rate else f"{OPEN_LOOP_LOAD:g} x saturated"
         summary["max_in_flight"] = max_in_flight
         summary["late_threshold_ms"] = runner.LATE_MS
+
+        # Learn last: it changes what the classifiers answer. One at a time, as a labelling
+        # client would send them; every call is durable (journals fsynced) when it returns.
+        learn = runner.learn_call(
+            stub,
+            self.photos.gallery,
+            nonce,
+            credentials.bearer(self.target.write_token),
+            max(timeout, 10.0),
+        )
+        await self._closed("learn", learn, 1)
 
 
 def _micro_phase(plan: Plan, models_dir: Path, steps: _Steps, results: dict[str, Any]) -> None:
