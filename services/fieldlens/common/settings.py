@@ -40,6 +40,9 @@ DEFAULT_CACHE_TTL_S = 3600
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_DISPATCH_TOP = 3
+# A specialist pass (a second net pass) only for a category at least this likely; below it the
+# tiny ensemble scores the category (its share of the answer is small either way).
+DEFAULT_SPECIALIST_MIN_P = 0.2
 DEFAULT_MAX_IMAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 16_000_000
 DEFAULT_STAGE_TIMEOUT_S = 1.0
@@ -125,6 +128,8 @@ class RouterSettings:
     threshold: float
     # How many of the most probable broad categories are dispatched to classifiers.
     dispatch_top: int
+    # P(broad) a specialist-routed category needs for the specialist pass; below, tiny.
+    specialist_min_p: float
     # Largest encoded image accepted, in bytes.
     max_image_bytes: int
     # Largest decoded image accepted, width x height; guards against decompression bombs.
@@ -153,6 +158,9 @@ class RouterSettings:
             top_k=_read(env, "FIELDLENS_TOP_K", DEFAULT_TOP_K, _positive_int),
             threshold=_read(env, "FIELDLENS_THRESHOLD", DEFAULT_THRESHOLD, _probability),
             dispatch_top=_read(env, "FIELDLENS_DISPATCH_TOP", DEFAULT_DISPATCH_TOP, _positive_int),
+            specialist_min_p=_read(
+                env, "FIELDLENS_SPECIALIST_MIN_P", DEFAULT_SPECIALIST_MIN_P, _unit_interval
+            ),
             max_image_bytes=_read(
                 env, "FIELDLENS_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, _positive_int
             ),
@@ -279,6 +287,13 @@ def _non_negative_float(raw: str) -> float:
     value = _float(raw)
     if value < 0:
         raise ValueError("expected a number >= 0")
+    return value
+
+
+def _unit_interval(raw: str) -> float:
+    value = _float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be between 0 and 1")
     return value
 
 

@@ -112,6 +112,7 @@ async def serve(settings: RouterSettings) -> None:
         settings.stage_timeout_s,
         journal=journal,
         blobs=blobs,
+        specialist_min_p=settings.specialist_min_p,
     )
     await plane.restore_knowledge()
     await plane.sync_learned_taxa()  # taxa learned through other router replicas

@@ -136,6 +136,10 @@ class RouterDataPlane:
         dispatch_top: How many of the most probable broad categories are classified.
         cache_ttl_s: Lifetime of a cached answer.
         stage_timeout_s: Budget of each optional stage (cache, neighbours).
+        journal: The router's knowledge journal (Learn); None disables Learn.
+        blobs: Where exemplar image bytes are kept for re-indexing.
+        specialist_min_p: P(broad) below which a specialist-routed category is scored by the
+            tiny ensemble instead (saves a second net pass where it matters little).
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class RouterDataPlane:
         metrics: Metrics | None = None,
         journal: KnowledgeJournal | None = None,
         blobs: FolderBlobStore | None = None,
+        specialist_min_p: float = 0.0,
     ) -> None:
         self.model_set = model_set
         self.triton = triton
@@ -172,6 +177,7 @@ class RouterDataPlane:
         self._store_lock = asyncio.Lock()  # one writer at a time into the in-process store
         self.journal = journal
         self.blobs = blobs
+        self.specialist_min_p = specialist_min_p
         self._learn_lock = asyncio.Lock()  # Learn writes are ordered: journal order = apply order
         self._learned: dict[str, str] = {}  # exemplar id -> taxon id, everything learned
         # Broad groups holding learned taxa: their specialist net cannot know those taxa.
@@ -324,7 +330,11 @@ class RouterDataPlane:
         timer: StageTimer,
     ) -> list[CategoryResult]:
         """Specialist categories one call each, every tiny category in one call, in parallel."""
-        special = [c for c in categories if self._route(c) == SPECIALIST]
+        special = [
+            c
+            for c in categories
+            if self._route(c) == SPECIALIST and broad_probs[c] >= self.specialist_min_p
+        ]
         tiny = [c for c in categories if c not in special]
         from_specialists, from_tiny = await asyncio.gather(
             asyncio.gather(

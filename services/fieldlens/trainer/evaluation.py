@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fieldlens.common.settings import DEFAULT_SPECIALIST_MIN_P
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.trainer import metrics, report
@@ -48,11 +49,13 @@ def evaluate(
     resolution: int,
     report_dir: Path,
     per_class: int,
+    specialist_min_probability: float = DEFAULT_SPECIALIST_MIN_P,
 ) -> tuple[dict[str, object], dict[str, str]]:
     """Returns (validation metrics, routing table broad id -> 'specialist'|'tiny')."""
     g = metrics.group_matrix(taxonomy)
     y_broad = g[val.labels].argmax(1)
     cond = tiny_leaf_probs(taxonomy, ens, val_emb)
+    cond_always = cond.copy()  # specialists for every image, whatever P(their group)
     routing = {b: "tiny" for b in taxonomy.broad_ids}
     spec_rows: dict[str, dict[str, object]] = {}
     for group, net in specialists.items():
@@ -68,7 +71,10 @@ def evaluate(
         route = "specialist" if spec_acc > tiny_acc else "tiny"
         routing[broad] = route
         if route == "specialist":
-            cond[:, cols] = p_spec
+            cond_always[:, cols] = p_spec
+            # As served: the specialist pass only where the group is likely enough.
+            likely = broad_probs[:, taxonomy.broad_ids.index(broad)] >= specialist_min_probability
+            cond[np.ix_(likely, cols)] = p_spec[likely]
         spec_rows[group] = {
             "images": int(in_group.sum()),
             "specialist_acc": spec_acc,
@@ -76,6 +82,7 @@ def evaluate(
             "route": route,
         }
     served = broad_probs @ g.T * cond  # P(broad(c)) x P(c | broad(c))
+    served_always = broad_probs @ g.T * cond_always
     pvd = metrics.precision_vs_depth(taxonomy, served, val.labels, THRESHOLDS)
     result: dict[str, object] = {
         "images": len(val),
@@ -84,6 +91,8 @@ def evaluate(
         "fine_top5": metrics.topk_accuracy(val_logits, val.labels, 5),
         "fine_top1_tta": metrics.topk_accuracy(val_logits_tta, val.labels, 1),
         "served_fine_top1": metrics.topk_accuracy(served, val.labels, 1),
+        "served_fine_top1_specialist_always": metrics.topk_accuracy(served_always, val.labels, 1),
+        "specialist_min_probability": specialist_min_probability,
         "served_fine_top5": metrics.topk_accuracy(served, val.labels, 5),
         "broad_top1": float((broad_probs.argmax(1) == y_broad).mean()),
         # The fine net's flip-TTA softmax rolled up per group: what a TTA broad export would give.
