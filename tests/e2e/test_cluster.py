@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from PIL import Image
 
 from fieldlens import cluster, gallery
+from fieldlens.common.settings import DEFAULT_SPECIALIST_MIN_P
 from fieldlens.v1 import classifier_pb2, router_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -99,6 +100,26 @@ def test_known_images_return_their_class(live_cluster, indexed):
                 self_exemplars += 1
     assert found >= 0.6 * len(classes), f"true class in top-{TOP_K} for {found}/{len(classes)}"
     assert self_exemplars >= found - 1
+
+
+def test_specialists_run_only_for_likely_groups(live_cluster, indexed, manifest):
+    """A specialist-routed group below FIELDLENS_SPECIALIST_MIN_P is scored by tiny instead."""
+    routed = {c for c, route in manifest["routing"].items() if route == "specialist"}
+    if not routed:
+        pytest.skip("this model set routes no category to a specialist")
+    seen = {"specialist": 0, "tiny": 0}
+    for _, data, _ in indexed[0][:60]:
+        r = _classify(live_cluster, data, skip_cache=True)
+        for d in r.dispatch:
+            if d.category not in routed:
+                continue
+            if d.served_by == classifier_pb2.SPECIALIST:
+                assert d.probability >= DEFAULT_SPECIALIST_MIN_P, d
+                seen["specialist"] += 1
+            else:
+                assert d.probability < DEFAULT_SPECIALIST_MIN_P and not d.fell_back, d
+                seen["tiny"] += 1
+    assert seen["specialist"] and seen["tiny"], seen
 
 
 def test_repeat_is_a_cache_hit(live_cluster, indexed):
