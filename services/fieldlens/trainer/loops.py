@@ -249,7 +249,9 @@ def train_classifier(
             "seconds": time.time() - t0,
         }
         if evaluate is not None:
+            t_eval = time.time()
             record.update(evaluate(model, res))
+            record["eval_seconds"] = time.time() - t_eval
         history.append(record)
         logger.info("%s epoch %d: %s", desc, epoch + 1, record)
         ckpt.parent.mkdir(parents=True, exist_ok=True)

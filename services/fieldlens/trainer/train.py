@@ -119,7 +119,6 @@ def stage_backbone(ctx: Context) -> Classifier:
         logits = predict(m, ctx.val.images, res)
         return {"val_top1": float((logits.argmax(1) == ctx.val.labels).mean())}
 
-    t0 = time.time()
     history = train_classifier(
         model,
         ctx.train.images,
@@ -138,11 +137,19 @@ def stage_backbone(ctx: Context) -> Classifier:
         group_weight=cfg.broad_loss_weight,
     )
     (ctx.stage_dir / "backbone_history.json").write_text(
-        json.dumps({"max_lr": max_lr, "history": history, "seconds": time.time() - t0}, indent=1)
+        json.dumps(
+            {"max_lr": max_lr, "history": history, "seconds": _epoch_seconds(history)}, indent=1
+        )
     )
     model.eval()
     torch.save(model.state_dict(), done)
     return model
+
+
+def _epoch_seconds(history: list[dict[str, float]]) -> float:
+    """Training plus per-epoch evaluation time over every epoch, including those trained by an
+    earlier, interrupted run (a resume must not hide them)."""
+    return float(sum(h["seconds"] + h.get("eval_seconds", 0.0) for h in history))
 
 
 @dataclass
