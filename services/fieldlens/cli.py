@@ -322,6 +322,10 @@ def cmd_learn_eval(args: argparse.Namespace) -> int:
         f"{result['mean_recall_at_5']:.1%}; Learn p50 {result['learn_p50_ms']:.1f} ms "
         f"(durable), Classify p50 {result['classify_p50_ms']:.1f} ms (cache skipped)"
     )
+    console.print(
+        f"top-1 on {result['trained_photos']} photos of trained classes: "
+        f"{result['trained_top1_before']:.1%} before, {result['trained_top1_after']:.1%} after"
+    )
     learn_eval.save(result, args.out)
     console.print(f"written to {args.out}")
     return 0

@@ -4,7 +4,9 @@ On a throwaway local cluster (its own run dir and ports, so the user's cluster k
 knowledge), every held-out novel class of the model set is learned from `shots` photos as a new
 taxon under its parent; then `held_out` other photos of each are classified. Recall@1 counts a
 photo whose top suggestion is the learned taxon; recall@5 one that has it among the first five.
-Latencies are wall times of single calls at concurrency 1 (Learn is durable when it returns).
+Photos of the trained classes (validation split, one per class) are classified before and
+after, to show what the new classes cost the old ones. Latencies are wall times of single calls
+at concurrency 1 (Learn is durable when it returns).
 """
 
 from __future__ import annotations
@@ -28,20 +30,35 @@ def evaluate(data_dir: Path, models_dir: Path, shots: int, held_out: int) -> dic
     if not classes:
         raise cluster.ClusterError(f"{models_dir} names no held-out novel classes (novel.json)")
     images = gallery.class_samples(data_dir, [c["wnid"] for c in classes], shots + held_out)
+    # Photos of trained classes: how much learning the new ones costs the old ones.
+    known = gallery.validation_samples(data_dir, gallery.validation_keys(models_dir), KNOWN_PHOTOS)
     with tempfile.TemporaryDirectory(prefix="fieldlens-learn-eval-") as tmp:
         cfg = cluster.ClusterConfig(run_dir=Path(tmp), models_dir=models_dir).with_free_ports()
         try:
             cluster.start(cfg)
             with grpc.insecure_channel(cfg.addr(cfg.router_port)) as channel:
-                return _run(
-                    router_pb2_grpc.RouterStub(channel),
-                    bearer(cfg.write_token()),
-                    classes,
-                    images,
-                    shots,
-                )
+                stub = router_pb2_grpc.RouterStub(channel)
+                before = _top1(stub, known, "trained classes, before")
+                result = _run(stub, bearer(cfg.write_token()), classes, images, shots)
+                result["trained_top1_before"] = before
+                result["trained_top1_after"] = _top1(stub, known, "trained classes, after")
+                result["trained_photos"] = len(known)
+                return result
         finally:
             cluster.stop(cfg)
+
+
+KNOWN_PHOTOS = 195
+
+
+def _top1(
+    stub: router_pb2_grpc.RouterStub, photos: list[tuple[str, bytes, str]], desc: str
+) -> float:
+    hits = 0
+    for _, data, wnid in tqdm(photos, desc=desc, unit="img"):
+        r = stub.Classify(router_pb2.ClassifyRequest(image=data, skip_cache=True), timeout=60)
+        hits += bool(r.suggestions) and r.suggestions[0].taxon.id == wnid
+    return hits / max(1, len(photos))
 
 
 def _run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fieldlens.common.taxonomy import ROOT, Taxon, Taxonomy
@@ -10,8 +11,10 @@ from fieldlens.router.merge import (
     TINY,
     CategoryResult,
     cumulative,
+    imprint_rows,
     merge,
     pick_categories,
+    with_learned_classes,
 )
 
 # root
@@ -199,3 +202,41 @@ def test_pick_categories_always_returns_at_least_one() -> None:
     probs = {"a": 0.3, "b": 0.35, "c": 0.35 - 0.01}
     assert pick_categories(probs, top=3, min_probability=0.99) == ["b"]
     assert pick_categories(probs, top=0, min_probability=0.0) == ["b"]
+
+
+def _learned_setup():
+    rng = np.random.default_rng(0)
+    dim = 16
+    mean = rng.normal(size=dim).astype(np.float32) * 0.1
+    centre = rng.normal(size=dim).astype(np.float32)
+    centre /= np.linalg.norm(centre)
+    examples = centre + 0.05 * rng.normal(size=(5, dim)).astype(np.float32)
+    examples /= np.linalg.norm(examples, axis=1, keepdims=True)
+    tax = TAX.with_learned([("learned/osprey", "osprey", "node/bird/raptor")])
+    imprint = {"row_norm": 8.0, "bias": 0.0, "embedding_mean": mean.tolist()}
+    rows = imprint_rows({"learned/osprey": (examples.sum(0), 5)}, imprint, tax)
+    return rows, centre, mean
+
+
+def test_imprinted_rows_point_from_the_mean_to_the_examples():
+    (rows, bias, groups), centre, mean = _learned_setup()
+    assert groups == ["broad/bird"] and bias.tolist() == [0.0]
+    assert np.linalg.norm(rows[0]) == pytest.approx(8.0, rel=1e-5)
+    direction = (centre - mean) / np.linalg.norm(centre - mean)
+    assert float(rows[0] @ direction) / 8.0 > 0.99
+
+
+def test_learned_classes_move_broad_mass_only_for_photos_like_them():
+    learned, centre, _ = _learned_setup()
+    broad = {"broad/bird": 0.05, "broad/fish": 0.15, "broad/tool": 0.80}
+    fine = np.zeros(7, dtype=np.float32)  # trained logits: nothing stands out
+    near = with_learned_classes(broad, fine, 1.0, centre, learned)
+    assert sum(near.values()) == pytest.approx(1.0)
+    assert near["broad/bird"] > 0.5  # the learned class took most of the mass
+    assert near["broad/fish"] / near["broad/tool"] == pytest.approx(0.15 / 0.80)
+    far = with_learned_classes(broad, fine, 1.0, -centre, learned)
+    assert far["broad/bird"] == pytest.approx(0.05, abs=0.01)
+    # A photo the trained net is sure about keeps its answer.
+    sure = np.array([0, 0, 0, 0, 0, 30, 0], dtype=np.float32)
+    kept = with_learned_classes(broad, sure, 1.0, centre, learned)
+    assert kept["broad/tool"] == pytest.approx(0.80, abs=0.01)

@@ -21,6 +21,8 @@ BROAD_MODEL = "broad"
 INPUT_NAME = "IMAGE"
 BROAD_LOGITS = "BROAD_LOGITS"
 EMBEDDING = "EMBEDDING"
+FINE_LOGITS = "FINE_LOGITS"
+FEATURE_NORM = "FEATURE_NORM"
 IMAGE_SHAPE = (64, 64, 3)
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -164,6 +166,19 @@ class TritonClient:
             BROAD_MODEL, images, (BROAD_LOGITS, EMBEDDING), timeout_s=timeout_s
         )
         return logits, embedding
+
+    async def infer_broad_full(
+        self, images: np.ndarray, timeout_s: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`infer_broad` plus the fine logits [B,classes] and feature norms [B,1] (same pass)."""
+        _check_images(images)
+        logits, embedding, fine, norm = await self.infer(
+            BROAD_MODEL,
+            images,
+            (BROAD_LOGITS, EMBEDDING, FINE_LOGITS, FEATURE_NORM),
+            timeout_s=timeout_s,
+        )
+        return logits, embedding, fine, norm
 
     async def close(self) -> None:
         client, self._client = self._client, None

@@ -19,7 +19,7 @@ from fieldlens.backends.vector_store import Exemplar, Neighbour, StoredExemplar,
 from fieldlens.common.errors import FieldlensError, InvalidInput, Unavailable
 from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
 from fieldlens.common.model_set import ModelSet
-from fieldlens.common.taxonomy import check_learn_parent, learned_taxon_id
+from fieldlens.common.taxonomy import LEARNED_PREFIX, check_learn_parent, learned_taxon_id
 from fieldlens.common.telemetry import Metrics, StageTimer, get_metrics
 from fieldlens.router.clients import ClassifierClient
 from fieldlens.router.imaging import DecodedImage, ImageLimits, checked_hash, decode
@@ -27,9 +27,12 @@ from fieldlens.router.merge import (
     SPECIALIST,
     TINY,
     CategoryResult,
+    ImprintRows,
     Suggestion,
+    imprint_rows,
     merge,
     pick_categories,
+    with_learned_classes,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ MAX_NEIGHBOURS = 10
 INDEX_BATCH = 64
 
 _T = TypeVar("_T")
+ALL_CATEGORIES = "*"  # the knowledge generation every cached answer depends on
 
 # Degradation kinds, as named in the protocol's DegradationKind.
 CACHE_UNAVAILABLE = "CACHE_UNAVAILABLE"
@@ -183,6 +187,9 @@ class RouterDataPlane:
         # Broad groups holding learned taxa: their specialist net cannot know those taxa.
         self._learned_groups: set[str] = set()
         self._pending_bumps: set[str] = set()  # generation bumps Redis has not taken yet
+        # Learned taxon -> (sum of its examples' embeddings, count): their imprinted rows.
+        self._taxon_sums: dict[str, tuple[np.ndarray, int]] = {}
+        self._imprint_rows: ImprintRows | None = None
         self._generations_key = generations_key(model_set.version)
         self._tasks: set[asyncio.Future[object]] = set()
         # Set while exemplars of an older embedding space are re-embedded into this one.
@@ -235,8 +242,15 @@ class RouterDataPlane:
         with timer.stage("decode"):
             img = decode(image, self.limits, digest)
         with timer.stage("broad"):
-            logits, emb = await self.triton.infer_broad(img.rgb[None])
+            if self._imprint_rows is not None:
+                logits, emb, fine, norm = await self.triton.infer_broad_full(img.rgb[None])
+            else:
+                logits, emb = await self.triton.infer_broad(img.rgb[None])
         broad_probs = self._broad_probabilities(logits[0])
+        if self._imprint_rows is not None:
+            broad_probs = with_learned_classes(
+                broad_probs, fine[0], float(norm[0, 0]), emb[0], self._imprint_rows
+            )
         categories = pick_categories(broad_probs, self.dispatch_top, MIN_DISPATCH_PROBABILITY)
         with timer.stage("classify"):
             results, neighbours = await asyncio.gather(
@@ -265,6 +279,7 @@ class RouterDataPlane:
         # records the knowledge generation of every category it used, as read before computing.
         if self.cache is not None and generations is not None and not degradations:
             used = {d.category: generations.get(d.category, 0) for d in result.dispatch}
+            used[ALL_CATEGORIES] = generations.get(ALL_CATEGORIES, 0)
             value = json.dumps(used, separators=(",", ":")).encode() + b"\n" + self._encode(result)
             # Off the response path: the caller does not wait for the write-back.
             self._background(self._write_back(key, value))
@@ -319,6 +334,14 @@ class RouterDataPlane:
         if category in self._learned_groups:
             return TINY  # the specialist was trained before these taxa existed
         return self.model_set.routing.get(category, TINY)
+
+    def _rebuild_imprints(self) -> None:
+        """Imprinted fine-softmax rows of the learned taxa (needs the model set's imprint)."""
+        imprint = self.model_set.manifest.get("broad", {}).get("imprint")
+        if not imprint or not self._taxon_sums:
+            self._imprint_rows = None
+            return
+        self._imprint_rows = imprint_rows(self._taxon_sums, imprint, self.model_set.taxonomy)
 
     async def _classify_categories(
         self,
@@ -507,7 +530,8 @@ class RouterDataPlane:
         if not examples:
             return 0
         for e in examples:
-            self._apply_locally(e)
+            self._apply_locally(e, rebuild=False)
+        self._rebuild_imprints()
         if self.store is not None:
             async with self._store_lock:
                 await asyncio.to_thread(self.store.upsert, [self._exemplar(e) for e in examples])
@@ -614,9 +638,24 @@ class RouterDataPlane:
             self.model_set = replace(self.model_set, taxonomy=taxonomy)
         self._learned_groups.add(self.model_set.taxonomy.broad_of(spec.id) or "")
 
-    def _apply_locally(self, e: LearnedExample) -> None:
+    def _apply_locally(self, e: LearnedExample, rebuild: bool = True) -> None:
         self._ensure_taxon(e.new_taxon)
+        previous = self._learned.get(e.id)
         self._learned[e.id] = e.taxon_id
+        if previous == e.taxon_id or len(e.vector) == 0:
+            return
+        # Examples of learned taxa shape their imprinted rows (a relabel moves the example).
+        for taxon, sign in ((previous, -1.0), (e.taxon_id, 1.0)):
+            if taxon is None or not taxon.startswith(LEARNED_PREFIX):
+                continue
+            total, n = self._taxon_sums.get(taxon, (np.zeros_like(e.vector), 0))
+            total, n = total + sign * e.vector, n + int(sign)
+            if n > 0:
+                self._taxon_sums[taxon] = (total, n)
+            else:
+                self._taxon_sums.pop(taxon, None)
+        if rebuild:
+            self._rebuild_imprints()
 
     async def learn(self, items: Sequence[LearnItem]) -> list[LearnOutcome | FieldlensError]:
         """Learns labelled images; one outcome (or the item's error) per item, in order.
@@ -688,7 +727,12 @@ class RouterDataPlane:
         await self.tiny.learn(examples, self.model_set.version)
         for e in examples:
             self._apply_locally(e)
-        await self._bump({p.broad for p in points})
+        # Examples of learned taxa move their imprinted rows, which shift P(broad) for any
+        # photo: every cached answer goes stale. Others change only their group's classifiers.
+        touched = {p.broad for p in points}
+        if any(e.taxon_id.startswith(LEARNED_PREFIX) for e in examples):
+            touched.add(ALL_CATEGORIES)
+        await self._bump(touched)
         self.metrics.record_learn(len(examples), time.perf_counter() - started)
         outcomes = []
         for e in examples:  # "created" goes to the first example of a new taxon only

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from fieldlens.backends.vector_store import Neighbour
 from fieldlens.common.taxonomy import ROOT, Taxonomy
@@ -83,3 +86,49 @@ def pick_categories(
     ranked = sorted(broad_probs, key=lambda b: -broad_probs[b])
     chosen = [b for b in ranked[:top] if broad_probs[b] >= min_probability]
     return chosen or ranked[:1]
+
+
+# (rows [T, dim], biases [T], broad group of each learned taxon)
+ImprintRows = tuple[np.ndarray, np.ndarray, list[str]]
+
+
+def imprint_rows(
+    sums: Mapping[str, tuple[np.ndarray, int]], imprint: Mapping[str, Any], taxonomy: Taxonomy
+) -> ImprintRows:
+    """Fine-softmax rows for learned taxa by weight imprinting: the mean of a taxon's example
+    embeddings, centred on the training embeddings' mean, scaled to the trained rows' median
+    norm; the trained rows' median bias."""
+    mean = np.asarray(imprint["embedding_mean"], dtype=np.float32)
+    taxa = sorted(sums)
+    rows = np.stack([sums[t][0] / sums[t][1] - mean for t in taxa]).astype(np.float32)
+    rows *= float(imprint["row_norm"]) / np.maximum(
+        np.linalg.norm(rows, axis=1, keepdims=True), 1e-12
+    )
+    bias = np.full(len(taxa), float(imprint["bias"]), dtype=np.float32)
+    return rows, bias, [taxonomy.broad_of(t) or "" for t in taxa]
+
+
+def with_learned_classes(
+    broad_probs: Mapping[str, float],
+    fine_logits: np.ndarray,
+    feature_norm: float,
+    embedding: np.ndarray,
+    learned: ImprintRows,
+) -> dict[str, float]:
+    """P(broad) with learned taxa added to the fine softmax as imprinted classes.
+
+    A learned logit (feature norm x row . embedding + bias, the trained logits' form) competes
+    with the trained ones; the mass it takes goes to its group and the rest keeps the net's
+    proportions. A photo like the learned examples lifts their group into the dispatch; a photo
+    unlike them leaves P(broad) as it was.
+    """
+    rows, bias, groups = learned
+    z = np.concatenate(
+        [np.asarray(fine_logits, np.float32), feature_norm * (rows @ embedding) + bias]
+    )
+    p = np.exp(z - z.max())
+    p_learned = p[len(fine_logits) :] / p.sum()
+    out = {g: v * (1.0 - float(p_learned.sum())) for g, v in broad_probs.items()}
+    for g, v in zip(groups, p_learned, strict=True):
+        out[g] += float(v)
+    return out

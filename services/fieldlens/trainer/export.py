@@ -58,6 +58,7 @@ def export_all(
     models_dir: Path,
     model_repository: Path,
     manifest_extra: dict[str, object],
+    embedding_mean: np.ndarray,
 ) -> dict[str, object]:
     """Writes every artefact, then the manifest whose model-set version hashes them all."""
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,12 @@ def export_all(
     write_config(
         model_repository / "broad",
         "broad",
-        [("BROAD_LOGITS", len(taxonomy.broad_ids)), ("EMBEDDING", model.backbone.dim)],
+        [
+            ("BROAD_LOGITS", len(taxonomy.broad_ids)),
+            ("EMBEDDING", model.backbone.dim),
+            ("FINE_LOGITS", len(taxonomy.class_ids)),
+            ("FEATURE_NORM", 1),
+        ],
     )
     spec_meta = {}
     for group, net in specialists.items():
@@ -95,10 +101,18 @@ def export_all(
         "image_size": IMAGE_SIZE,
         "broad": {
             "model": "broad",
-            "outputs": ["BROAD_LOGITS", "EMBEDDING"],
+            "outputs": ["BROAD_LOGITS", "EMBEDDING", "FINE_LOGITS", "FEATURE_NORM"],
             "labels": list(taxonomy.broad_ids),
             "embedding_dim": model.backbone.dim,
             "rollup_mix": mix,
+            # Weight imprinting of learned classes into the fine softmax: a new class's row is
+            # row_norm x unit(mean of its examples' embeddings - embedding_mean), its bias
+            # `bias`; its logit is feature_norm x (row . embedding) + bias.
+            "imprint": {
+                "row_norm": float(model.head.weight.detach().norm(dim=1).median()),
+                "bias": float(model.head.bias.detach().median()),
+                "embedding_mean": [round(float(v), 6) for v in embedding_mean],
+            },
         },
         "specialists": spec_meta,
         "routing": routing,

@@ -104,7 +104,8 @@ def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class BroadExport(nn.Module):
-    """One pass: uint8 images -> (broad log-probabilities, L2-normalised embedding).
+    """One pass: uint8 images -> (broad log-probabilities, L2-normalised embedding, fine logits,
+    feature norm).
 
     The broad score is an ensemble of the broad head on the embedding and the fine head's
     probabilities summed per broad group (`fine_to_broad`), weighted by `mix` (0 = head only).
@@ -125,13 +126,19 @@ class BroadExport(nn.Module):
         self.register_buffer("fine_to_broad", fine_to_broad.float())
         self.mix = float(mix)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         feats = self.backbone(normalise_uint8(images))
         emb = F.normalize(feats, dim=1)
+        fine = self.fine_head(feats)
         p_head = torch.softmax(self.broad_head(emb), dim=1)
-        p_roll = torch.softmax(self.fine_head(feats), dim=1) @ self.fine_to_broad
+        p_roll = torch.softmax(fine, dim=1) @ self.fine_to_broad
         p = (1.0 - self.mix) * p_head + self.mix * p_roll
-        return torch.log(p.clamp_min(1e-12)), emb
+        # The fine logits and the feature norm let a client put learned classes into the same
+        # softmax as the trained ones (imprinted weights, see the manifest's "imprint").
+        norm = feats.norm(dim=1, keepdim=True)
+        return torch.log(p.clamp_min(1e-12)), emb, fine, norm
 
 
 class SpecialistExport(nn.Module):

@@ -314,6 +314,7 @@ def run(
             # Stages resumed from checkpoints count their original time, not the resume's.
             "training_seconds": history["seconds"] + time.time() - t0,
         },
+        out.train_emb.mean(axis=0),
     )
     # The validation keys travel with the models: the gallery and later evaluations skip them.
     (models_dir / "split.json").write_text(
