@@ -107,20 +107,22 @@ def test_triton_serves_the_export_like_torch(
 
         async def infer() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             async with TritonClient(server.grpc_addr) as client:
-                logits, emb = await client.infer_broad(images)
+                logits, emb, fine, norm = await client.infer_broad_full(images)
                 (spec,) = await client.infer("specialist_insect", images, ("LOGITS",))
-                return logits, emb, spec
+                return logits, emb, fine, norm, spec
 
-        logits, emb, spec = asyncio.run(infer())
+        logits, emb, fine, norm, spec = asyncio.run(infer())
         broad = torch.jit.load(str(repo / "broad" / "1" / "model.pt"))
         specialist = torch.jit.load(str(repo / "specialist_insect" / "1" / "model.pt"))
         with torch.no_grad():
-            ref_logits, ref_emb = broad(torch.from_numpy(images))
+            ref_logits, ref_emb, ref_fine, ref_norm = broad(torch.from_numpy(images))
             (ref_spec,) = specialist(torch.from_numpy(images))
         np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(emb, ref_emb.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(spec, ref_spec.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(fine, ref_fine.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(norm, ref_norm.numpy(), rtol=1e-4, atol=1e-4)
         # Broad outputs are log-probabilities: they exponentiate to a distribution.
         np.testing.assert_allclose(np.exp(logits).sum(axis=1), 1.0, atol=1e-4)
     finally:
