@@ -15,6 +15,7 @@ from fieldlens.router.merge import (
     merge,
     pick_categories,
     with_learned_classes,
+    with_learned_leaves,
 )
 
 # root
@@ -219,7 +220,8 @@ def _learned_setup():
 
 
 def test_imprinted_rows_point_from_the_mean_to_the_examples():
-    (rows, bias, groups), centre, mean = _learned_setup()
+    (rows, bias, groups, taxa), centre, mean = _learned_setup()
+    assert taxa == ["learned/osprey"]
     assert groups == ["broad/bird"] and bias.tolist() == [0.0]
     assert np.linalg.norm(rows[0]) == pytest.approx(8.0, rel=1e-5)
     direction = (centre - mean) / np.linalg.norm(centre - mean)
@@ -230,13 +232,30 @@ def test_learned_classes_move_broad_mass_only_for_photos_like_them():
     learned, centre, _ = _learned_setup()
     broad = {"broad/bird": 0.05, "broad/fish": 0.15, "broad/tool": 0.80}
     fine = np.zeros(7, dtype=np.float32)  # trained logits: nothing stands out
-    near = with_learned_classes(broad, fine, 1.0, centre, learned)
+    near, p_learned = with_learned_classes(broad, fine, 1.0, centre, learned)
+    assert p_learned["learned/osprey"] == pytest.approx(
+        near["broad/bird"] - 0.05 * (1 - p_learned["learned/osprey"])
+    )
     assert sum(near.values()) == pytest.approx(1.0)
     assert near["broad/bird"] > 0.5  # the learned class took most of the mass
     assert near["broad/fish"] / near["broad/tool"] == pytest.approx(0.15 / 0.80)
-    far = with_learned_classes(broad, fine, 1.0, -centre, learned)
+    far, _ = with_learned_classes(broad, fine, 1.0, -centre, learned)
     assert far["broad/bird"] == pytest.approx(0.05, abs=0.01)
     # A photo the trained net is sure about keeps its answer.
     sure = np.array([0, 0, 0, 0, 0, 30, 0], dtype=np.float32)
-    kept = with_learned_classes(broad, sure, 1.0, centre, learned)
+    kept, _ = with_learned_classes(broad, sure, 1.0, centre, learned)
     assert kept["broad/tool"] == pytest.approx(0.80, abs=0.01)
+
+
+def test_learned_leaves_take_their_fine_share_and_trained_leaves_keep_proportions():
+    tax = TAX.with_learned([("learned/osprey", "osprey", "node/bird/raptor")])
+    scores = {"node/bird/raptor": 0.6, "eagle": 0.4, "kite": 0.2, "heron": 0.4}
+    r = CategoryResult("broad/bird", 0.5, scores, TINY)
+    out = with_learned_leaves(tax, r, {"learned/osprey": 0.25}).scores
+    assert out["learned/osprey"] == pytest.approx(0.5)  # 0.25 of 0.5 of the mass
+    assert out["eagle"] / out["kite"] == pytest.approx(2.0)
+    assert out["eagle"] + out["kite"] + out["heron"] + out["learned/osprey"] == pytest.approx(1.0)
+    assert out["node/bird/raptor"] == pytest.approx(out["eagle"] + out["kite"] + 0.5)
+    # Another group's result is untouched.
+    fish = CategoryResult("broad/fish", 0.3, {"gold": 0.7, "carp": 0.3}, TINY)
+    assert with_learned_leaves(tax, fish, {"learned/osprey": 0.25}) is fish

@@ -33,6 +33,7 @@ from fieldlens.router.merge import (
     merge,
     pick_categories,
     with_learned_classes,
+    with_learned_leaves,
 )
 
 logger = logging.getLogger(__name__)
@@ -247,8 +248,9 @@ class RouterDataPlane:
             else:
                 logits, emb = await self.triton.infer_broad(img.rgb[None])
         broad_probs = self._broad_probabilities(logits[0])
+        learned_probs: dict[str, float] = {}
         if self._imprint_rows is not None:
-            broad_probs = with_learned_classes(
+            broad_probs, learned_probs = with_learned_classes(
                 broad_probs, fine[0], float(norm[0, 0]), emb[0], self._imprint_rows
             )
         categories = pick_categories(broad_probs, self.dispatch_top, MIN_DISPATCH_PROBABILITY)
@@ -260,6 +262,9 @@ class RouterDataPlane:
                 self._neighbours(emb[0], categories, degradations, timer),
             )
         with timer.stage("merge"):
+            if learned_probs:
+                taxonomy = self.model_set.taxonomy
+                results = [with_learned_leaves(taxonomy, r, learned_probs) for r in results]
             merged = merge(
                 self.model_set.taxonomy, broad_probs, results, options.threshold, options.top_k
             )

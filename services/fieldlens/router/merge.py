@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -88,8 +88,8 @@ def pick_categories(
     return chosen or ranked[:1]
 
 
-# (rows [T, dim], biases [T], broad group of each learned taxon)
-ImprintRows = tuple[np.ndarray, np.ndarray, list[str]]
+# (rows [T, dim], biases [T], broad group of each learned taxon, the taxa)
+ImprintRows = tuple[np.ndarray, np.ndarray, list[str], list[str]]
 
 
 def imprint_rows(
@@ -105,7 +105,7 @@ def imprint_rows(
         np.linalg.norm(rows, axis=1, keepdims=True), 1e-12
     )
     bias = np.full(len(taxa), float(imprint["bias"]), dtype=np.float32)
-    return rows, bias, [taxonomy.broad_of(t) or "" for t in taxa]
+    return rows, bias, [taxonomy.broad_of(t) or "" for t in taxa], taxa
 
 
 def with_learned_classes(
@@ -114,15 +114,16 @@ def with_learned_classes(
     feature_norm: float,
     embedding: np.ndarray,
     learned: ImprintRows,
-) -> dict[str, float]:
-    """P(broad) with learned taxa added to the fine softmax as imprinted classes.
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(P(broad), P(learned taxon)) with learned taxa added to the fine softmax as imprinted
+    classes.
 
     A learned logit (feature norm x row . embedding + bias, the trained logits' form) competes
     with the trained ones; the mass it takes goes to its group and the rest keeps the net's
     proportions. A photo like the learned examples lifts their group into the dispatch; a photo
     unlike them leaves P(broad) as it was.
     """
-    rows, bias, groups = learned
+    rows, bias, groups, taxa = learned
     z = np.concatenate(
         [np.asarray(fine_logits, np.float32), feature_norm * (rows @ embedding) + bias]
     )
@@ -131,4 +132,33 @@ def with_learned_classes(
     out = {g: v * (1.0 - float(p_learned.sum())) for g, v in broad_probs.items()}
     for g, v in zip(groups, p_learned, strict=True):
         out[g] += float(v)
-    return out
+    return out, {t: float(v) for t, v in zip(taxa, p_learned, strict=True)}
+
+
+MAX_LEARNED_SHARE = 0.999
+
+
+def with_learned_leaves(
+    taxonomy: Taxonomy, result: CategoryResult, learned: Mapping[str, float]
+) -> CategoryResult:
+    """A category's scores with its learned taxa at their fine-softmax probability.
+
+    A learned taxon is a class of the fine softmax, so its P(taxon | category) is its share of
+    the category's mass there; the trained taxa keep the classifier's proportions of the rest,
+    and every ancestor inside the category gains what its learned descendants hold.
+    """
+    mine = {t: p for t, p in learned.items() if taxonomy.broad_of(t) == result.category}
+    if not mine or result.probability <= 0 or not result.scores:
+        return result
+    q = {t: min(p / result.probability, MAX_LEARNED_SHARE) for t, p in mine.items()}
+    total = sum(q.values())
+    if total > MAX_LEARNED_SHARE:
+        q = {t: v * MAX_LEARNED_SHARE / total for t, v in q.items()}
+        total = MAX_LEARNED_SHARE
+    scores = {t: p * (1.0 - total) for t, p in result.scores.items() if t not in q}
+    for t, v in q.items():
+        scores[t] = v
+        for ancestor in taxonomy.path(t)[:-1]:
+            if ancestor in scores:
+                scores[ancestor] += v
+    return replace(result, scores=scores)
