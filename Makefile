@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DATA ?= ../shared/data/tiny-imagenet
 
-.PHONY: setup demo up down status test test-fast train train-smoke lint check clean
+.PHONY: setup demo up down status learn-eval test test-fast train train-smoke lint check clean
 
 include mk/proto.mk
 include mk/deploy.mk
@@ -25,6 +25,9 @@ demo: setup  ## start the local cluster, index the gallery if empty, classify sa
 
 up: setup
 	$(VENV)/bin/fieldlens up
+
+learn-eval: setup  ## recall of the held-out classes learned from 5 photos each (throwaway cluster)
+	$(VENV)/bin/fieldlens learn-eval --data $(DATA)
 
 down:
 	@if [ -x $(VENV)/bin/fieldlens ]; then $(VENV)/bin/fieldlens down; fi
