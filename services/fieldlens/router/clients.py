@@ -61,13 +61,15 @@ class ClassifierClient:
         return _scores(reply)
 
     async def classify_categories(
-        self, categories: list[str], embedding: np.ndarray, model_set_version: str
+        self, categories: list[str], embedding: np.ndarray, model_set_version: str, top_k: int
     ) -> dict[str, tuple[dict[str, float], str]]:
-        """Several categories of one image in one call (no pixels: for the tiny ensemble)."""
+        """Several categories of one image in one call (no pixels: for the tiny ensemble);
+        `top_k` leaves per category (every internal node comes too), 0 for all."""
         request = classifier_pb2.CategoriesRequest(
             categories=categories,
             embedding=embedding.astype(np.float32).tolist(),
             model_set_version=model_set_version,
+            top_k=top_k,
         )
         try:
             reply = await self._stub.ClassifyCategories(request, timeout=self._timeout_s)

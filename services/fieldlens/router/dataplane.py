@@ -257,7 +257,7 @@ class RouterDataPlane:
         with timer.stage("classify"):
             results, neighbours = await asyncio.gather(
                 self._classify_categories(
-                    categories, broad_probs, emb[0], img, degradations, timer
+                    categories, broad_probs, emb[0], img, degradations, timer, options.top_k
                 ),
                 self._neighbours(emb[0], categories, degradations, timer),
             )
@@ -356,6 +356,7 @@ class RouterDataPlane:
         img: DecodedImage,
         degradations: list[Degradation],
         timer: StageTimer,
+        top_k: int,
     ) -> list[CategoryResult]:
         """Specialist categories one call each, every tiny category in one call, in parallel."""
         special = [
@@ -371,7 +372,7 @@ class RouterDataPlane:
                     for c in special
                 )
             ),
-            self._tiny_categories(tiny, broad_probs, emb, degradations, timer),
+            self._tiny_categories(tiny, broad_probs, emb, degradations, timer, top_k=top_k),
         )
         by_category = {r.category: r for r in [*from_specialists, *from_tiny]}
         return [by_category[c] for c in categories]
@@ -409,12 +410,16 @@ class RouterDataPlane:
         degradations: list[Degradation],
         timer: StageTimer,
         fell_back: bool = False,
+        top_k: int = 0,
     ) -> list[CategoryResult]:
         if not categories:
             return []
         try:
             with timer.stage("tiny"):
-                got = await self.tiny.classify_categories(categories, emb, self.model_set.version)
+                # Suggestions are the top_k leaves overall, so no group needs more than that.
+                got = await self.tiny.classify_categories(
+                    categories, emb, self.model_set.version, top_k
+                )
         except Unavailable as exc:
             for c in categories:
                 degradations.append(Degradation(CLASSIFIER_UNAVAILABLE, str(exc), c))
