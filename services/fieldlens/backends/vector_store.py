@@ -170,6 +170,9 @@ class VectorStore(abc.ABC):
     `broad_in=None` searches everything; an empty list allows no group and returns nothing.
     """
 
+    # True when a search is a sub-millisecond call into this process (no I/O to wait on).
+    in_process: bool = False
+
     @abc.abstractmethod
     def ensure_collection(self, dim: int) -> None:
         """Create the collection (cosine, HNSW, keyword index on `broad`) or open and check it."""
@@ -245,6 +248,8 @@ class EdgeVectorStore(VectorStore):
         full_scan_threshold_kb: below this size a search scans exactly.
         hnsw_ef: search-time candidate list size (None = engine default).
     """
+
+    in_process = True
 
     def __init__(
         self,

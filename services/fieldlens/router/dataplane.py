@@ -450,6 +450,18 @@ class RouterDataPlane:
             self.metrics.record_degradation(NEIGHBOURS_UNAVAILABLE)
             return []
         store = self.store
+        if store.in_process:
+            # An in-process HNSW search takes a fraction of a millisecond: run it on the loop
+            # while the classifier calls are in flight (yield once so they go out first),
+            # rather than pay a thread hand-off and GIL contention with them.
+            await asyncio.sleep(0)
+            with timer.stage("neighbours"):
+                try:
+                    return store.search(emb, NEIGHBOUR_POOL, list(categories))
+                except FieldlensError as exc:
+                    degradations.append(Degradation(NEIGHBOURS_UNAVAILABLE, str(exc)))
+                    self.metrics.record_degradation(NEIGHBOURS_UNAVAILABLE)
+                    return []
         with timer.stage("neighbours"):
             found = await self._optional(
                 asyncio.to_thread(store.search, emb, NEIGHBOUR_POOL, list(categories)),
