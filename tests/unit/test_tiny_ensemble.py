@@ -2,42 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from small_tree import CLASSES, class_like
 
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.tiny.ensemble import TinyEnsemble, fit
 
-
-@dataclass(frozen=True)
-class C:
-    wnid: str
-    name: str
-    broad: str
-    domain: str
-    wordnet_path: tuple[str, ...]
-
-
-def _c(wnid: str, broad: str, path: str) -> C:
-    return C(wnid, wnid, broad, "thing", tuple(s.strip() for s in path.split(">")))
-
-
-# broad/a: a > {x, y}; x > {a1, a2}; y > {a3, z}; z > {a4, a5}   (three levels below the broad)
-# broad/b: b > {b1, b2}
-# broad/c: c > {c1}                                              (a single-child node)
-CLASSES = [
-    _c("a1", "a", "e > a > x > a1"),
-    _c("a2", "a", "e > a > x > a2"),
-    _c("a3", "a", "e > a > y > a3"),
-    _c("a4", "a", "e > a > y > z > a4"),
-    _c("a5", "a", "e > a > y > z > a5"),
-    _c("b1", "b", "e > b > b1"),
-    _c("b2", "b", "e > b > b2"),
-    _c("c1", "c", "e > c > c1"),
-]
 DIM = 6
 
 
@@ -270,11 +243,11 @@ def test_load_against_a_different_taxonomy_fails(tax: Taxonomy, tmp_path: Path) 
     ens = _random_ensemble(tax)
     f = tmp_path / "tiny.npz"
     ens.save(f)
-    other = Taxonomy.from_classes([*CLASSES, _c("b3", "b", "e > b > b3")])
+    other = Taxonomy.from_classes([*CLASSES, class_like("b3", "b", "e > b > b3")])
     with pytest.raises(ValueError, match="taxonomy"):
         TinyEnsemble.load(f, other)
     # Same number of edges but a different tree still fails.
-    renamed = Taxonomy.from_classes([*CLASSES[:-1], _c("c9", "c", "e > c > c9")])
+    renamed = Taxonomy.from_classes([*CLASSES[:-1], class_like("c9", "c", "e > c > c9")])
     assert _n_rows(renamed) == _n_rows(tax)
     with pytest.raises(ValueError):
         TinyEnsemble.load(f, renamed)

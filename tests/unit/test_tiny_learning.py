@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from small_tree import CLASSES
 
 from fieldlens.common.errors import FailedPrecondition, InvalidInput
 from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
@@ -18,33 +18,6 @@ from fieldlens.tiny.ensemble import TinyEnsemble, fit
 from fieldlens.tiny.servicer import TinyServicer
 from fieldlens.v1 import classifier_pb2
 
-
-@dataclass(frozen=True)
-class C:
-    wnid: str
-    name: str
-    broad: str
-    domain: str
-    wordnet_path: tuple[str, ...]
-
-
-def _c(wnid: str, broad: str, path: str) -> C:
-    return C(wnid, wnid, broad, "thing", tuple(s.strip() for s in path.split(">")))
-
-
-# broad/a: a > {x, y}; x > {a1, a2}; y > {a3, z}; z > {a4, a5}
-# broad/b: b > {b1, b2}
-# broad/c: c > {c1}                   (a single child: its row never trained, its norm is 0)
-CLASSES = [
-    _c("a1", "a", "e > a > x > a1"),
-    _c("a2", "a", "e > a > x > a2"),
-    _c("a3", "a", "e > a > y > a3"),
-    _c("a4", "a", "e > a > y > z > a4"),
-    _c("a5", "a", "e > a > y > z > a5"),
-    _c("b1", "b", "e > b > b1"),
-    _c("b2", "b", "e > b > b2"),
-    _c("c1", "c", "e > c > c1"),
-]
 DIM = 16
 NOISE = 0.5
 NEW = "learned/a6"

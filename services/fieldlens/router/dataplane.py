@@ -516,15 +516,7 @@ class RouterDataPlane:
             chunk = batch[i : i + INDEX_BATCH]
             _, emb = await self.triton.infer_broad(np.stack([img.rgb for img, _, _ in chunk]))
             points = [
-                Exemplar(
-                    id=img.content_hash,
-                    vector=emb[j],
-                    label=label,
-                    broad=taxonomy.broad_of(label) or "",
-                    path=taxonomy.path(label),
-                    source=source,
-                    embedding_version=self.model_set.embedding_version,
-                )
+                self._point(img.content_hash, emb[j], label, source)
                 for j, (img, label, source) in enumerate(chunk)
             ]
             async with self._store_lock:
@@ -640,14 +632,18 @@ class RouterDataPlane:
         return NewTaxonSpec(t.id, t.name, t.parent or "")
 
     def _exemplar(self, e: LearnedExample) -> Exemplar:
+        return self._point(e.id, e.vector, e.taxon_id, e.source or "learn")
+
+    def _point(self, exemplar_id: str, vector: np.ndarray, label: str, source: str) -> Exemplar:
+        """A stored exemplar of this model set: taxonomy path and embedding version attached."""
         taxonomy = self.model_set.taxonomy
         return Exemplar(
-            id=e.id,
-            vector=e.vector,
-            label=e.taxon_id,
-            broad=taxonomy.broad_of(e.taxon_id) or "",
-            path=taxonomy.path(e.taxon_id),
-            source=e.source or "learn",
+            id=exemplar_id,
+            vector=vector,
+            label=label,
+            broad=taxonomy.broad_of(label) or "",
+            path=taxonomy.path(label),
+            source=source,
             embedding_version=self.model_set.embedding_version,
         )
 
@@ -807,15 +803,7 @@ class RouterDataPlane:
                     continue
                 _, emb = await self.triton.infer_broad(np.stack([img.rgb for _, img in todo]))
                 points = [
-                    Exemplar(
-                        id=ex.id,
-                        vector=emb[j],
-                        label=ex.label,
-                        broad=taxonomy.broad_of(ex.label) or "",
-                        path=taxonomy.path(ex.label),
-                        source=ex.source,
-                        embedding_version=self.model_set.embedding_version,
-                    )
+                    self._point(ex.id, emb[j], ex.label, ex.source)
                     for j, (ex, _) in enumerate(todo)
                 ]
                 await asyncio.to_thread(staging.upsert, points)
