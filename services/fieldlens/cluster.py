@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,8 +52,31 @@ class ClusterError(RuntimeError):
     """A component failed to start or become ready; the message names it and tails its log."""
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+FREE_PORT_SPAN = 12000  # how far below the ephemeral range free ports are drawn from
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = HOST) -> int:
-    """A TCP port that was free a moment ago (tests; racy by nature, but fine on loopback)."""
+    """A TCP port that was free a moment ago (tests, throwaway clusters).
+
+    Drawn at random below the kernel's ephemeral range: a port the kernel handed out with
+    bind(0) could be given to an outgoing connection (a readiness poll, a client) before the
+    server that was meant to have it binds it.
+    """
+    low = _ephemeral_low()
+    if low - FREE_PORT_SPAN >= 1024:
+        rng = random.SystemRandom()
+        for _ in range(100):
+            port = rng.randrange(low - FREE_PORT_SPAN, low)
+            if not _port_taken(host, port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -86,11 +110,13 @@ class ClusterConfig:
 
     def with_free_ports(self) -> ClusterConfig:
         """A copy with every port replaced by a currently free one (tests)."""
-        ports = {
-            f.name: free_port(self.host)
-            for f in dataclasses.fields(self)
-            if f.name.endswith("_port")
-        }
+        ports: dict[str, int] = {}
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_port"):
+                port = free_port(self.host)
+                while port in ports.values():
+                    port = free_port(self.host)
+                ports[f.name] = port
         return dataclasses.replace(self, **ports)  # type: ignore[arg-type]
 
     @property

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -82,12 +81,6 @@ def _get_text(url: str, timeout_s: float = 10.0) -> str:
         return str(resp.read().decode())
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _prometheus_config(targets: dict[str, str], rules_file: Path) -> dict[str, Any]:
     # namespace mimics the target label the Prometheus Operator adds, so the rules'
     # `by (namespace)` aggregations behave as in the cluster.
@@ -110,7 +103,9 @@ def _start_prometheus(
     rules_file = write_rules_file(work / "rules.yml", interval=SCRAPE_INTERVAL)
     config = work / "prometheus.yml"
     config.write_text(yaml.safe_dump(_prometheus_config(targets, rules_file)))
-    port = _free_port()
+    from fieldlens.cluster import free_port
+
+    port = free_port()
     log_path = work / "prometheus.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
