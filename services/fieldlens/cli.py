@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fieldlens import bench, cluster, gallery
+from fieldlens.common import model_store
 from fieldlens.common.credentials import bearer
+from fieldlens.common.errors import FieldlensError
 from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc
 
@@ -331,6 +333,57 @@ def cmd_learn_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_set(args: argparse.Namespace) -> int:
+    """Publish a trained model set into the store, list the store, or switch the routers."""
+    cfg = _config(args)
+    store = cfg.model_store
+    if args.action == "publish":
+        version = model_store.publish(
+            store, args.models or cfg.models_dir, args.model_repository or cfg.model_repository
+        )
+        console.print(f"published model set {version} in {store}")
+        console.print(f"serve it with: fieldlens model-set switch {version}")
+        return 0
+    if args.action == "list":
+        current = model_store.current(store)
+        table = Table(title=f"model sets in {store}")
+        for col in ("version", "embedding space", "fine top-1", "broad top-1", "current"):
+            table.add_column(col)
+        for version in model_store.published(store):
+            ms = model_store.load(store, version)
+            metrics = ms.manifest.get("metrics", {})
+            table.add_row(
+                version,
+                ms.embedding_version,
+                f"{metrics.get('fine_top1', 0):.1%}",
+                f"{metrics.get('broad_top1', 0):.1%}",
+                "yes" if version == current else "",
+            )
+        console.print(table)
+        if current is None:
+            console.print("the routers serve their boot model set (FIELDLENS_MODELS_DIR)")
+        return 0
+    if not args.version:
+        console.print("[red]switch needs a VERSION (see `fieldlens model-set list`)[/red]")
+        return 2
+    channel, stub = _stub(args.addr)
+    with channel, console.status(f"switching to {args.version} (the old set serves meanwhile)"):
+        r = stub.SwitchModelSet(
+            router_pb2.SwitchModelSetRequest(version=args.version),
+            timeout=args.timeout,
+            metadata=bearer(cfg.write_token()),
+        )
+    if r.previous_model_set_version == r.model_set_version:
+        console.print(f"already serving {r.model_set_version}")
+    else:
+        console.print(
+            f"serving {r.model_set_version} (was {r.previous_model_set_version}) after "
+            f"{r.seconds:.1f} s: {r.reindexed} exemplars re-embedded, {r.relearned} learned "
+            "examples re-applied"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fieldlens", description=__doc__)
     parser.add_argument("--addr", default=DEFAULT_ADDR, help="router address (host:port)")
@@ -363,6 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=50)
     p.add_argument("--out", type=Path, default=Path("build/learn-eval.json"))
     p.set_defaults(func=cmd_learn_eval)
+    p = sub.add_parser(
+        "model-set", help="publish a trained model set; switch the routers to it, no downtime"
+    )
+    p.add_argument("action", choices=("publish", "list", "switch"))
+    p.add_argument("version", nargs="?", help="model-set version to switch to")
+    p.add_argument("--models", type=Path, help="publish: manifest dir (deploy/models)")
+    p.add_argument(
+        "--model-repository", type=Path, help="publish: its Triton nets (deploy/triton/...)"
+    )
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds a switch may take")
+    p.set_defaults(func=cmd_model_set)
     sub.add_parser("up", help="start the local cluster").set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
     sub.add_parser("status", help="local cluster state").set_defaults(func=cmd_status)
@@ -383,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except cluster.ClusterError as exc:
+    except (cluster.ClusterError, FieldlensError) as exc:
         console.print(f"[red]{exc}[/red]")
         return 1
     except grpc.RpcError as exc:

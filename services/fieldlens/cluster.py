@@ -135,6 +135,11 @@ class ClusterConfig:
     def state_dir(self) -> Path:
         return self.run_dir / "state"
 
+    @property
+    def model_store(self) -> Path:
+        """Published model sets (the services' default FIELDLENS_MODEL_STORE)."""
+        return self.state_dir / "model-sets"
+
     def write_token(self) -> str:
         """The bearer token write RPCs need (FIELDLENS_WRITE_TOKEN, else this cluster's own)."""
         return credentials.client_token(self.token_path)

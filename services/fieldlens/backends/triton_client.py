@@ -158,22 +158,22 @@ class TritonClient:
         return [np.concatenate([p[j] for p in parts]) for j in range(len(output_names))]
 
     async def infer_broad(
-        self, images: np.ndarray, timeout_s: float | None = None
+        self, images: np.ndarray, timeout_s: float | None = None, model: str = BROAD_MODEL
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One pass of the broad net: (logits [B,20], L2-normalised embedding [B,256])."""
+        """One pass of the broad net `model`: (logits [B,20], L2-normalised embedding [B,256])."""
         _check_images(images)
         logits, embedding = await self.infer(
-            BROAD_MODEL, images, (BROAD_LOGITS, EMBEDDING), timeout_s=timeout_s
+            model, images, (BROAD_LOGITS, EMBEDDING), timeout_s=timeout_s
         )
         return logits, embedding
 
     async def infer_broad_full(
-        self, images: np.ndarray, timeout_s: float | None = None
+        self, images: np.ndarray, timeout_s: float | None = None, model: str = BROAD_MODEL
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`infer_broad` plus the fine logits [B,classes] and feature norms [B,1] (same pass)."""
         _check_images(images)
         logits, embedding, fine, norm = await self.infer(
-            BROAD_MODEL,
+            model,
             images,
             (BROAD_LOGITS, EMBEDDING, FINE_LOGITS, FEATURE_NORM),
             timeout_s=timeout_s,

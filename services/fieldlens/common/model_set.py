@@ -39,14 +39,22 @@ class ModelSet:
     image_size: int
     embedding_dim: int
     manifest: Mapping[str, Any]
+    # Name of the broad net on Triton: "broad" for the boot model set, which Triton loads from
+    # its repository; "broad__<version>" for a set loaded later from the model store.
+    broad_model: str = "broad"
 
     @property
     def tiny_path(self) -> Path:
         return Path(self.manifest["_dir"]) / TINY
 
 
-def load_model_set(models_dir: Path, routing_override: Path | None = None) -> ModelSet:
-    """Reads manifest.json and taxonomy.json; fails fast if they disagree."""
+def load_model_set(
+    models_dir: Path, routing_override: Path | None = None, triton_suffix: str = ""
+) -> ModelSet:
+    """Reads manifest.json and taxonomy.json; fails fast if they disagree.
+
+    `triton_suffix` is appended to every Triton model name (see `model_store.triton_suffix`).
+    """
     manifest_path = models_dir / MANIFEST
     if not manifest_path.exists():
         raise FailedPrecondition(
@@ -60,7 +68,7 @@ def load_model_set(models_dir: Path, routing_override: Path | None = None) -> Mo
             f"{TAXONOMY} is {taxonomy.version}"
         )
     specialists = {
-        cat: SpecialistModel(cat, spec["model"], tuple(spec["labels"]))
+        cat: SpecialistModel(cat, spec["model"] + triton_suffix, tuple(spec["labels"]))
         for cat, spec in manifest.get("specialists", {}).items()
     }
     routing = {b: "tiny" for b in taxonomy.broad_ids}
@@ -81,4 +89,5 @@ def load_model_set(models_dir: Path, routing_override: Path | None = None) -> Mo
         image_size=int(manifest.get("image_size", 64)),
         embedding_dim=int(manifest["broad"]["embedding_dim"]),
         manifest={**manifest, "_dir": str(models_dir)},
+        broad_model="broad" + triton_suffix,
     )

@@ -81,11 +81,15 @@ class CommonSettings:
     models_dir: Path
     # Durable service state: knowledge journals (and, for the router, the local blob store).
     state_dir: Path
+    # Published model sets and the current one (common/model_store.py); shared by every
+    # service that loads models. Default: <state_dir>/model-sets.
+    model_store: Path
 
     @classmethod
     def from_env(cls, service: ServiceName, env: Mapping[str, str] | None = None) -> CommonSettings:
         """Read the common variables, with `service`'s defaults for address and ports."""
         env = os.environ if env is None else env
+        state_dir = _read(env, "FIELDLENS_STATE_DIR", _repo_path(DEFAULT_STATE_DIR), _path)
         return cls(
             service=service,
             listen_addr=_read(
@@ -104,7 +108,8 @@ class CommonSettings:
             grace_s=_read(env, "FIELDLENS_GRACE_S", DEFAULT_GRACE_S, _non_negative_float),
             log_level=_read(env, "FIELDLENS_LOG_LEVEL", DEFAULT_LOG_LEVEL, _log_level),
             models_dir=_read(env, "FIELDLENS_MODELS_DIR", _repo_path(DEFAULT_MODELS_DIR), _path),
-            state_dir=_read(env, "FIELDLENS_STATE_DIR", _repo_path(DEFAULT_STATE_DIR), _path),
+            state_dir=state_dir,
+            model_store=_read(env, "FIELDLENS_MODEL_STORE", state_dir / "model-sets", _path),
         )
 
 

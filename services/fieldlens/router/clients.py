@@ -15,6 +15,8 @@ from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVED_BY = {classifier_pb2.SPECIALIST: "specialist", classifier_pb2.TINY: "tiny"}
+# Loading a model set replays its knowledge journal (tiny).
+LOAD_TIMEOUT_S = 300.0
 LEARN_TIMEOUT_S = 10.0  # a Learn waits for the classifier's journal fsync
 
 
@@ -77,11 +79,12 @@ class ClassifierClient:
             raise self._error(exc) from None
         return {r.category: _scores(r) for r in reply.responses}
 
-    async def learned_taxa(self) -> list[NewTaxonSpec]:
-        """Taxa this classifier learned online (tiny), in creation order."""
+    async def learned_taxa(self, model_set_version: str = "") -> list[NewTaxonSpec]:
+        """Taxa this classifier learned online (tiny) for a model set, in creation order."""
         try:
             reply = await self._stub.Describe(
-                classifier_pb2.DescribeRequest(), timeout=self._timeout_s
+                classifier_pb2.DescribeRequest(model_set_version=model_set_version),
+                timeout=self._timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(
@@ -119,6 +122,18 @@ class ClassifierClient:
                 raise FailedPrecondition(f"{self.addr}: {exc.details()}") from None
             raise Unavailable(f"classifier {self.addr}: {code.name} {exc.details()}") from None
         return reply.applied, reply.duplicates, reply.learned_total
+
+    async def load_model_set(self, version: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
+        """Has the service load a published model set next to its current ones."""
+        try:
+            await self._stub.LoadModelSet(
+                classifier_pb2.LoadModelSetRequest(version=version), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise FailedPrecondition(f"{self.addr}: {exc.details()}") from None
+            raise Unavailable(f"classifier {self.addr}: {code.name} {exc.details()}") from None
 
     async def is_serving(self, timeout_s: float = 1.0) -> bool:
         try:

@@ -195,6 +195,8 @@ class RouterDataPlane:
         self._tasks: set[asyncio.Future[object]] = set()
         # Set while exemplars of an older embedding space are re-embedded into this one.
         self.reindexing: str | None = None
+        # Set while the router switches to another model set: writes wait for the new one.
+        self.writes_paused: str | None = None
 
     # -- Classify ------------------------------------------------------------------------------
     def resolve(
@@ -244,9 +246,13 @@ class RouterDataPlane:
             img = decode(image, self.limits, digest)
         with timer.stage("broad"):
             if self._imprint_rows is not None:
-                logits, emb, fine, norm = await self.triton.infer_broad_full(img.rgb[None])
+                logits, emb, fine, norm = await self.triton.infer_broad_full(
+                    img.rgb[None], model=self.model_set.broad_model
+                )
             else:
-                logits, emb = await self.triton.infer_broad(img.rgb[None])
+                logits, emb = await self.triton.infer_broad(
+                    img.rgb[None], model=self.model_set.broad_model
+                )
         broad_probs = self._broad_probabilities(logits[0])
         learned_probs: dict[str, float] = {}
         if self._imprint_rows is not None:
@@ -483,11 +489,15 @@ class RouterDataPlane:
             self.metrics.record_degradation(kind)
             return None
 
+    def _check_writable(self) -> None:
+        blocked = self.reindexing or self.writes_paused
+        if blocked:
+            raise Unavailable(f"{blocked}; retry when it is done")
+
     # -- IndexExemplars ------------------------------------------------------------------------
     async def index_exemplars(self, items: Sequence[tuple[bytes, str, str]]) -> IndexReport:
         """Embeds labelled images through Triton and upserts them (id = content hash)."""
-        if self.reindexing:
-            raise Unavailable(f"{self.reindexing}; retry when it is done")
+        self._check_writable()
         if self.store is None:
             raise Unavailable("no vector store is configured")
         report = IndexReport(received=len(items))
@@ -514,7 +524,9 @@ class RouterDataPlane:
             batch.append((img, label, source))
         for i in range(0, len(batch), INDEX_BATCH):
             chunk = batch[i : i + INDEX_BATCH]
-            _, emb = await self.triton.infer_broad(np.stack([img.rgb for img, _, _ in chunk]))
+            _, emb = await self.triton.infer_broad(
+                np.stack([img.rgb for img, _, _ in chunk]), model=self.model_set.broad_model
+            )
             points = [
                 self._point(img.content_hash, emb[j], label, source)
                 for j, (img, label, source) in enumerate(chunk)
@@ -564,7 +576,7 @@ class RouterDataPlane:
     async def sync_learned_taxa(self) -> int:
         """Adopts taxa the tiny service learned through another router replica."""
         try:
-            specs = await self.tiny.learned_taxa()
+            specs = await self.tiny.learned_taxa(self.model_set.version)
         except FieldlensError as exc:
             logger.warning("could not read learned taxa from tiny: %s", exc)
             return 0
@@ -683,14 +695,14 @@ class RouterDataPlane:
         it too), then the category's knowledge generation. An item is acknowledged only after
         all of them; the first failure of a shared backend fails the rest as Unavailable.
         """
-        if self.reindexing:
-            raise Unavailable(f"{self.reindexing}; retry when it is done")
+        self._check_writable()
         if self.store is None or self.journal is None or self.blobs is None:
             raise Unavailable("learning needs the vector store, the journal and the blob store")
         results: list[LearnOutcome | FieldlensError | None] = [None] * len(items)
         todo: list[tuple[int, DecodedImage, str, NewTaxonSpec | None, str]] = []
         pending: dict[str, NewTaxonSpec] = {}
         async with self._learn_lock:
+            self._check_writable()  # a model-set switch may have begun while this waited
             for n, item in enumerate(items):
                 try:
                     tid, spec = self._resolve_label(item, pending)
@@ -726,7 +738,9 @@ class RouterDataPlane:
     ) -> list[LearnOutcome]:
         assert self.store is not None and self.journal is not None and self.blobs is not None
         started = time.perf_counter()
-        _, emb = await self.triton.infer_broad(np.stack([img.rgb for img, *_ in chunk]))
+        _, emb = await self.triton.infer_broad(
+            np.stack([img.rgb for img, *_ in chunk]), model=self.model_set.broad_model
+        )
         taxonomy = self.model_set.taxonomy
         created = {spec.id for _, tid, spec, _ in chunk if spec and spec.id not in taxonomy}
         examples = [
@@ -801,7 +815,9 @@ class RouterDataPlane:
                     todo.append((ex, decode(data, self.limits, ex.id)))
                 if not todo:
                     continue
-                _, emb = await self.triton.infer_broad(np.stack([img.rgb for _, img in todo]))
+                _, emb = await self.triton.infer_broad(
+                    np.stack([img.rgb for _, img in todo]), model=self.model_set.broad_model
+                )
                 points = [
                     self._point(ex.id, emb[j], ex.label, ex.source)
                     for j, (ex, _) in enumerate(todo)
@@ -815,10 +831,10 @@ class RouterDataPlane:
         await asyncio.to_thread(staging.publish_as, final_name)
         self.store, self.reindexing = staging, None
         logger.info("re-index into %s complete: %s", final_name, counts)
-        counts["relearned"] = await self._relearn(old_journals)
+        counts["relearned"] = await self.relearn(old_journals)
         return counts
 
-    async def _relearn(self, journals: Sequence[KnowledgeJournal]) -> int:
+    async def relearn(self, journals: Sequence[KnowledgeJournal]) -> int:
         """Learns again, with this backbone, what older model sets learned (last label wins)."""
         assert self.blobs is not None
         latest: dict[str, LearnedExample] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -26,6 +27,9 @@ from fieldlens.router.dataplane import (
 )
 from fieldlens.router.merge import SPECIALIST, TINY, Suggestion
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc, taxonomy_pb2
+
+if TYPE_CHECKING:
+    from fieldlens.router.model_sets import ModelSets
 
 logger = logging.getLogger(__name__)
 
@@ -148,19 +152,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     """fieldlens.v1.Router: the public API."""
 
     def __init__(self, plane: RouterDataPlane, write_token: str | None = None) -> None:
+        # Replaced, never mutated, by a model-set switch: a request keeps the plane it read.
         self.plane = plane
         self.write_token = write_token
+        self.model_sets: ModelSets | None = None  # set by the entry point
 
     @property
     def taxonomy(self) -> Taxonomy:
         return self.plane.model_set.taxonomy
 
     async def _classify(self, request: router_pb2.ClassifyRequest) -> router_pb2.ClassifyResponse:
-        options = self.plane.resolve(
+        plane = self.plane
+        options = plane.resolve(
             request.top_k, request.neighbours, request.threshold, request.skip_cache
         )
-        result = await self.plane.classify(request.image, options)
-        response = to_proto(result, self.taxonomy)
+        result = await plane.classify(request.image, options)
+        response = to_proto(result, plane.model_set.taxonomy)
         response.request_id = request.request_id
         return response
 
@@ -220,21 +227,26 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.LearnRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.LearnResponse:
         check_write_token(context, self.write_token)
-        (outcome,) = await self.plane.learn([self._learn_item(request)])
+        plane = self.plane
+        (outcome,) = await plane.learn([self._learn_item(request)])
         if isinstance(outcome, FieldlensError):
             raise outcome
-        return self._learn_response(outcome, request.request_id)
+        return self._learn_response(outcome, request.request_id, plane)
 
-    def _learn_response(self, o: LearnOutcome, request_id: str) -> router_pb2.LearnResponse:
+    @staticmethod
+    def _learn_response(
+        o: LearnOutcome, request_id: str, plane: RouterDataPlane
+    ) -> router_pb2.LearnResponse:
+        taxonomy = plane.model_set.taxonomy
         return router_pb2.LearnResponse(
             request_id=request_id,
             exemplar_id=o.exemplar_id,
-            taxon=taxon_pb(self.taxonomy, o.taxon_id),
-            path=[taxon_pb(self.taxonomy, t) for t in self.taxonomy.path(o.taxon_id)],
+            taxon=taxon_pb(taxonomy, o.taxon_id),
+            path=[taxon_pb(taxonomy, t) for t in taxonomy.path(o.taxon_id)],
             created_taxon=o.created_taxon,
             duplicate=o.duplicate,
             learned_total=o.learned_total,
-            embedding_version=self.plane.model_set.embedding_version,
+            embedding_version=plane.model_set.embedding_version,
         )
 
     async def LearnStream(
@@ -281,4 +293,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             duplicates=report.duplicates,
             rejected=report.rejected,
             errors=report.errors,
+        )
+
+    async def SwitchModelSet(
+        self, request: router_pb2.SwitchModelSetRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.SwitchModelSetResponse:
+        check_write_token(context, self.write_token)
+        if not request.version:
+            raise InvalidInput("version is required: a model set published in the model store")
+        if self.model_sets is None:
+            raise FailedPrecondition("this router cannot switch model sets")
+        r = await self.model_sets.switch(request.version)
+        return router_pb2.SwitchModelSetResponse(
+            model_set_version=r.version,
+            previous_model_set_version=r.previous,
+            embedding_version=r.embedding_version,
+            reindexed=r.reindexed,
+            relearned=r.relearned,
+            seconds=r.seconds,
         )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fieldlens.common.bootstrap import main_with_settings, serve_grpc
-from fieldlens.common.errors import FieldlensError
+from fieldlens.common.errors import FailedPrecondition, FieldlensError
 from fieldlens.common.knowledge import KnowledgeJournal
-from fieldlens.common.model_set import load_model_set
+from fieldlens.common.loaded_sets import LoadedModelSets
+from fieldlens.common.model_set import ModelSet
+from fieldlens.common.model_store import load_served, load_version
 from fieldlens.common.settings import ClassifierSettings
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.tiny.servicer import TinyServicer
@@ -18,15 +21,20 @@ logger = logging.getLogger(__name__)
 SERVICE = "fieldlens.v1.Classifier"
 
 
-async def serve(settings: ClassifierSettings) -> None:
-    model_set = load_model_set(settings.common.models_dir)
+def build(settings: ClassifierSettings, model_set: ModelSet) -> TinyServicer:
+    """The servicer of one model set, its knowledge journal replayed into its ensemble."""
     ensemble = TinyEnsemble.load(model_set.tiny_path, model_set.taxonomy)
     if ensemble.embedding_version != model_set.embedding_version:
-        raise SystemExit(
+        raise FailedPrecondition(
             f"tiny ensemble is for {ensemble.embedding_version}, the model set "
             f"for {model_set.embedding_version}"
         )
-    logger.info("tiny ensemble: %d edges over %d-d embeddings", len(ensemble.bias), ensemble.dim)
+    logger.info(
+        "model set %s: tiny ensemble of %d edges over %d-d embeddings",
+        model_set.version,
+        len(ensemble.bias),
+        ensemble.dim,
+    )
     journal = KnowledgeJournal.for_model_set(
         settings.common.state_dir, "tiny", model_set.version, model_set.embedding_version
     )
@@ -34,7 +42,7 @@ async def serve(settings: ClassifierSettings) -> None:
         replayed = list(journal.replay())
         ensemble.learn(replayed)
     except (ValueError, FieldlensError) as e:
-        raise SystemExit(f"cannot replay the knowledge journal {journal.path}: {e}") from e
+        raise FailedPrecondition(f"cannot replay the knowledge journal {journal.path}: {e}") from e
     logger.info(
         "replayed %d learned examples (%d distinct, %d new taxa) from %s",
         len(replayed),
@@ -42,10 +50,27 @@ async def serve(settings: ClassifierSettings) -> None:
         len(ensemble.learned_taxa),
         journal.path,
     )
-    servicer = TinyServicer(model_set, ensemble, journal)
+    return TinyServicer(model_set, ensemble, journal)
+
+
+async def serve(settings: ClassifierSettings) -> None:
+    common = settings.common
+    try:
+        model_set = load_served(common.model_store, common.models_dir)
+        first = build(settings, model_set)
+    except FieldlensError as e:
+        raise SystemExit(str(e)) from e
+
+    async def factory(version: str) -> TinyServicer:
+        ms = load_version(common.model_store, common.models_dir, version)
+        return await asyncio.to_thread(build, settings, ms)
+
     await serve_grpc(
-        settings.common,
-        (classifier_pb2_grpc.add_ClassifierServicer_to_server, servicer),
+        common,
+        (
+            classifier_pb2_grpc.add_ClassifierServicer_to_server,
+            LoadedModelSets(model_set.version, first, factory),
+        ),
         SERVICE,
     )
 

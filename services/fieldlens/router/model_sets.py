@@ -1,0 +1,252 @@
+"""Which model set the router serves, and switching to another one without downtime.
+
+A switch builds a complete data plane for the new set next to the serving one: Triton loads its
+nets under their own names (explicit model control), the tiny and specialist services load it
+next to theirs, exemplars are re-embedded if its embedding space is new, and examples learned
+under older sets are learned again. Classify keeps answering from the old plane meanwhile;
+writes wait (UNAVAILABLE, retryable) so that none lands in a plane about to be retired. Then
+one assignment makes the new plane serve, the store's `current` names it, and the old set's
+nets and collection are released after a grace period. Other router replicas see `current`
+change and follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fieldlens.backends.blob_store import FolderBlobStore
+from fieldlens.backends.cache import RedisCache
+from fieldlens.backends.triton_client import TritonClient
+from fieldlens.backends.triton_repository import ensure_model_set, unload_nets
+from fieldlens.backends.vector_store import VectorStore, list_collections, open_vector_store
+from fieldlens.common import model_store
+from fieldlens.common.errors import FieldlensError
+from fieldlens.common.knowledge import KnowledgeJournal
+from fieldlens.common.model_set import ModelSet
+from fieldlens.common.settings import RouterSettings
+from fieldlens.router.clients import ClassifierClient
+from fieldlens.router.dataplane import ClassifyOptions, RouterDataPlane
+from fieldlens.router.imaging import ImageLimits
+from fieldlens.router.servicer import codec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NEIGHBOURS = 1
+COLLECTION_PREFIX = "exemplars_"
+STAGING_SUFFIX = "__reindex"
+# How often a router checks the store's `current` and that Triton still has its nets.
+FOLLOW_S = 5.0
+# Requests that started on the old plane get this long before its nets and store go away.
+RETIRE_AFTER_S = 30.0
+
+
+def collection_name(embedding_version: str) -> str:
+    """One collection per embedding space: vectors of different backbones never meet."""
+    return COLLECTION_PREFIX + embedding_version.replace("-", "_")
+
+
+def reindex_plan(existing: list[str], collection: str) -> list[str]:
+    """Older collections to re-embed from, when this embedding space has no collection yet."""
+    if collection in existing:
+        return []
+    return [
+        c
+        for c in existing
+        if c.startswith(COLLECTION_PREFIX) and c != collection and not c.endswith(STAGING_SUFFIX)
+    ]
+
+
+def open_store(settings: RouterSettings, collection: str, dim: int) -> VectorStore | None:
+    target = settings.qdrant_addr or str(settings.qdrant_path)
+    try:
+        return open_vector_store(target, collection, dim)
+    except Exception:  # the router serves without neighbours rather than not at all
+        logger.exception("vector store %s unavailable; answers will lack exemplars", target)
+        return None
+
+
+async def existing_collections(settings: RouterSettings) -> list[str]:
+    target = settings.qdrant_addr or str(settings.qdrant_path)
+    try:
+        return await asyncio.to_thread(list_collections, target)
+    except Exception:
+        logger.exception("cannot list the collections at %s", target)
+        return []
+
+
+@dataclass
+class Backends:
+    """What every model set's data plane shares."""
+
+    settings: RouterSettings
+    triton: TritonClient
+    specialist: ClassifierClient
+    tiny: ClassifierClient
+    cache: RedisCache | None
+    blobs: FolderBlobStore
+
+
+def new_plane(b: Backends, model_set: ModelSet, store: VectorStore | None) -> RouterDataPlane:
+    s = b.settings
+    journal = KnowledgeJournal.for_model_set(
+        s.common.state_dir, "router", model_set.version, model_set.embedding_version
+    )
+    plane: RouterDataPlane
+
+    def taxonomy():  # type: ignore[no-untyped-def]
+        return plane.model_set.taxonomy
+
+    plane = RouterDataPlane(
+        model_set,
+        b.triton,
+        b.specialist,
+        b.tiny,
+        store,
+        b.cache,
+        codec(taxonomy),
+        ImageLimits(s.max_image_bytes, s.max_pixels, model_set.image_size),
+        ClassifyOptions(s.top_k, DEFAULT_NEIGHBOURS, s.threshold),
+        s.dispatch_top,
+        s.cache_ttl_s,
+        s.stage_timeout_s,
+        journal=journal,
+        blobs=b.blobs,
+        specialist_min_p=s.specialist_min_p,
+    )
+    return plane
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    version: str
+    previous: str
+    embedding_version: str
+    reindexed: int
+    relearned: int
+    seconds: float
+
+
+class ModelSets:
+    """Owns the serving plane; switches it to another published model set.
+
+    Args:
+        backends: What every plane shares.
+        plane: The plane serving now.
+        on_switch: Called with the new plane the moment it starts serving.
+    """
+
+    def __init__(
+        self,
+        backends: Backends,
+        plane: RouterDataPlane,
+        on_switch: Callable[[RouterDataPlane], None],
+    ) -> None:
+        self.backends = backends
+        self.plane = plane
+        self._on_switch = on_switch
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def store_dir(self):  # type: ignore[no-untyped-def]
+        return self.backends.settings.common.model_store
+
+    async def switch(self, version: str) -> SwitchReport:
+        """Serves `version` from now on (a no-op when it already does).
+
+        Raises:
+            FailedPrecondition: the version is not published, or does not load.
+            Unavailable: Triton or a classifier service cannot load it; the old set serves on.
+        """
+        async with self._lock:
+            old = self.plane
+            started = time.perf_counter()
+            if version == old.model_set.version:
+                return SwitchReport(version, version, old.model_set.embedding_version, 0, 0, 0.0)
+            b, s = self.backends, self.backends.settings
+            ms = await asyncio.to_thread(
+                model_store.load_version,
+                self.store_dir,
+                s.common.models_dir,
+                version,
+                s.routing_path,
+            )
+            logger.info("switching model set %s -> %s", old.model_set.version, version)
+            await ensure_model_set(s.triton_addr, self.store_dir, ms)
+            for client in (b.tiny, b.specialist):
+                await client.load_model_set(version)
+            old.writes_paused = f"switching to model set {version}"
+            try:
+                async with old._learn_lock:  # in-flight writes finish on the old plane
+                    plane, reindexed, relearned = await self._prepare(old, ms)
+            except BaseException:
+                old.writes_paused = None
+                raise
+            self.plane = plane
+            self._on_switch(plane)
+            await asyncio.to_thread(model_store.set_current, self.store_dir, version)
+            seconds = time.perf_counter() - started
+            logger.info("model set %s serving after %.1f s", version, seconds)
+            self._retire_later(old, plane)
+            return SwitchReport(
+                version, old.model_set.version, ms.embedding_version, reindexed, relearned, seconds
+            )
+
+    async def _prepare(
+        self, old: RouterDataPlane, ms: ModelSet
+    ) -> tuple[RouterDataPlane, int, int]:
+        """The new set's plane, with its knowledge restored and older knowledge re-learned."""
+        s = self.backends.settings
+        older = KnowledgeJournal.older(s.common.state_dir, "router", ms.version)
+        if ms.embedding_version == old.model_set.embedding_version:
+            plane = new_plane(self.backends, ms, old.store)
+            await plane.restore_knowledge()
+            return plane, 0, await plane.relearn(older)
+        collection = collection_name(ms.embedding_version)
+        exists = collection in await existing_collections(s)
+        name = collection if exists else collection + STAGING_SUFFIX
+        store = await asyncio.to_thread(open_store, s, name, ms.embedding_dim)
+        plane = new_plane(self.backends, ms, store)
+        await plane.restore_knowledge()
+        if exists or store is None or old.store is None:
+            return plane, 0, await plane.relearn(older)
+        counts = await plane.reindex([old.store], store, collection, older)
+        return plane, counts["indexed"], counts["relearned"]
+
+    def _retire_later(self, old: RouterDataPlane, new: RouterDataPlane) -> None:
+        async def retire() -> None:
+            await asyncio.sleep(RETIRE_AFTER_S)
+            if old.store is not None and old.store is not new.store:
+                await asyncio.to_thread(old.store.close)
+            if self.plane is new:  # not switched back meanwhile
+                ms = old.model_set
+                names = [ms.broad_model, *(sp.model for sp in ms.specialists.values())]
+                await unload_nets(self.backends.settings.triton_addr, names)
+
+        task = asyncio.create_task(retire())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def follow(self, interval_s: float = FOLLOW_S) -> None:
+        """Forever: switch when the store names another current set (a switch made through
+        another replica), and reload this set's nets if Triton lost them (a restart)."""
+        s = self.backends.settings
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                wanted = await asyncio.to_thread(model_store.current, self.store_dir)
+                if wanted and wanted != self.plane.model_set.version and not self._lock.locked():
+                    await self.switch(wanted)
+                ms = self.plane.model_set
+                if not await self.backends.triton.model_ready(ms.broad_model, timeout_s=1.0):
+                    await ensure_model_set(s.triton_addr, self.store_dir, ms)
+            except (FieldlensError, OSError) as exc:
+                logger.warning("model-set follow-up failed (retrying): %s", exc)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()

@@ -1,0 +1,167 @@
+"""End-to-end model-set switch: a new model set is loaded next to the serving one (Triton
+explicit model control, classifier services holding both) and served without a failed request,
+learned knowledge carried over, and the choice surviving restarts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import grpc
+import pytest
+
+from fieldlens import cluster, gallery
+from fieldlens.backends.triton_server import is_ready
+from fieldlens.common import model_store
+from fieldlens.common.credentials import bearer
+from fieldlens.common.model_set import load_model_set
+from fieldlens.v1 import router_pb2, router_pb2_grpc
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SPECIALIST_GROUP = "broad/insect"
+
+
+@pytest.fixture(scope="module")
+def switch_cluster(tmp_path_factory, data_dir):
+    """A throwaway cluster on the shipped model set, and a second set published in its store:
+    the same nets, released again with the insect group moved from its specialist to tiny."""
+    boot = cluster.ClusterConfig()
+    cfg = cluster.ClusterConfig(run_dir=tmp_path_factory.mktemp("switch")).with_free_ports()
+    models = tmp_path_factory.mktemp("next") / "models"
+    shutil.copytree(boot.models_dir, models)
+    manifest = json.loads((models / "manifest.json").read_text())
+    old_version = manifest["model_set_version"]
+    manifest["model_set_version"] = f"{old_version}-next"
+    manifest["routing"] = {**manifest.get("routing", {}), SPECIALIST_GROUP: "tiny"}
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    new_version = model_store.publish(cfg.model_store, models, boot.model_repository)
+    images = [
+        data
+        for imgs in gallery.class_samples(
+            data_dir, load_model_set(boot.models_dir).taxonomy.class_ids[:4], 3
+        ).values()
+        for data in imgs
+    ]
+    try:
+        cluster.start(cfg)
+    except cluster.ClusterError:
+        cluster.stop(cfg)
+        raise
+    channel = grpc.insecure_channel(cfg.addr(cfg.router_port))
+    try:
+        yield cfg, router_pb2_grpc.RouterStub(channel), old_version, new_version, images
+    finally:
+        channel.close()
+        cluster.stop(cfg)
+
+
+class Traffic:
+    """Classify calls in a loop on another thread; records (time, version) or the error."""
+
+    def __init__(self, router: router_pb2_grpc.RouterStub, images: list[bytes]) -> None:
+        self.router, self.images = router, images
+        self.answers: list[tuple[float, str]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            request = router_pb2.ClassifyRequest(image=self.images[n % len(self.images)])
+            n += 1
+            try:
+                r = self.router.Classify(request, timeout=30)
+                self.answers.append((time.monotonic(), r.model_set_version))
+            except grpc.RpcError as exc:
+                self.errors.append(f"{exc.code().name}: {exc.details()}")
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def _switch(router, cfg, version: str) -> router_pb2.SwitchModelSetResponse:
+    return router.SwitchModelSet(
+        router_pb2.SwitchModelSetRequest(version=version),
+        timeout=600,
+        metadata=bearer(cfg.write_token()),
+    )
+
+
+def test_switch_needs_the_token_and_a_published_version(switch_cluster):
+    cfg, router, *_ = switch_cluster
+    with pytest.raises(grpc.RpcError) as err:
+        router.SwitchModelSet(router_pb2.SwitchModelSetRequest(version="x"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        _switch(router, cfg, "ms-not-published")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "not published" in err.value.details()
+
+
+def test_switch_serves_the_new_set_without_a_failed_request(switch_cluster):
+    cfg, router, old, new, images = switch_cluster
+    info = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert info.model_set_version == old
+    assert info.routing[SPECIALIST_GROUP] == "specialist"
+    learned = router.Learn(
+        router_pb2.LearnRequest(image=images[0], taxon_id=_leaf(router)),
+        timeout=30,
+        metadata=bearer(cfg.write_token()),
+    )
+    assert learned.learned_total == 1
+    with Traffic(router, images) as traffic:
+        time.sleep(1.0)
+        started = time.monotonic()
+        reply = _switch(router, cfg, new)
+        ended = time.monotonic()
+        time.sleep(1.0)
+    assert traffic.errors == []
+    assert (reply.model_set_version, reply.previous_model_set_version) == (new, old)
+    assert reply.relearned == 1 and reply.reindexed == 0  # same embedding space
+    during = [v for t, v in traffic.answers if started <= t <= ended]
+    assert during and set(during) <= {old, new}  # answered all along, from the old set
+    assert {v for t, v in traffic.answers if t < started} == {old}
+    assert {v for t, v in traffic.answers if t > ended} == {new}
+    info = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert (info.model_set_version, info.learned_examples) == (new, 1)
+    assert info.routing[SPECIALIST_GROUP] == "tiny"
+    # Triton serves the new set's nets under their own names, next to the boot set's.
+    suffix = model_store.triton_suffix(new)
+    triton_http = cfg.addr(cfg.triton_http_port)
+    assert is_ready(triton_http, ["broad" + suffix, "specialist_insect" + suffix])
+    assert model_store.current(cfg.model_store) == new
+
+
+def test_the_switch_survives_restarts(switch_cluster):
+    cfg, router, _, new, images = switch_cluster
+    for name in ("router", "tiny", "specialist", "triton"):
+        cluster.kill(cfg, name)
+    cluster.start(cfg)
+    r = router.Classify(router_pb2.ClassifyRequest(image=images[1]), timeout=60)
+    assert r.model_set_version == new
+    info = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert (info.model_set_version, info.learned_examples) == (new, 1)
+
+
+def test_switching_back_to_the_boot_set(switch_cluster):
+    cfg, router, old, new, images = switch_cluster
+    reply = _switch(router, cfg, old)
+    assert (reply.model_set_version, reply.previous_model_set_version) == (old, new)
+    r = router.Classify(router_pb2.ClassifyRequest(image=images[2], skip_cache=True), timeout=30)
+    assert r.model_set_version == old
+    assert router.GetInfo(router_pb2.GetInfoRequest(), timeout=10).learned_examples == 1
+    assert _switch(router, cfg, old).seconds == 0.0  # already current: a no-op
+
+
+def _leaf(router) -> str:
+    taxa = router.GetTaxonomy(router_pb2.GetTaxonomyRequest(), timeout=10).taxa
+    return next(t.id for t in taxa if t.rank == "class")

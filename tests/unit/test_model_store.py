@@ -1,0 +1,128 @@
+"""The model store (publish, current), the classifier services' loaded sets, and the
+Triton load requests built from a stored net."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
+
+from fieldlens.backends.triton_repository import endpoints, load_request
+from fieldlens.common import model_store
+from fieldlens.common.errors import FailedPrecondition, FieldlensError, NotFound
+from fieldlens.common.loaded_sets import LoadedModelSets
+from fieldlens.common.settings import REPO_ROOT
+from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
+
+SHIPPED = REPO_ROOT / "deploy" / "models"
+REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> tuple[Path, str]:
+    """The shipped model set, copied and re-versioned (a second release of the same nets)."""
+    models = tmp_path / "models"
+    shutil.copytree(SHIPPED, models)
+    manifest = json.loads((models / "manifest.json").read_text())
+    manifest["model_set_version"] = "ms-test-release"
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    return models, "ms-test-release"
+
+
+def test_publish_is_atomic_idempotent_and_loads_with_suffixed_nets(tmp_path, release):
+    models, version = release
+    store = tmp_path / "store"
+    assert model_store.publish(store, models, REPOSITORY) == version
+    assert model_store.published(store) == [version]
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no staging left
+    (models / "manifest.json").write_text("{}")  # a second publish does not copy again
+    assert model_store.publish(store, SHIPPED, REPOSITORY) != version
+    ms = model_store.load(store, version)
+    assert ms.broad_model == "broad__" + version
+    assert all(s.model.endswith("__" + version) for s in ms.specialists.values())
+    assert (model_store.triton_dir(store, version) / "broad" / "config.pbtxt").is_file()
+
+
+def test_current_names_the_served_set_and_the_boot_set_keeps_plain_names(tmp_path, release):
+    models, version = release
+    store = tmp_path / "store"
+    model_store.publish(store, models, REPOSITORY)
+    assert model_store.current(store) is None
+    assert model_store.load_served(store, SHIPPED).broad_model == "broad"
+    model_store.set_current(store, version)
+    assert model_store.current(store) == version
+    assert model_store.load_served(store, SHIPPED).version == version
+    boot_version = json.loads((SHIPPED / "manifest.json").read_text())["model_set_version"]
+    assert model_store.load_version(store, SHIPPED, boot_version).broad_model == "broad"
+
+
+def test_unpublished_or_malformed_versions_are_refused(tmp_path):
+    with pytest.raises(NotFound, match="not published"):
+        model_store.load(tmp_path, "ms-nope")
+    for bad in ("", "../x", ".hidden"):
+        with pytest.raises(FailedPrecondition):
+            model_store.set_current(tmp_path, bad)
+    with pytest.raises(NotFound):
+        model_store.publish(tmp_path / "store", tmp_path, REPOSITORY)
+
+
+def test_load_request_renames_the_net_and_sends_its_files():
+    config_json, files = load_request(REPOSITORY / "broad", "broad__ms-x")
+    config = json_format.Parse(config_json, model_config_pb2.ModelConfig())
+    assert config.name == "broad__ms-x"
+    assert config.backend == "python" and config.max_batch_size > 0
+    assert set(files) == {"file:1/model.pt", "file:1/model.py"}
+    assert files["file:1/model.pt"] == (REPOSITORY / "broad" / "1" / "model.pt").read_bytes()
+
+
+def test_endpoints_resolve_every_address_of_a_name():
+    assert endpoints("127.0.0.1:8001") == ["127.0.0.1:8001"]
+    assert endpoints("localhost:8001")[0].endswith(":8001")
+    assert endpoints("no-such-host.invalid:8001") == ["no-such-host.invalid:8001"]
+
+
+class _Describes(classifier_pb2_grpc.ClassifierServicer):
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    async def Describe(self, request, context):  # noqa: N802
+        return classifier_pb2.DescribeResponse(model_set_version=self.version)
+
+    async def Learn(self, request, context):  # noqa: N802
+        return classifier_pb2.LearnExamplesResponse(learned_total=len(self.version))
+
+
+def test_loaded_sets_dispatch_by_version_and_keep_the_newest():
+    async def factory(version: str) -> _Describes:
+        if version == "broken":
+            raise OSError("tiny.npz is truncated")
+        return _Describes(version)
+
+    async def scenario() -> None:
+        sets = LoadedModelSets("a", _Describes("a"), factory, keep=2)
+        describe = classifier_pb2.DescribeRequest
+        assert (await sets.Describe(describe(), None)).model_set_version == "a"
+        reply = await sets.LoadModelSet(classifier_pb2.LoadModelSetRequest(version="b"), None)
+        assert reply.model_set_version == "b"
+        assert sets.default == "b"
+        # The set a router is switching away from still answers requests that name it.
+        assert (await sets.Describe(describe(model_set_version="a"), None)).model_set_version == "a"
+        assert (await sets.Describe(describe(), None)).model_set_version == "b"
+        await sets.load("c")
+        assert sets.versions == ["b", "c"]
+        with pytest.raises(FailedPrecondition, match="not loaded here"):
+            await sets.Describe(describe(model_set_version="a"), None)
+        await sets.load("b")  # loaded already: becomes the default again, nothing rebuilt
+        assert sets.versions == ["c", "b"]
+        with pytest.raises(FailedPrecondition, match="truncated"):
+            await sets.load("broken")
+        assert sets.versions == ["c", "b"]
+        with pytest.raises(FieldlensError):
+            await sets.LoadModelSet(classifier_pb2.LoadModelSetRequest(), None)
+
+    asyncio.run(scenario())
