@@ -14,9 +14,11 @@ import pytest
 
 from fieldlens import cluster, gallery
 from fieldlens.backends.triton_server import is_ready
+from fieldlens.backends.vector_store import list_collections
 from fieldlens.common import model_store
 from fieldlens.common.credentials import bearer
 from fieldlens.common.model_set import load_model_set
+from fieldlens.router.model_sets import STAGING_SUFFIX, collection_name
 from fieldlens.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -128,6 +130,7 @@ def test_switch_serves_the_new_set_without_a_failed_request(switch_cluster):
     assert (reply.model_set_version, reply.previous_model_set_version) == (new, old)
     assert reply.relearned == 1 and reply.reindexed == 0  # same embedding space
     during = [v for t, v in traffic.answers if started <= t <= ended]
+    print(f"switch took {reply.seconds:.2f} s; {len(during)} answers during it, none failed")
     assert during and set(during) <= {old, new}  # answered all along, from the old set
     assert {v for t, v in traffic.answers if t < started} == {old}
     assert {v for t, v in traffic.answers if t > ended} == {new}
@@ -160,6 +163,57 @@ def test_switching_back_to_the_boot_set(switch_cluster):
     assert r.model_set_version == old
     assert router.GetInfo(router_pb2.GetInfoRequest(), timeout=10).learned_examples == 1
     assert _switch(router, cfg, old).seconds == 0.0  # already current: a no-op
+
+
+@pytest.fixture(scope="module")
+def new_space(switch_cluster, tmp_path_factory) -> str:
+    """A model set with another backbone (the trainer's smoke profile), published."""
+    import torch
+
+    from fieldlens.common.settings import DEFAULT_DATA_DIR
+    from fieldlens.trainer.config import config_for
+    from fieldlens.trainer.train import run
+
+    cfg = switch_cluster[0]
+    root = tmp_path_factory.mktemp("smoke")
+    torch.set_num_threads(2)
+    run(config_for("smoke"), DEFAULT_DATA_DIR, root / "work", root / "models", root / "repo")
+    return model_store.publish(cfg.model_store, root / "models", root / "repo")
+
+
+def test_a_new_embedding_space_is_re_embedded_before_it_serves(switch_cluster, new_space):
+    cfg, router, old, _, images = switch_cluster
+    before = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert before.model_set_version == old
+    labels = load_model_set(cluster.ClusterConfig().models_dir).taxonomy.class_ids[:4]
+    gallery_images = images[3:]
+    indexed = router.IndexExemplars(
+        iter(
+            router_pb2.IndexExemplarsRequest(image=img, label=labels[i // 3], source="test")
+            for i, img in enumerate(gallery_images, start=3)
+        ),
+        timeout=60,
+        metadata=bearer(cfg.write_token()),
+    )
+    assert indexed.indexed + indexed.duplicates == len(gallery_images)
+    with Traffic(router, images) as traffic:
+        reply = _switch(router, cfg, new_space)
+    assert traffic.errors == []
+    assert reply.embedding_version != before.embedding_version
+    print(f"switch with re-index took {reply.seconds:.2f} s over {len(traffic.answers)} answers")
+    # Every stored exemplar with kept bytes (the gallery and the learned one) is re-embedded.
+    assert reply.reindexed >= len(gallery_images)
+    assert reply.relearned == 1
+    info = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    assert (info.model_set_version, info.embedding_version) == (new_space, reply.embedding_version)
+    assert info.exemplar_count >= len(gallery_images) and info.learned_examples == 1
+    r = router.Classify(router_pb2.ClassifyRequest(image=gallery_images[0]), timeout=30)
+    assert r.embedding_version == reply.embedding_version
+    # Published under the new space's name, staging gone; the old collection stays.
+    collections = list_collections(str(cfg.qdrant_dir))
+    assert collection_name(reply.embedding_version) in collections
+    assert collection_name(before.embedding_version) in collections
+    assert not [c for c in collections if c.endswith(STAGING_SUFFIX)]
 
 
 def _leaf(router) -> str:
