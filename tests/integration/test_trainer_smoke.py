@@ -127,3 +127,27 @@ def test_triton_serves_the_export_like_torch(
         np.testing.assert_allclose(np.exp(logits).sum(axis=1), 1.0, atol=1e-4)
     finally:
         server.stop()
+
+
+def test_exported_broad_net_computes_what_was_evaluated(smoke: dict[str, Path]) -> None:
+    """The broad export's fine logits are the evaluation's (flip TTA when configured), so the
+    manifest's broad top-1 is the served net's."""
+    from fieldlens.trainer.loops import predict
+    from fieldlens.trainer.nets import Classifier
+
+    cfg = config_for("smoke")
+    manifest = json.loads((smoke["models"] / "manifest.json").read_text())
+    assert manifest["broad"]["flip_tta"] == cfg.broad_flip_tta
+    ms = load_model_set(smoke["models"])
+    model = Classifier(cfg.backbone, len(ms.taxonomy.class_ids))
+    state = smoke["work"] / cfg.backbone_fingerprint() / "backbone.pt"
+    model.load_state_dict(torch.load(state, weights_only=True))
+    model.eval()
+    images = np.random.default_rng(1).integers(0, 256, size=(6, 64, 64, 3), dtype=np.uint8)
+    evaluated = predict(model, images, 64, flip_tta=cfg.broad_flip_tta)
+    broad = torch.jit.load(str(smoke["repo"] / "broad" / "1" / "model.pt"))
+    with torch.no_grad():
+        _, _, fine, _ = broad(torch.from_numpy(images))
+    np.testing.assert_allclose(fine.numpy(), evaluated, rtol=1e-3, atol=1e-3)
+    plain = predict(model, images, 64)
+    assert cfg.broad_flip_tta == (not np.allclose(fine.numpy(), plain, atol=1e-3))

@@ -59,13 +59,14 @@ def export_all(
     model_repository: Path,
     manifest_extra: dict[str, object],
     embedding_mean: np.ndarray,
+    flip_tta: bool = False,
 ) -> dict[str, object]:
     """Writes every artefact, then the manifest whose model-set version hashes them all."""
     models_dir.mkdir(parents=True, exist_ok=True)
     if model_repository.exists():
         shutil.rmtree(model_repository)
     g = torch.from_numpy(metrics.group_matrix(taxonomy))
-    broad = BroadExport(model.backbone, broad_head, model.head, g, mix)
+    broad = BroadExport(model.backbone, broad_head, model.head, g, mix, flip_tta)
     _trace(broad, model_repository / "broad" / "1" / "model.pt")
     write_config(
         model_repository / "broad",
@@ -105,6 +106,7 @@ def export_all(
             "labels": list(taxonomy.broad_ids),
             "embedding_dim": model.backbone.dim,
             "rollup_mix": mix,
+            "flip_tta": flip_tta,
             # Weight imprinting of learned classes into the fine softmax: a new class's row is
             # row_norm x unit(mean of its examples' embeddings - embedding_mean), its bias
             # `bias`; its logit is feature_norm x (row . embedding) + bias.

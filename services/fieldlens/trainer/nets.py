@@ -109,6 +109,7 @@ class BroadExport(nn.Module):
 
     The broad score is an ensemble of the broad head on the embedding and the fine head's
     probabilities summed per broad group (`fine_to_broad`), weighted by `mix` (0 = head only).
+    With `flip_tta` the fine logits are averaged over the image and its mirror image.
     """
 
     def __init__(
@@ -118,8 +119,10 @@ class BroadExport(nn.Module):
         fine_head: nn.Linear,
         fine_to_broad: torch.Tensor,
         mix: float,
+        flip_tta: bool = False,
     ) -> None:
         super().__init__()
+        self.flip_tta = flip_tta
         self.backbone = backbone
         self.broad_head = broad_head
         self.fine_head = fine_head
@@ -129,9 +132,12 @@ class BroadExport(nn.Module):
     def forward(
         self, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats = self.backbone(normalise_uint8(images))
+        x = normalise_uint8(images)
+        feats = self.backbone(x)
         emb = F.normalize(feats, dim=1)
         fine = self.fine_head(feats)
+        if self.flip_tta:  # a trace-time constant: one of the two graphs is exported
+            fine = (fine + self.fine_head(self.backbone(x.flip(3)))) / 2
         p_head = torch.softmax(self.broad_head(emb), dim=1)
         p_roll = torch.softmax(fine, dim=1) @ self.fine_to_broad
         p = (1.0 - self.mix) * p_head + self.mix * p_roll

@@ -182,6 +182,11 @@ def stage_embed(ctx: Context, model: Classifier) -> Outputs:
     return out
 
 
+def served_fine_logits(cfg: TrainConfig, out: Outputs) -> np.ndarray:
+    """Validation fine logits as the exported broad net computes them (flip TTA or not)."""
+    return out.val_logits_tta if cfg.broad_flip_tta else out.val_logits
+
+
 def stage_broad(ctx: Context, model: Classifier, out: Outputs) -> tuple[torch.nn.Linear, float]:
     """Broad head on the frozen embedding, then the head/rollup mix that validates best."""
     g = metrics.group_matrix(ctx.taxonomy)
@@ -199,7 +204,7 @@ def stage_broad(ctx: Context, model: Classifier, out: Outputs) -> tuple[torch.nn
     y_val = g[ctx.val.labels].argmax(1)
     with torch.no_grad():
         p_head = torch.softmax(head(torch.from_numpy(out.val_emb)), 1).numpy()
-    p_roll = metrics.softmax(out.val_logits) @ g
+    p_roll = metrics.softmax(served_fine_logits(ctx.cfg, out)) @ g
     scores = {
         mix: float((((1 - mix) * p_head + mix * p_roll).argmax(1) == y_val).mean())
         for mix in (0.0, 0.5, 1.0)
@@ -277,7 +282,7 @@ def run(
     report_dir = models_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     broad_probs = evaluation.broad_probabilities(
-        head, mix, out.val_emb, out.val_logits, ctx.taxonomy
+        head, mix, out.val_emb, served_fine_logits(ctx.cfg, out), ctx.taxonomy
     )
     val_metrics, routing = evaluation.evaluate(
         ctx.taxonomy,
@@ -315,6 +320,7 @@ def run(
             "training_seconds": history["seconds"] + time.time() - t0,
         },
         out.train_emb.mean(axis=0),
+        flip_tta=cfg.broad_flip_tta,
     )
     # The validation keys travel with the models: the gallery and later evaluations skip them.
     (models_dir / "split.json").write_text(
