@@ -97,11 +97,14 @@ def test_micro_benchmarks_and_memory(quick_run):
         for batch in ("batch1", "batch64"):
             assert _finite(tiny[variant][batch]["per_image_ms"]), (variant, batch)
     assert tiny["x10"]["rows"] == 10 * tiny["real"]["rows"]
-    neighbours = results["micro"]["neighbours"]
-    assert [neighbours[k]["size"] for k in ("small", "large")] == list(
-        plan.Plan.quick().store_sizes
-    )
-    assert all(_finite(neighbours[k]["median_ms"]) for k in ("small", "large"))
+    for key, distribution in (("neighbours", "embedding"), ("neighbours_uniform", "uniform")):
+        neighbours = results["micro"][key]
+        assert [neighbours[k]["size"] for k in ("small", "large")] == list(
+            plan.Plan.quick().store_sizes
+        )
+        assert all(_finite(neighbours[k]["median_ms"]) for k in ("small", "large"))
+        assert {neighbours[k]["distribution"] for k in ("small", "large")} == {distribution}
+        assert all(neighbours[k]["hits_per_query"] == 5 for k in ("small", "large"))
     memory = results["memory"]
     assert memory["complete"] and _finite(memory["rss_gib"])
 
