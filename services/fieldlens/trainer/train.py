@@ -273,7 +273,11 @@ def run(
     """Every stage in order; each one resumes from its checkpoint in the work dir."""
     t0 = time.time()
     ctx = prepare(cfg, data_dir, work_dir, models_dir, model_repository)
+    t_backbone = time.time()
     model = stage_backbone(ctx)
+    # The backbone's epochs are counted from its history (an interrupted run's included), so
+    # this run's own time spent training it is left out of the wall time below.
+    t0 += time.time() - t_backbone
     out = stage_embed(ctx, model)
     emb_version = embedding_version(model.backbone)
     head, mix = stage_broad(ctx, model, out)
@@ -316,7 +320,8 @@ def run(
             "metrics": {"validation": val_metrics},
             "curation": curation,
             "backbone_history": history,
-            # Stages resumed from checkpoints count their original time, not the resume's.
+            # Backbone epochs (from the history, resumed ones included) plus this run's other
+            # stages; a resumed run does not count stages it loaded from checkpoints.
             "training_seconds": history["seconds"] + time.time() - t0,
         },
         out.train_emb.mean(axis=0),
