@@ -105,6 +105,7 @@ def test_micro_benchmarks_and_memory(quick_run):
         assert all(_finite(neighbours[k]["median_ms"]) for k in ("small", "large"))
         assert {neighbours[k]["distribution"] for k in ("small", "large")} == {distribution}
         assert all(neighbours[k]["hits_per_query"] == 5 for k in ("small", "large"))
+        assert all(0.5 <= neighbours[k]["recall_at_k"] <= 1.0 for k in ("small", "large"))
     memory = results["memory"]
     assert memory["complete"] and _finite(memory["rss_gib"])
 

@@ -171,6 +171,20 @@ def _store_info(store: EdgeVectorStore) -> dict[str, int]:
     }
 
 
+def _recall(
+    hits: Sequence[Any],
+    q: np.ndarray,
+    allowed: Sequence[str],
+    vectors: np.ndarray,
+    groups: np.ndarray,
+    ids: Sequence[str],
+) -> float:
+    rows = np.flatnonzero(np.isin(groups, allowed))
+    best = rows[np.argsort(-(vectors[rows] @ q))[:NEIGHBOURS_K]]
+    exact = {ids[i] for i in best}
+    return len(exact & {h.id.replace("-", "") for h in hits}) / max(1, len(exact))
+
+
 def neighbour_search(
     size: int,
     dim: int,
@@ -193,10 +207,14 @@ def neighbour_search(
     try:
         store = EdgeVectorStore(root, "bench")
         store.ensure_collection(dim)
+        kept_vectors: list[np.ndarray] = []
+        kept_groups: list[str] = []
         t0 = time.perf_counter()
         for start in range(0, size, UPSERT_BATCH):
             n = min(UPSERT_BATCH, size - start)
             vectors, classes = synth.draw(n)
+            kept_vectors.append(vectors)
+            kept_groups.extend(synth.group(c) for c in classes)
             store.upsert(
                 [
                     Exemplar(
@@ -211,20 +229,33 @@ def neighbour_search(
             )
         store.flush()
         upsert_s = time.perf_counter() - t0
+        vectors_all = np.concatenate(kept_vectors)
+        groups_all = np.asarray(kept_groups)
+        ids_all = [f"{i:032x}" for i in range(size)]
         t0 = time.perf_counter()
         store.optimize()
         optimize_s = time.perf_counter() - t0
-        qs, q_classes = synth.draw(queries)
-        others = [
-            [str(g) for g in rng.choice(groups, FILTER_GROUPS, replace=False)]
-            for _ in range(queries)
-        ]
-        filters = [
-            [synth.group(c), *[g for g in o if g != synth.group(c)][: FILTER_GROUPS - 1]]
-            for c, o in zip(q_classes, others, strict=True)
-        ]
+
+        def draw_queries(n: int) -> tuple[np.ndarray, list[list[str]]]:
+            qs, q_classes = synth.draw(n)
+            others = [
+                [str(g) for g in rng.choice(groups, FILTER_GROUPS, replace=False)] for _ in range(n)
+            ]
+            filters = [
+                [synth.group(c), *[g for g in o if g != synth.group(c)][: FILTER_GROUPS - 1]]
+                for c, o in zip(q_classes, others, strict=True)
+            ]
+            return qs, filters
+
+        # Steady state, as in a serving router: a first pass of other queries pages the index
+        # and vectors in (right after a bulk build they are cold, and a 100k store's first
+        # queries measure page faults rather than search).
+        for q, f in zip(*draw_queries(queries), strict=True):
+            store.search(q, NEIGHBOURS_K, f)
+        qs, filters = draw_queries(queries)
         times: list[float] = []
         found = 0
+        answers = []
         stop_at = time.perf_counter() + budget_s
         for q, f in zip(qs, filters, strict=True):
             if len(times) >= 5 and time.perf_counter() > stop_at:
@@ -233,6 +264,12 @@ def neighbour_search(
             hits = store.search(q, NEIGHBOURS_K, f)
             times.append((time.perf_counter() - t1) * 1e3)
             found += len(hits)
+            answers.append(hits)
+        # After the timed loop: exact search touches every vector and would evict the index.
+        recalls = [
+            _recall(hits, q, f, vectors_all, groups_all, ids_all)
+            for hits, q, f in zip(answers, qs, filters, strict=False)
+        ]
         info = _store_info(store)
         count = store.count()
         store.close()
@@ -253,6 +290,8 @@ def neighbour_search(
         "mean_ms": statistics.fmean(times),
         "p99_ms": float(np.percentile(times, 99)),
         "hits_per_query": found / len(times),
+        # Share of the exact top-k (brute force over the same filtered points) that came back.
+        "recall_at_k": float(np.mean(recalls)),
         **info,
     }
 

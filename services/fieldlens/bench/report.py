@@ -430,7 +430,8 @@ def _neighbour_rows(nb: dict[str, Any]) -> list[list[str]]:
                 "",
                 fmt(n.get("p99_ms"), 3),
                 f"upsert {fmt(n.get('upsert_s'), 1)} s, optimize {fmt(n.get('optimize_s'), 1)}"
-                f" s, HNSW over {n.get('indexed_vectors', '?')} vectors{scaling}",
+                f" s, HNSW over {n.get('indexed_vectors', '?')} vectors, recall@"
+                f"{n.get('k')} {fmt(n.get('recall_at_k'))}{scaling}",
             ]
         )
     return rows
