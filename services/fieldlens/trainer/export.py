@@ -88,6 +88,8 @@ def export_all(
     taxonomy.save(models_dir / TAXONOMY)
     ens.save(models_dir / TINY)
     digest = _weights_digest(broad)
+    # What the nets compute besides their weights: another arithmetic is another model set.
+    digest.update(json.dumps({"rollup_mix": mix, "flip_tta": flip_tta}).encode())
     for net in specialists.values():
         _weights_digest(net, digest)
     for p in sorted(
