@@ -136,11 +136,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+WRITES_WAIT_S = 1800.0
+
+
+def _wait_for_writes(stub: router_pb2_grpc.RouterStub) -> router_pb2.GetInfoResponse:
+    """GetInfo once the router accepts writes (after a re-index for a new backbone, which
+    re-embeds the stored exemplars, or a model-set switch), showing why it waits."""
+    deadline = time.monotonic() + WRITES_WAIT_S
+    info = stub.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    if not info.writes_blocked:
+        return info
+    with console.status(f"waiting: {info.writes_blocked}") as status:
+        while info.writes_blocked and time.monotonic() < deadline:
+            status.update(f"waiting: {info.writes_blocked}")
+            time.sleep(1.0)
+            info = stub.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    if info.writes_blocked:
+        raise cluster.ClusterError(
+            f"router still busy after {WRITES_WAIT_S:.0f} s: {info.writes_blocked}"
+        )
+    return info
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     cfg = _config(args)
     channel, stub = _stub(args.addr)
     with channel:
-        info = stub.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+        info = _wait_for_writes(stub)
         if info.exemplar_count and not args.force:
             console.print(
                 f"gallery already holds {info.exemplar_count} exemplars (--force to add anyway)"

@@ -148,6 +148,7 @@ def test_switch_serves_the_new_set_without_a_failed_request(switch_cluster):
     info = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
     assert (info.model_set_version, info.learned_examples) == (new, 1)
     assert info.routing[SPECIALIST_GROUP] == "tiny"
+    assert info.writes_blocked == ""  # writes are accepted again
     # Triton serves the new set's nets under their own names, next to the boot set's.
     suffix = model_store.triton_suffix(new)
     triton_http = cfg.addr(cfg.triton_http_port)

@@ -210,6 +210,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             exemplar_count=await self.plane.exemplar_count(),
             routing=dict(ms.routing),
             learned_examples=self.plane.learned_total,
+            writes_blocked=self.plane.reindexing or self.plane.writes_paused or "",
         )
 
     @staticmethod
