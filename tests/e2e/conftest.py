@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from e2e_cluster import running
 
 from fieldlens import cluster, gallery
 from fieldlens.common.settings import DEFAULT_DATA_DIR as DATA_DIR
@@ -41,17 +42,8 @@ def data_dir() -> Path:
 def live_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCluster]:
     run_dir = tmp_path_factory.mktemp("cluster")
     cfg = cluster.ClusterConfig(run_dir=run_dir).with_free_ports()
-    try:
-        cluster.start(cfg)
-    except cluster.ClusterError:
-        cluster.stop(cfg)
-        raise
-    channel = grpc.insecure_channel(cfg.addr(cfg.router_port))
-    try:
-        yield LiveCluster(cfg, router_pb2_grpc.RouterStub(channel), channel)
-    finally:
-        channel.close()
-        cluster.stop(cfg)
+    with running(cfg) as (channel, router):
+        yield LiveCluster(cfg, router, channel)
 
 
 @pytest.fixture(scope="session")

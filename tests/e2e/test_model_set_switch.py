@@ -11,6 +11,7 @@ import time
 
 import grpc
 import pytest
+from e2e_cluster import running
 
 from fieldlens import cluster, gallery
 from fieldlens.backends.triton_server import is_ready
@@ -47,17 +48,8 @@ def switch_cluster(tmp_path_factory, data_dir):
         ).values()
         for data in imgs
     ]
-    try:
-        cluster.start(cfg)
-    except cluster.ClusterError:
-        cluster.stop(cfg)
-        raise
-    channel = grpc.insecure_channel(cfg.addr(cfg.router_port))
-    try:
-        yield cfg, router_pb2_grpc.RouterStub(channel), old_version, new_version, images
-    finally:
-        channel.close()
-        cluster.stop(cfg)
+    with running(cfg) as (_, router):
+        yield cfg, router, old_version, new_version, images
 
 
 class Traffic:

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from e2e_cluster import running
 
 from fieldlens import cluster, gallery
 from fieldlens.backends.blob_store import FolderBlobStore
@@ -14,7 +15,7 @@ from fieldlens.backends.vector_store import Exemplar, list_collections, open_vec
 from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
 from fieldlens.common.model_set import load_model_set
 from fieldlens.router.__main__ import STAGING_SUFFIX, collection_name
-from fieldlens.v1 import router_pb2, router_pb2_grpc
+from fieldlens.v1 import router_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -57,19 +58,8 @@ def old_space_cluster(tmp_path_factory, data_dir, validation_keys):
     journal = KnowledgeJournal.for_model_set(cfg.state_dir, "router", "ms-old", OLD_EMBEDDING)
     spec = NewTaxonSpec("learned/house_cat", "house cat", "broad/cat")
     journal.append([LearnedExample(blobs.put(learned_image), spec.id, points[0].vector, spec)])
-    try:
-        cluster.start(cfg)
-    except cluster.ClusterError:
-        cluster.stop(cfg)
-        raise
-    import grpc
-
-    channel = grpc.insecure_channel(cfg.addr(cfg.router_port))
-    try:
-        yield cfg, router_pb2_grpc.RouterStub(channel), items, model_set
-    finally:
-        channel.close()
-        cluster.stop(cfg)
+    with running(cfg) as (_, router):
+        yield cfg, router, items, model_set
 
 
 def test_old_exemplars_are_re_embedded_then_served(old_space_cluster):
