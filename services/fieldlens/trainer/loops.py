@@ -115,6 +115,7 @@ def lr_range_test(
     steps: int = 150,
     lo: float = 1e-3,
     hi: float = 2.0,
+    divisor: float = 10.0,
 ) -> tuple[float, list[tuple[float, float]]]:
     """Leslie Smith's LR finder on a throwaway copy: returns (suggested max LR, curve)."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -142,10 +143,10 @@ def lr_range_test(
         if smooth > 4 * best and step > 10:
             break
     model.load_state_dict(state)
-    # The steepest-descent rule is noisy on short runs; a quarter of the LR at the smoothed loss
-    # minimum is a robust peak for one-cycle, clamped to a sane band.
+    # The steepest-descent rule is noisy on short runs; the LR at the smoothed loss minimum
+    # divided by `divisor` is a robust peak for one-cycle, clamped to a sane band.
     lr_min = min(curve, key=lambda p: p[1])[0]
-    return float(min(max(lr_min / 4, 0.05), 0.5)), curve
+    return float(min(max(lr_min / divisor, 0.05), 0.5)), curve
 
 
 def train_classifier(

@@ -108,6 +108,7 @@ def stage_backbone(ctx: Context) -> Classifier:
             cfg.phases[0].resolution,
             cfg.batch_size,
             cfg.seed,
+            divisor=cfg.lr_finder_divisor,
         )
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps({"max_lr": lr, "curve": curve}))
