@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fieldlens.backends.triton_client import TritonClient
+from fieldlens.backends.triton_python_model import load_torchscript
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.tiny.ensemble import TinyEnsemble
@@ -112,8 +113,8 @@ def test_triton_serves_the_export_like_torch(
                 return logits, emb, fine, norm, spec
 
         logits, emb, fine, norm, spec = asyncio.run(infer())
-        broad = torch.jit.load(str(repo / "broad" / "1" / "model.pt"))
-        specialist = torch.jit.load(str(repo / "specialist_insect" / "1" / "model.pt"))
+        broad = load_torchscript(repo / "broad" / "1" / "model.pt")
+        specialist = load_torchscript(repo / "specialist_insect" / "1" / "model.pt")
         with torch.no_grad():
             ref_logits, ref_emb, ref_fine, ref_norm = broad(torch.from_numpy(images))
             (ref_spec,) = specialist(torch.from_numpy(images))
@@ -145,9 +146,20 @@ def test_exported_broad_net_computes_what_was_evaluated(smoke: dict[str, Path]) 
     model.eval()
     images = np.random.default_rng(1).integers(0, 256, size=(6, 64, 64, 3), dtype=np.uint8)
     evaluated = predict(model, images, 64, flip_tta=cfg.broad_flip_tta)
-    broad = torch.jit.load(str(smoke["repo"] / "broad" / "1" / "model.pt"))
+    broad = load_torchscript(smoke["repo"] / "broad" / "1" / "model.pt")
     with torch.no_grad():
         _, _, fine, _ = broad(torch.from_numpy(images))
     np.testing.assert_allclose(fine.numpy(), evaluated, rtol=1e-3, atol=1e-3)
     plain = predict(model, images, 64)
     assert cfg.broad_flip_tta == (not np.allclose(fine.numpy(), plain, atol=1e-3))
+
+
+def test_exported_nets_store_fp16_weights(smoke: dict[str, Path]) -> None:
+    """The files hold fp16 weights (half the size in git); the loader computes in fp32."""
+    for name in ("broad", "specialist_insect"):
+        path = smoke["repo"] / name / "1" / "model.pt"
+        stored = torch.jit.load(str(path)).state_dict()
+        floats = [t.dtype for t in stored.values() if t.is_floating_point()]
+        assert floats and set(floats) == {torch.float16}, name
+        loaded = load_torchscript(path).state_dict()
+        assert {t.dtype for t in loaded.values() if t.is_floating_point()} == {torch.float32}

@@ -41,6 +41,17 @@ def _torch_threads(model_config: dict[str, Any]) -> int:
     return max(1, threads)
 
 
+def load_torchscript(path: Path | str, device: str = "cpu") -> Any:
+    """Loads an exported net for inference: weights stored in fp16 are computed in fp32."""
+    import torch
+
+    with warnings.catch_warnings():
+        # torch 2.13 marks TorchScript deprecated; it is still the export contract here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location=device)
+    return module.float().eval()
+
+
 class TritonPythonModel:
     """Serves `<model_dir>/<version>/model.pt`: uint8 [B,64,64,3] in, config outputs out.
 
@@ -70,17 +81,13 @@ class TritonPythonModel:
             # stub process would hit this, and the intra-op setting is the one that matters.
             pass
         model_path = Path(args["model_repository"]) / args["model_version"] / MODEL_FILENAME
-        with warnings.catch_warnings():
-            # torch 2.13 marks TorchScript deprecated; it is still the export contract here.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            # instance_group KIND_GPU gives each instance its device; KIND_CPU stays on the CPU.
-            self._device = (
-                f"cuda:{args.get('model_instance_device_id', '0')}"
-                if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
-                else "cpu"
-            )
-            self._module = torch.jit.load(str(model_path), map_location=self._device)
-        self._module.eval()
+        # instance_group KIND_GPU gives each instance its device; KIND_CPU stays on the CPU.
+        self._device = (
+            f"cuda:{args.get('model_instance_device_id', '0')}"
+            if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
+            else "cpu"
+        )
+        self._module = load_torchscript(model_path, self._device)
         logger.info(
             "loaded %s from %s (outputs=%s, threads=%d)",
             self._name,

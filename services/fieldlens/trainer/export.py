@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -39,12 +40,15 @@ def embedding_version(backbone: Backbone) -> str:
 
 
 def _trace(module: torch.nn.Module, path: Path) -> None:
-    module = module.cpu().eval()
+    """Traces in fp32 and saves the weights in fp16; the server upcasts them at load
+    (`load_torchscript`). The trained nets were rounded to fp16 already, so nothing changes."""
+    # A copy: the trace shares the module's tensors, and .half() below must not touch them.
+    module = copy.deepcopy(module).cpu().eval()
     example = torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
     with torch.no_grad():
         traced = torch.jit.trace(module, example, check_trace=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(traced, str(path))
+    torch.jit.save(traced.half(), str(path))
 
 
 def export_all(

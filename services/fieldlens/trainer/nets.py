@@ -95,6 +95,19 @@ class EmbedAndLogits(nn.Module):
         return torch.cat([F.normalize(f, dim=1), self.net.head(f)], dim=1)
 
 
+def round_to_fp16(module: nn.Module) -> nn.Module:
+    """Rounds every floating-point weight and buffer to fp16 precision, in place (kept fp32).
+
+    The exported nets store their weights in fp16 (half the file) and compute in fp32; rounding
+    the trained nets first makes every later stage and the evaluation see the served weights.
+    """
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return module
+
+
 def normalise_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC RGB -> float NCHW normalised with the dataset statistics."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)

@@ -29,7 +29,7 @@ from fieldlens.trainer.config import (
 )
 from fieldlens.trainer.export import embedding_version, export_all
 from fieldlens.trainer.loops import Phase, lr_range_test, pick_device, predict, train_classifier
-from fieldlens.trainer.nets import Classifier, EmbedAndLogits
+from fieldlens.trainer.nets import Classifier, EmbedAndLogits, round_to_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def stage_backbone(ctx: Context) -> Classifier:
     done = ctx.stage_dir / "backbone.pt"
     if done.exists():
         model.load_state_dict(torch.load(done, map_location=ctx.device, weights_only=True))
-        return model
+        return round_to_fp16(model)
     meta_path = ctx.stage_dir / "lr_finder.json"
     if cfg.lr_finder and not meta_path.exists():
         lr, curve = lr_range_test(
@@ -143,6 +143,8 @@ def stage_backbone(ctx: Context) -> Classifier:
         )
     )
     model.eval()
+    # Frozen at the precision it is served in (fp16 weights): the embedding space is this one.
+    round_to_fp16(model)
     torch.save(model.state_dict(), done)
     return model
 
@@ -213,7 +215,7 @@ def stage_broad(ctx: Context, model: Classifier, out: Outputs) -> tuple[torch.nn
     mix = max(scores, key=lambda m: (scores[m], -abs(m - 0.5)))
     logger.info("broad top-1 by head/rollup mix: %s -> mix %.1f", scores, mix)
     head.eval()
-    return head, mix
+    return round_to_fp16(head), mix
 
 
 def stage_specialists(
@@ -249,6 +251,7 @@ def stage_specialists(
                 f"specialist {group}",
                 precision=ctx.cfg.precision,
             )
+            round_to_fp16(net)
             torch.save(net.state_dict(), done)
         net.eval()
         net.labels = leaves  # type: ignore[assignment]
