@@ -8,10 +8,12 @@ import json
 import shutil
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
 from e2e_cluster import running
+from prometheus_client.parser import text_string_to_metric_families
 
 from fieldlens import cluster, gallery
 from fieldlens.backends.triton_server import is_ready
@@ -89,6 +91,17 @@ class Traffic:
         self._thread.join(timeout=60)
 
 
+def _router_samples(cfg) -> dict[str, list]:
+    """The router's /metrics, as {sample name: [samples]}."""
+    url = f"http://127.0.0.1:{cfg.router_metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
 def _switch(router, cfg, version: str) -> router_pb2.SwitchModelSetResponse:
     return router.SwitchModelSet(
         router_pb2.SwitchModelSetRequest(version=version),
@@ -146,6 +159,15 @@ def test_switch_serves_the_new_set_without_a_failed_request(switch_cluster):
     triton_http = cfg.addr(cfg.triton_http_port)
     assert is_ready(triton_http, ["broad" + suffix, "specialist_insect" + suffix])
     assert model_store.current(cfg.model_store) == new
+    # SREs see which set serves, and how the switches went (the NOT_FOUND one failed).
+    samples = _router_samples(cfg)
+    serving = [(m.labels["version"], m.value) for m in samples["fieldlens_model_set"]]
+    assert serving == [(new, 1.0)]
+    switches = {m.labels["result"]: m.value for m in samples["fieldlens_model_set_switches_total"]}
+    assert switches.get("ok") == 1.0
+    (count,) = samples["fieldlens_model_set_switch_seconds_count"]
+    (total,) = samples["fieldlens_model_set_switch_seconds_sum"]
+    assert count.value == 1.0 and total.value == pytest.approx(reply.seconds, rel=0.05, abs=0.05)
 
 
 def test_the_switch_survives_restarts(switch_cluster):

@@ -389,6 +389,27 @@ def test_get_metrics_builds_once_per_registry() -> None:
     )
 
 
+def test_model_set_gauge_names_only_the_serving_set() -> None:
+    registry = CollectorRegistry()
+    metrics = get_metrics(registry)
+    metrics.record_model_set("ms-a", "emb-1")
+    metrics.record_model_set("ms-b", "emb-2")
+    gauge = [
+        (s.labels["version"], s.labels["embedding_version"], s.value)
+        for s in metrics.model_set.collect()[0].samples
+    ]
+    assert gauge == [("ms-b", "emb-2", 1.0)]
+    metrics.record_switch(ok=True, seconds=8.0)
+    metrics.record_switch(ok=False)
+    assert registry.get_sample_value("fieldlens_model_set_switches_total", {"result": "ok"}) == 1
+    assert (
+        registry.get_sample_value("fieldlens_model_set_switches_total", {"result": "failed"}) == 1
+    )
+    # Only successful switches are timed.
+    assert registry.get_sample_value("fieldlens_model_set_switch_seconds_count") == 1
+    assert registry.get_sample_value("fieldlens_model_set_switch_seconds_sum") == 8.0
+
+
 def test_metrics_endpoint_serves_and_port_zero_disables(unused_tcp_port: int) -> None:
     assert start_metrics_server(0) is None
     registry = CollectorRegistry()

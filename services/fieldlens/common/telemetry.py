@@ -13,7 +13,7 @@ from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     5.0,
     10.0,
 )
+# Seconds; a model-set switch takes seconds (same backbone) to minutes (a large re-index).
+SWITCH_BUCKETS: tuple[float, ...] = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 DEFAULT_METRICS_ADDR = "127.0.0.1"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -104,6 +106,38 @@ class Metrics:
             ("kind",),
             registry=registry,
         )
+
+        self.model_set = Gauge(
+            "fieldlens_model_set",
+            "1 for the model set this router serves (its version and embedding space).",
+            ("version", "embedding_version"),
+            registry=registry,
+        )
+        self.model_set_switches = Counter(
+            "fieldlens_model_set_switches",
+            "Model-set switches started here (Router.SwitchModelSet or following another "
+            "replica), by outcome.",
+            ("result",),
+            registry=registry,
+        )
+        self.model_set_switch_seconds = Histogram(
+            "fieldlens_model_set_switch_seconds",
+            "Duration of one successful model-set switch, from the request to the new set "
+            "serving (nets loaded, knowledge restored, re-index and re-learning included).",
+            buckets=SWITCH_BUCKETS,
+            registry=registry,
+        )
+
+    def record_model_set(self, version: str, embedding_version: str) -> None:
+        """The set now serving: the only series of `fieldlens_model_set` set to 1."""
+        self.model_set.clear()
+        self.model_set.labels(version=version, embedding_version=embedding_version).set(1)
+
+    def record_switch(self, ok: bool, seconds: float = 0.0) -> None:
+        """Count one switch attempt; time the ones that succeeded."""
+        self.model_set_switches.labels(result="ok" if ok else "failed").inc()
+        if ok:
+            self.model_set_switch_seconds.observe(seconds)
 
     def record_learn(self, examples: int, seconds: float) -> None:
         """Count learned examples and time one durable Learn batch."""

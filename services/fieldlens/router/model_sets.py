@@ -150,6 +150,8 @@ class ModelSets:
         self._on_switch = on_switch
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics = plane.metrics
+        self.metrics.record_model_set(plane.model_set.version, plane.model_set.embedding_version)
 
     @property
     def store_dir(self):  # type: ignore[no-untyped-def]
@@ -167,34 +169,45 @@ class ModelSets:
             started = time.perf_counter()
             if version == old.model_set.version:
                 return SwitchReport(version, version, old.model_set.embedding_version, 0, 0, 0.0)
-            b, s = self.backends, self.backends.settings
-            ms = await asyncio.to_thread(
-                model_store.load_version,
-                self.store_dir,
-                s.common.models_dir,
-                version,
-                s.routing_path,
-            )
-            logger.info("switching model set %s -> %s", old.model_set.version, version)
-            await ensure_model_set(s.triton_addr, self.store_dir, ms)
-            for client in (b.tiny, b.specialist):
-                await client.load_model_set(version)
-            old.writes_paused = f"switching to model set {version}"
             try:
-                async with old._learn_lock:  # in-flight writes finish on the old plane
-                    plane, reindexed, relearned = await self._prepare(old, ms)
-            except BaseException:
-                old.writes_paused = None
+                report = await self._switch(old, version, started)
+            except Exception:
+                self.metrics.record_switch(ok=False)
                 raise
-            self.plane = plane
-            self._on_switch(plane)
-            await asyncio.to_thread(model_store.set_current, self.store_dir, version)
-            seconds = time.perf_counter() - started
-            logger.info("model set %s serving after %.1f s", version, seconds)
-            self._retire_later(old, plane)
-            return SwitchReport(
-                version, old.model_set.version, ms.embedding_version, reindexed, relearned, seconds
-            )
+            self.metrics.record_switch(ok=True, seconds=report.seconds)
+            return report
+
+    async def _switch(self, old: RouterDataPlane, version: str, started: float) -> SwitchReport:
+        """The switch itself, under the lock; `old` is the serving plane."""
+        b, s = self.backends, self.backends.settings
+        ms = await asyncio.to_thread(
+            model_store.load_version,
+            self.store_dir,
+            s.common.models_dir,
+            version,
+            s.routing_path,
+        )
+        logger.info("switching model set %s -> %s", old.model_set.version, version)
+        await ensure_model_set(s.triton_addr, self.store_dir, ms)
+        for client in (b.tiny, b.specialist):
+            await client.load_model_set(version)
+        old.writes_paused = f"switching to model set {version}"
+        try:
+            async with old._learn_lock:  # in-flight writes finish on the old plane
+                plane, reindexed, relearned = await self._prepare(old, ms)
+        except BaseException:
+            old.writes_paused = None
+            raise
+        self.plane = plane
+        self._on_switch(plane)
+        self.metrics.record_model_set(version, ms.embedding_version)
+        await asyncio.to_thread(model_store.set_current, self.store_dir, version)
+        seconds = time.perf_counter() - started
+        logger.info("model set %s serving after %.1f s", version, seconds)
+        self._retire_later(old, plane)
+        return SwitchReport(
+            version, old.model_set.version, ms.embedding_version, reindexed, relearned, seconds
+        )
 
     async def _prepare(
         self, old: RouterDataPlane, ms: ModelSet
