@@ -120,6 +120,8 @@ class Metrics:
             ("result",),
             registry=registry,
         )
+        for result in ("ok", "failed"):  # exported at 0 before the first switch
+            self.model_set_switches.labels(result=result)
         self.model_set_switch_seconds = Histogram(
             "fieldlens_model_set_switch_seconds",
             "Duration of one successful model-set switch, from the request to the new set "
