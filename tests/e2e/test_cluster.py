@@ -69,6 +69,7 @@ def test_gallery_is_indexed_and_counted(live_cluster, indexed):
     assert summary.rejected == 0
     info = live_cluster.router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
     assert info.exemplar_count == summary.indexed
+    assert info.broad_model == "broad"  # the boot set's net, from Triton's own repository
     # Re-indexing the same images is idempotent (id = content hash).
     again = gallery.upload(live_cluster.router, items[:20], 20, "e2e", live_cluster.token)
     assert again.indexed == 20

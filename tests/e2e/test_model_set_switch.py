@@ -158,6 +158,7 @@ def test_switch_serves_the_new_set_without_a_failed_request(switch_cluster):
     suffix = model_store.triton_suffix(new)
     triton_http = cfg.addr(cfg.triton_http_port)
     assert is_ready(triton_http, ["broad" + suffix, "specialist_insect" + suffix])
+    assert info.broad_model == "broad" + suffix
     assert model_store.current(cfg.model_store) == new
     # SREs see which set serves, and how the switches went (the NOT_FOUND one failed).
     samples = _router_samples(cfg)

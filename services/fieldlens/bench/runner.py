@@ -368,12 +368,15 @@ def decode_for_triton(photos: Sequence[bytes]) -> list[np.ndarray]:
     return [decode(p, _LIMITS).rgb[None] for p in photos]
 
 
-def triton_call(client: TritonClient, arrays: Sequence[np.ndarray], timeout_s: float) -> Call:
-    """One `broad` inference per call through the router's own Triton client, batch 1."""
+def triton_call(
+    client: TritonClient, arrays: Sequence[np.ndarray], timeout_s: float, model: str
+) -> Call:
+    """One inference of the broad net `model` per call through the router's own Triton client,
+    batch 1."""
     cycle = itertools.cycle(arrays)
 
     async def call() -> Sequence[str]:
-        await client.infer_broad(next(cycle), timeout_s=timeout_s)
+        await client.infer_broad(next(cycle), timeout_s=timeout_s, model=model)
         return ()
 
     return call

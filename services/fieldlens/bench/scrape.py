@@ -136,10 +136,12 @@ def triton_counters(text: str | None, model: str = TRITON_MODEL) -> dict[str, fl
     return out
 
 
-def triton_breakdown(before: str | None, after: str | None) -> dict[str, Any]:
-    """Triton's view of a scenario on `broad`: requests, executions (batches), average batch
-    size, and mean queue / compute time per request in ms."""
-    c0, c1 = triton_counters(before), triton_counters(after)
+def triton_breakdown(
+    before: str | None, after: str | None, model: str = TRITON_MODEL
+) -> dict[str, Any]:
+    """Triton's view of a scenario on the broad net `model`: requests, executions (batches),
+    average batch size, and mean queue / compute time per request in ms."""
+    c0, c1 = triton_counters(before, model), triton_counters(after, model)
     if not c0 or not c1:
         return {}
     d = {k: c1.get(k, 0.0) - c0.get(k, 0.0) for k in _TRITON_COUNTERS}

@@ -39,7 +39,7 @@ from fieldlens.common import credentials
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.settings import DEFAULT_DATA_DIR
-from fieldlens.v1 import router_pb2_grpc
+from fieldlens.v1 import router_pb2, router_pb2_grpc
 
 DEFAULT_TRITON_PORT = 8001
 DEFAULT_ROUTER_METRICS_PORT = 9101
@@ -162,6 +162,7 @@ class _LoadPhase:
         self.photos = photos
         self.scenarios: dict[str, dict[str, Any]] = {}
         self.sweep: dict[str, list[dict[str, Any]]] = {"router": [], "triton": []}
+        self.broad_model = scrape.TRITON_MODEL
 
     async def _measure(
         self,
@@ -192,7 +193,9 @@ class _LoadPhase:
         )
         if stages:
             summary["stages"] = stages
-        triton = scrape.triton_breakdown(triton_before, scrape.fetch(self.target.triton_metrics))
+        triton = scrape.triton_breakdown(
+            triton_before, scrape.fetch(self.target.triton_metrics), self.broad_model
+        )
         if triton.get("requests"):
             summary["triton"] = triton
         self.scenarios[name] = summary
@@ -242,6 +245,10 @@ class _LoadPhase:
         plan = self.plan
         async with grpc.aio.insecure_channel(self.target.router, options=_CHANNEL_OPTIONS) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
+            # The baseline is the broad net the router serves: after a model-set switch that
+            # is `broad__<version>`, not the boot set's `broad`.
+            info = await stub.GetInfo(router_pb2.GetInfoRequest(), timeout=30)
+            self.broad_model = info.broad_model or scrape.TRITON_MODEL
             triton = TritonClient(self.target.triton, timeout_s=plan.request_timeout_s)
             try:
                 await self._index(stub, data_dir)
@@ -269,7 +276,9 @@ class _LoadPhase:
             "through Triton at batch 64, upsert into Qdrant), one call at a time; Learn is the "
             "'learn' scenario"
         )
-        triton = scrape.triton_breakdown(before, scrape.fetch(self.target.triton_metrics))
+        triton = scrape.triton_breakdown(
+            before, scrape.fetch(self.target.triton_metrics), self.broad_model
+        )
         if triton.get("requests"):
             summary["triton"] = triton
         self.scenarios["index_exemplars"] = summary
@@ -283,7 +292,7 @@ class _LoadPhase:
         misses = runner.UniquePhotos(self.photos.pool, nonce)
         arrays = runner.decode_for_triton(self.photos.pool[:TRITON_ARRAYS])
         router_miss = runner.router_call(stub, misses, timeout)
-        triton_direct = runner.triton_call(triton, arrays, timeout)
+        triton_direct = runner.triton_call(triton, arrays, timeout, self.broad_model)
 
         task = self.steps.start("warm-up")
         for _ in range(WARMUP_CALLS):

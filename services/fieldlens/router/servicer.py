@@ -211,6 +211,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             routing=dict(ms.routing),
             learned_examples=self.plane.learned_total,
             writes_blocked=self.plane.reindexing or self.plane.writes_paused or "",
+            broad_model=ms.broad_model,
         )
 
     @staticmethod
