@@ -43,6 +43,8 @@ NEIGHBOUR_POOL = 64  # candidates fetched once, then shared out to the suggestio
 MAX_TOP_K = 50
 MAX_NEIGHBOURS = 10
 INDEX_BATCH = 64
+# Examples re-learned per Learn batch when a model set re-learns what older sets learned.
+RELEARN_BATCH = 64
 
 _T = TypeVar("_T")
 ALL_CATEGORIES = "*"  # the knowledge generation every cached answer depends on
@@ -788,6 +790,7 @@ class RouterDataPlane:
         staging: VectorStore,
         final_name: str,
         old_journals: Sequence[KnowledgeJournal] = (),
+        progress: Callable[[str], None] | None = None,
     ) -> dict[str, int]:
         """Re-embeds the exemplars of older embedding spaces into `staging` with this model
         set's backbone (image bytes from the blob store), publishes it as `final_name` once
@@ -827,36 +830,51 @@ class RouterDataPlane:
                 self.reindexing = (
                     f"re-indexing exemplars into {final_name} ({counts['indexed']} done)"
                 )
+                if progress is not None:
+                    progress(self.reindexing)
         await asyncio.to_thread(staging.flush)
         await asyncio.to_thread(staging.publish_as, final_name)
         self.store, self.reindexing = staging, None
         logger.info("re-index into %s complete: %s", final_name, counts)
-        counts["relearned"] = await self.relearn(old_journals)
+        counts["relearned"] = await self.relearn(old_journals, progress)
         return counts
 
-    async def relearn(self, journals: Sequence[KnowledgeJournal]) -> int:
-        """Learns again, with this backbone, what older model sets learned (last label wins)."""
+    async def relearn(
+        self,
+        journals: Sequence[KnowledgeJournal],
+        progress: Callable[[str], None] | None = None,
+    ) -> int:
+        """Learns again, with this backbone, what older model sets learned (last label wins),
+        in batches of RELEARN_BATCH; `progress` hears "re-learning <done>/<total> examples"
+        after each one."""
         assert self.blobs is not None
+        blobs = self.blobs
         latest: dict[str, LearnedExample] = {}
         for journal in journals:
             for e in await asyncio.to_thread(lambda j=journal: list(j.replay())):
                 latest[e.id] = e
-        items = []
-        for e in latest.values():
-            if e.id not in self.blobs:
-                continue
-            data = await asyncio.to_thread(self.blobs.get, e.id)
-            if e.new_taxon is not None:
-                items.append(LearnItem(data, "", e.new_taxon.name, e.new_taxon.parent, e.source))
-            else:
-                items.append(LearnItem(data, e.taxon_id, source=e.source))
-        if not items:
-            return 0
-        outcomes = await self.learn(items)
-        failed = [o for o in outcomes if isinstance(o, FieldlensError)]
-        for o in failed[:5]:
-            logger.warning("could not re-learn an example: %s", o)
-        return len(outcomes) - len(failed)
+        todo = [e for e in latest.values() if e.id in blobs]
+        done = relearned = 0
+        for start in range(0, len(todo), RELEARN_BATCH):
+            items = []
+            for e in todo[start : start + RELEARN_BATCH]:
+                data = await asyncio.to_thread(blobs.get, e.id)
+                if e.new_taxon is not None:
+                    t = e.new_taxon
+                    items.append(LearnItem(data, "", t.name, t.parent, e.source))
+                else:
+                    items.append(LearnItem(data, e.taxon_id, source=e.source))
+            outcomes = await self.learn(items)
+            failed = [o for o in outcomes if isinstance(o, FieldlensError)]
+            for o in failed[:5]:
+                logger.warning("could not re-learn an example: %s", o)
+            done += len(items)
+            relearned += len(items) - len(failed)
+            if progress is not None:
+                progress(f"re-learning {done}/{len(todo)} examples")
+        if todo:
+            logger.info("re-learned %d of %d examples of older model sets", relearned, len(todo))
+        return relearned
 
     async def exemplar_count(self) -> int:
         if self.store is None:

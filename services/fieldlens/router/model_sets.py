@@ -215,10 +215,14 @@ class ModelSets:
         """The new set's plane, with its knowledge restored and older knowledge re-learned."""
         s = self.backends.settings
         older = KnowledgeJournal.older(s.common.state_dir, "router", ms.version)
+
+        def progress(step: str) -> None:  # shown by GetInfo.writes_blocked meanwhile
+            old.writes_paused = f"switching to model set {ms.version}: {step}"
+
         if ms.embedding_version == old.model_set.embedding_version:
             plane = new_plane(self.backends, ms, old.store)
             await plane.restore_knowledge()
-            return plane, 0, await plane.relearn(older)
+            return plane, 0, await plane.relearn(older, progress)
         collection = collection_name(ms.embedding_version)
         exists = collection in await existing_collections(s)
         name = collection if exists else collection + STAGING_SUFFIX
@@ -226,8 +230,8 @@ class ModelSets:
         plane = new_plane(self.backends, ms, store)
         await plane.restore_knowledge()
         if exists or store is None or old.store is None:
-            return plane, 0, await plane.relearn(older)
-        counts = await plane.reindex([old.store], store, collection, older)
+            return plane, 0, await plane.relearn(older, progress)
+        counts = await plane.reindex([old.store], store, collection, older, progress)
         return plane, counts["indexed"], counts["relearned"]
 
     def _retire_later(self, old: RouterDataPlane, new: RouterDataPlane) -> None:
