@@ -133,9 +133,12 @@ def test_a_class_learned_from_five_images_is_recognised(cluster_up, token, novel
     # Far above chance (1 in ~200 classes); the goal figure (>= 50% over all held-out classes)
     # is measured by `fieldlens learn-eval` and reported, not pinned by a test.
     assert recall >= 0.3
-    # The learned exemplars are evidence for it.
+    # The learned exemplars are evidence for it. A learned example is stored as the mean of
+    # the photo's and its mirror image's embeddings, so the photo itself is near, not identical.
     ex = [e for s in _top(router, shots[0]).suggestions for e in s.exemplars]
-    assert any(e.label_id == tid and e.similarity > 0.99 for e in ex)
+    own = max((e.similarity for e in ex if e.label_id == tid), default=0.0)
+    print(f"similarity of a learned photo to its own stored example: {own:.3f}")
+    assert own > 0.9
 
 
 def test_learning_the_same_image_again_changes_nothing(cluster_up, token, novel):

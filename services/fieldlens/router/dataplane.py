@@ -733,6 +733,16 @@ class RouterDataPlane:
                     results[n] = outcome
         return [r for r in results if r is not None]
 
+    async def _learn_embeddings(self, rgb: np.ndarray) -> np.ndarray:
+        """A learned example's vector: the unit mean of the photo's and its mirror image's
+        embeddings (few examples, so each counts for two views)."""
+        n = len(rgb)
+        _, emb = await self.triton.infer_broad(
+            np.concatenate([rgb, rgb[:, :, ::-1]]), model=self.model_set.broad_model
+        )
+        both = emb[:n] + emb[n:]
+        return both / np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
+
     async def _learn_batch(
         self,
         chunk: list[tuple[DecodedImage, str, NewTaxonSpec | None, str]],
@@ -740,9 +750,7 @@ class RouterDataPlane:
     ) -> list[LearnOutcome]:
         assert self.store is not None and self.journal is not None and self.blobs is not None
         started = time.perf_counter()
-        _, emb = await self.triton.infer_broad(
-            np.stack([img.rgb for img, *_ in chunk]), model=self.model_set.broad_model
-        )
+        emb = await self._learn_embeddings(np.stack([img.rgb for img, *_ in chunk]))
         taxonomy = self.model_set.taxonomy
         created = {spec.id for _, tid, spec, _ in chunk if spec and spec.id not in taxonomy}
         examples = [
