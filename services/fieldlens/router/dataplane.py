@@ -32,6 +32,7 @@ from fieldlens.router.merge import (
     imprint_rows,
     merge,
     pick_categories,
+    unit_rows,
     with_learned_classes,
     with_learned_leaves,
 )
@@ -740,8 +741,7 @@ class RouterDataPlane:
         _, emb = await self.triton.infer_broad(
             np.concatenate([rgb, rgb[:, :, ::-1]]), model=self.model_set.broad_model
         )
-        both = emb[:n] + emb[n:]
-        return both / np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
+        return unit_rows(emb[:n] + emb[n:])
 
     async def _learn_batch(
         self,

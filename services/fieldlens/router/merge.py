@@ -92,6 +92,11 @@ def pick_categories(
 ImprintRows = tuple[np.ndarray, np.ndarray, list[str], list[str]]
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit L2 norm (all-zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def imprint_rows(
     sums: Mapping[str, tuple[np.ndarray, int]], imprint: Mapping[str, Any], taxonomy: Taxonomy
 ) -> ImprintRows:
@@ -101,9 +106,7 @@ def imprint_rows(
     mean = np.asarray(imprint["embedding_mean"], dtype=np.float32)
     taxa = sorted(sums)
     rows = np.stack([sums[t][0] / sums[t][1] - mean for t in taxa]).astype(np.float32)
-    rows *= float(imprint["row_norm"]) / np.maximum(
-        np.linalg.norm(rows, axis=1, keepdims=True), 1e-12
-    )
+    rows = unit_rows(rows) * float(imprint["row_norm"])
     bias = np.full(len(taxa), float(imprint["bias"]), dtype=np.float32)
     return rows, bias, [taxonomy.broad_of(t) or "" for t in taxa], taxa
 
