@@ -204,6 +204,8 @@ def stage_broad(ctx: Context, model: Classifier, out: Outputs) -> tuple[torch.nn
         opt.zero_grad()
         loss.backward()
         opt.step()
+    head.eval()
+    round_to_fp16(head)  # the mix is chosen with the head as it is served
     y_val = g[ctx.val.labels].argmax(1)
     with torch.no_grad():
         p_head = torch.softmax(head(torch.from_numpy(out.val_emb)), 1).numpy()
@@ -214,8 +216,7 @@ def stage_broad(ctx: Context, model: Classifier, out: Outputs) -> tuple[torch.nn
     }
     mix = max(scores, key=lambda m: (scores[m], -abs(m - 0.5)))
     logger.info("broad top-1 by head/rollup mix: %s -> mix %.1f", scores, mix)
-    head.eval()
-    return round_to_fp16(head), mix
+    return head, mix
 
 
 def stage_specialists(
