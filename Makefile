@@ -41,7 +41,7 @@ test: setup  ## unit, integration (real tritonserver, redis-server, Qdrant) and 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
 
-train: setup  ## reproduce the shipped model set from the shared shards (<= 90 min on 2 cores)
+train: setup  ## reproduce the shipped model set from the shared shards (<= 90 min on 2 cores with bf16 kernels)
 	FIELDLENS_DATA_DIR=$(DATA) $(PY) -m fieldlens.trainer.train --profile full
 
 train-smoke: setup

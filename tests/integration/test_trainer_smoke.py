@@ -17,6 +17,7 @@ from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.trainer.config import config_for
 from fieldlens.trainer.data import load_dataset, read_classes, split
+from fieldlens.trainer.loops import pick_device, training_precision
 from fieldlens.trainer.train import run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,6 +64,10 @@ def test_artefacts_and_manifest(smoke: dict[str, Path]) -> None:
     # The report shows the manifest's figures, not figures of its own.
     report = (models / "report" / "README.md").read_text()
     assert f"{val['fine_top1']:.2%}" in report and f"{val['broad_top1']:.2%}" in report
+    # The run says what trained it: the precision this machine trains in, and the hardware.
+    cfg = config_for("smoke")
+    assert manifest["training_precision"] == training_precision(pick_device(), cfg.precision)
+    assert manifest["training_precision"] in report and manifest["machine"] in report
     assert set(ms.routing) == set(ms.taxonomy.broad_ids)
     assert set(val["specialists"]) == {"insect", "other_invertebrate"}
     split = json.loads((models / "split.json").read_text())

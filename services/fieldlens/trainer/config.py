@@ -40,7 +40,8 @@ class TrainConfig:
     # "minimum / 10" rule). A quarter of it (0.30 here) kept training accuracy flat at ~22%
     # through the whole 32 px phase: only the annealing learned.
     lr_finder_divisor: float = 10.0
-    # bf16 autocast: 1.5-2x faster steps on CPUs with AVX512-BF16 or AMX, and on GPUs.
+    # bf16 autocast: 1.5-2x faster steps on CPUs with AVX512-BF16 or AMX, and on GPUs; where
+    # bf16 would be emulated the run trains in fp32 (loops.training_precision).
     precision: str = "bf16"
     # Weight of the broad-group loss (fine softmax rolled up per group) next to the fine loss.
     broad_loss_weight: float = 1.5

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -124,12 +125,23 @@ def export_all(
         },
         "specialists": spec_meta,
         "routing": routing,
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-        f"torch {torch.__version__}".strip(),
+        "machine": machine_description(),
         **manifest_extra,
     }
     (models_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json) + "\n")
     return manifest
+
+
+def machine_description() -> str:
+    """What trained the set, for the manifest: the GPU, or the CPU model and its core count."""
+    if torch.cuda.is_available():
+        hardware = torch.cuda.get_device_name(0)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        hardware = f"{names[0] if names else platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    return f"{hardware}, {platform.machine()}, torch {torch.__version__}"
 
 
 def _json(o: object) -> object:

@@ -32,6 +32,24 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def training_precision(device: torch.device, requested: str) -> str:
+    """The precision a run trains in: bf16 only where the device has bf16 kernels.
+
+    Elsewhere bf16 is emulated and far slower than fp32 (on an AVX2-only CPU a backbone step at
+    32 px took 1.57 s in bf16 and 0.15 s in fp32), so such a run trains in fp32.
+    """
+    if requested != "bf16":
+        return requested
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device has bf16 kernels (a CPU with AVX512-BF16 or AMX, or a recent GPU)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """Mixed precision for the forward pass: 'bf16' (oneDNN bf16 kernels on CPU) or 'fp32'."""
     if precision not in ("bf16", "fp32"):

@@ -28,7 +28,14 @@ from fieldlens.trainer.config import (
     config_for,
 )
 from fieldlens.trainer.export import embedding_version, export_all
-from fieldlens.trainer.loops import Phase, lr_range_test, pick_device, predict, train_classifier
+from fieldlens.trainer.loops import (
+    Phase,
+    lr_range_test,
+    pick_device,
+    predict,
+    train_classifier,
+    training_precision,
+)
 from fieldlens.trainer.nets import Classifier, EmbedAndLogits, round_to_fp16
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ class Context:
     val: data_mod.Dataset
     digest: str
     novel: list[data_mod.ClassInfo]
+    precision: str  # what the nets train in here: cfg.precision, or fp32 without bf16 kernels
 
     @property
     def stage_dir(self) -> Path:
@@ -72,19 +80,31 @@ def prepare(
         len(novel),
         len(novel_ds),
     )
+    device = pick_device()
+    precision = training_precision(device, cfg.precision)
+    if precision != cfg.precision:
+        logger.warning(
+            "no %s kernels on this %s: training in %s instead (emulated %s is ~10x slower); "
+            "the full profile's 90-minute budget assumes a CPU with AVX512-BF16/AMX or a GPU",
+            cfg.precision,
+            device.type,
+            precision,
+            cfg.precision,
+        )
     return Context(
         cfg,
         data_dir,
         work_dir,
         models_dir,
         model_repository,
-        pick_device(),
+        device,
         classes,
         Taxonomy.from_classes(classes),
         train,
         val,
         data_mod.data_digest(data_dir, shards) if shards else "folder",
         novel,
+        precision,
     )
 
 
@@ -133,7 +153,7 @@ def stage_backbone(ctx: Context) -> Classifier:
         "backbone",
         mixup_alpha=cfg.mixup_alpha,
         evaluate=evaluate,
-        precision=cfg.precision,
+        precision=ctx.precision,
         class_groups=metrics.group_matrix(ctx.taxonomy).argmax(1),
         group_weight=cfg.broad_loss_weight,
     )
@@ -250,7 +270,7 @@ def stage_specialists(
                 ctx.cfg.seed,
                 ctx.stage_dir / f"specialist_{group}.ckpt",
                 f"specialist {group}",
-                precision=ctx.cfg.precision,
+                precision=ctx.precision,
             )
             round_to_fp16(net)
             torch.save(net.state_dict(), done)
@@ -320,6 +340,7 @@ def run(
         model_repository,
         {
             "profile_fingerprint": cfg.fingerprint(),
+            "training_precision": ctx.precision,
             "data_digest": ctx.digest,
             "config": asdict(cfg),
             "metrics": {"validation": val_metrics},
@@ -404,9 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.set_num_threads(args.threads)
     cfg = config_for(args.profile)
-    if cfg.precision == "bf16" and not torch.cuda.is_available():
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            logger.warning("this CPU has no native bf16: training will be slow (try a GPU)")
     run(cfg, args.data, args.work_dir, args.models_dir, args.model_repository)
     return 0
 
