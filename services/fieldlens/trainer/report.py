@@ -147,8 +147,8 @@ def markdown(metrics: dict[str, object]) -> str:
         "",
         "![curation](curation.png)",
         "",
-        f"Training time: {metrics['training_seconds'] / 60:.1f} min on {metrics['machine']}"
-        + (f", in {metrics['training_precision']}." if "training_precision" in metrics else "."),
+        f"Training time: {metrics['training_seconds'] / 60:.1f} min on {metrics['machine']}, "
+        f"in {metrics['training_precision']}.",
         "",
     ]
     return "\n".join(lines)
