@@ -16,7 +16,7 @@ from fieldlens.common.knowledge import KnowledgeJournal
 from fieldlens.common.model_store import load_served
 from fieldlens.common.settings import RouterSettings
 from fieldlens.router.clients import ClassifierClient
-from fieldlens.router.dataplane import RouterDataPlane
+from fieldlens.router.learning import Learner
 from fieldlens.router.model_sets import (
     STAGING_SUFFIX,
     Backends,
@@ -38,17 +38,17 @@ SERVICE = "fieldlens.v1.Router"
 
 
 async def _reindex(
-    plane: RouterDataPlane,
+    learner: Learner,
     sources: list[VectorStore],
     staging: VectorStore,
     collection: str,
     journals: list[KnowledgeJournal],
 ) -> None:
     try:
-        await plane.reindex(sources, staging, collection, journals)
+        await learner.reindex(sources, staging, collection, journals)
     except Exception:
         logger.exception("re-index into %s failed; neighbours stay off until a restart", collection)
-        plane.reindexing = f"re-index into {collection} failed (see the router log)"
+        learner.plane.reindexing = f"re-index into {collection} failed (see the router log)"
     finally:
         for src in sources:
             src.close()
@@ -85,7 +85,9 @@ async def serve(settings: RouterSettings) -> None:
         open_blob_store(settings.blob_store, common.state_dir / "blobs"),
     )
     plane = new_plane(backends, model_set, store)
-    await plane.restore_knowledge()
+    learner = plane.learner
+    assert learner is not None
+    await learner.restore()
     await plane.sync_learned_taxa()  # taxa learned through other router replicas
     servicer = RouterServicer(plane, settings.write_token)
     model_sets = ModelSets(backends, plane, lambda p: setattr(servicer, "plane", p))
@@ -98,7 +100,7 @@ async def serve(settings: RouterSettings) -> None:
         background.add(
             asyncio.create_task(
                 _reindex(
-                    plane, [s for s in sources if s is not None], staging, collection, journals
+                    learner, [s for s in sources if s is not None], staging, collection, journals
                 )
             )
         )
@@ -106,7 +108,7 @@ async def serve(settings: RouterSettings) -> None:
         "model set %s, %d exemplars, %d learned examples, writes %s",
         model_set.version,
         await plane.exemplar_count(),
-        plane.learned_total,
+        learner.learned_total,
         "enabled" if settings.write_token else "disabled (no FIELDLENS_WRITE_TOKEN)",
     )
 

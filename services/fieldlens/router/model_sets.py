@@ -31,6 +31,7 @@ from fieldlens.common.settings import RouterSettings
 from fieldlens.router.clients import ClassifierClient
 from fieldlens.router.dataplane import ClassifyOptions, RouterDataPlane
 from fieldlens.router.imaging import ImageLimits
+from fieldlens.router.learning import Learner
 from fieldlens.router.servicer import codec
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Backends:
 
 
 def new_plane(b: Backends, model_set: ModelSet, store: VectorStore | None) -> RouterDataPlane:
+    """A data plane for `model_set`, with its learner (journal and blob store) attached."""
     s = b.settings
     journal = KnowledgeJournal.for_model_set(
         s.common.state_dir, "router", model_set.version, model_set.embedding_version
@@ -113,11 +115,15 @@ def new_plane(b: Backends, model_set: ModelSet, store: VectorStore | None) -> Ro
         s.dispatch_top,
         s.cache_ttl_s,
         s.stage_timeout_s,
-        journal=journal,
-        blobs=b.blobs,
         specialist_min_p=s.specialist_min_p,
     )
+    plane.learner = Learner(plane, journal, b.blobs)
     return plane
+
+
+def _learner(plane: RouterDataPlane) -> Learner:
+    assert plane.learner is not None, "planes are built by new_plane, learner attached"
+    return plane.learner
 
 
 @dataclass(frozen=True)
@@ -191,12 +197,13 @@ class ModelSets:
         await ensure_model_set(s.triton_addr, self.store_dir, ms)
         for client in (b.tiny, b.specialist):
             await client.load_model_set(version)
-        old.writes_paused = f"switching to model set {version}"
+        learner = _learner(old)
+        learner.writes_paused = f"switching to model set {version}"
         try:
-            async with old._learn_lock:  # in-flight writes finish on the old plane
+            async with learner.lock:  # in-flight writes finish on the old plane
                 plane, reindexed, relearned = await self._prepare(old, ms)
         except BaseException:
-            old.writes_paused = None
+            learner.writes_paused = None
             raise
         self.plane = plane
         self._on_switch(plane)
@@ -217,21 +224,23 @@ class ModelSets:
         older = KnowledgeJournal.older(s.common.state_dir, "router", ms.version)
 
         def progress(step: str) -> None:  # shown by GetInfo.writes_blocked meanwhile
-            old.writes_paused = f"switching to model set {ms.version}: {step}"
+            _learner(old).writes_paused = f"switching to model set {ms.version}: {step}"
 
         if ms.embedding_version == old.model_set.embedding_version:
             plane = new_plane(self.backends, ms, old.store)
-            await plane.restore_knowledge()
-            return plane, 0, await plane.relearn(older, progress)
+            learner = _learner(plane)
+            await learner.restore()
+            return plane, 0, await learner.relearn(older, progress)
         collection = collection_name(ms.embedding_version)
         exists = collection in await existing_collections(s)
         name = collection if exists else collection + STAGING_SUFFIX
         store = await asyncio.to_thread(open_store, s, name, ms.embedding_dim)
         plane = new_plane(self.backends, ms, store)
-        await plane.restore_knowledge()
+        learner = _learner(plane)
+        await learner.restore()
         if exists or store is None or old.store is None:
-            return plane, 0, await plane.relearn(older, progress)
-        counts = await plane.reindex([old.store], store, collection, older, progress)
+            return plane, 0, await learner.relearn(older, progress)
+        counts = await learner.reindex([old.store], store, collection, older, progress)
         return plane, counts["indexed"], counts["relearned"]
 
     def _retire_later(self, old: RouterDataPlane, new: RouterDataPlane) -> None:

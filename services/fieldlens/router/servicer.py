@@ -17,14 +17,8 @@ from fieldlens.common.errors import (
     Unauthenticated,
 )
 from fieldlens.common.taxonomy import Taxonomy
-from fieldlens.router.dataplane import (
-    Classification,
-    Degradation,
-    Dispatch,
-    LearnItem,
-    LearnOutcome,
-    RouterDataPlane,
-)
+from fieldlens.router.dataplane import Classification, Degradation, Dispatch, RouterDataPlane
+from fieldlens.router.learning import Learner, LearnItem, LearnOutcome
 from fieldlens.router.merge import SPECIALIST, TINY, Suggestion
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc, taxonomy_pb2
 
@@ -161,6 +155,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def taxonomy(self) -> Taxonomy:
         return self.plane.model_set.taxonomy
 
+    def _learner(self, plane: RouterDataPlane) -> Learner:
+        if plane.learner is None:
+            raise FailedPrecondition("this router does not learn")
+        return plane.learner
+
     async def _classify(self, request: router_pb2.ClassifyRequest) -> router_pb2.ClassifyResponse:
         plane = self.plane
         options = plane.resolve(
@@ -203,14 +202,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def GetInfo(
         self, request: router_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.GetInfoResponse:
-        ms = self.plane.model_set
+        ms, learner = self.plane.model_set, self.plane.learner
         return router_pb2.GetInfoResponse(
             model_set_version=ms.version,
             embedding_version=ms.embedding_version,
             exemplar_count=await self.plane.exemplar_count(),
             routing=dict(ms.routing),
-            learned_examples=self.plane.learned_total,
-            writes_blocked=self.plane.reindexing or self.plane.writes_paused or "",
+            learned_examples=learner.learned_total if learner else 0,
+            writes_blocked=learner.writes_blocked if learner else (self.plane.reindexing or ""),
             broad_model=ms.broad_model,
         )
 
@@ -230,7 +229,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.LearnResponse:
         check_write_token(context, self.write_token)
         plane = self.plane
-        (outcome,) = await plane.learn([self._learn_item(request)])
+        (outcome,) = await self._learner(plane).learn([self._learn_item(request)])
         if isinstance(outcome, FieldlensError):
             raise outcome
         return self._learn_response(outcome, request.request_id, plane)
@@ -262,7 +261,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if len(items) >= MAX_LEARN_ITEMS:
                 raise InvalidInput(f"at most {MAX_LEARN_ITEMS} items per LearnStream; split it")
             items.append(self._learn_item(r))
-        outcomes = await self.plane.learn(items)
+        outcomes = await self._learner(self.plane).learn(items)
         reply = router_pb2.LearnStreamResponse(received=len(items))
         for n, o in enumerate(outcomes):
             if isinstance(o, FieldlensError):
@@ -288,7 +287,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     f"at most {MAX_INDEX_ITEMS} exemplars per call; split the upload"
                 )
             items.append((r.image, r.label, r.source))
-        report = await self.plane.index_exemplars(items)
+        report = await self._learner(self.plane).index_exemplars(items)
         return router_pb2.IndexExemplarsResponse(
             received=report.received,
             indexed=report.indexed,
