@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from fieldlens.backends import redis_server, triton_server
-from fieldlens.common import credentials
+from fieldlens.common import credentials, threads
 from fieldlens.common.settings import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,9 @@ class ClusterConfig:
             }
         )
         env.update(dict(self.extra_env))
+        # Belt and braces: the service sizes its pools itself (common/threads.py); with these
+        # its BLAS/OpenMP libraries do not even start a wider pool when they are loaded.
+        env.update(threads.child_env(env))
         return env
 
 

@@ -34,6 +34,10 @@ HPA_MANAGED = ("router", "triton")
 # Secrets the gpu (production) overlay expects to be created out of band.
 EXTERNAL_SECRETS = {"gpu": {"fieldlens-write-token"}, "cpu": set()}
 CPU_ONLY_TRITON_FLAGS = {"--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"}
+# Read by OpenMP, OpenBLAS and MKL at load; they must follow FIELDLENS_CPU_THREADS.
+THREAD_LIBRARY_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# Kubernetes' dependent environment variables: $(NAME) of one defined before, $$ a literal $.
+_ENV_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
@@ -196,7 +200,10 @@ def _container_env(r: Rendered, w: dict[str, Any], c: dict[str, Any]) -> dict[st
         env.update(r.config_map_data(source["configMapRef"]["name"]))
     for item in c.get("env", []):
         if "value" in item:
-            env[item["name"]] = item["value"]
+            env[item["name"]] = _ENV_REFERENCE.sub(
+                lambda m: "$" if m.group(1) is None else env.get(m.group(1), m.group(0)),
+                item["value"],
+            )
             continue
         ref = item["valueFrom"]
         if "configMapKeyRef" in ref:
@@ -278,6 +285,42 @@ def test_service_environment_is_accepted_by_the_real_settings(rendered, overlay,
         models_mount = next(m for m in c["volumeMounts"] if m["name"] == "models")
         assert models_mount.get("readOnly") is True
         assert str(common.models_dir).startswith(models_mount["mountPath"] + "/")
+
+
+def _cpus(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _triton_instances() -> int:
+    """Model instances of the shipped repository: each is a Python-backend stub process."""
+    return sum(
+        int(count)
+        for config in MODEL_REPOSITORY.glob("*/config.pbtxt")
+        for count in re.findall(r"count: (\d+)", config.read_text())
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_thread_pools_are_set_and_fit_the_cpu_limit(rendered, overlay):
+    """Every fieldlens process sizes its BLAS/OpenMP/torch pools with FIELDLENS_CPU_THREADS
+    (the library variables agree with it), and its pools fit the container's CPU limit;
+    Triton runs one stub process per model instance, each with pools of that size."""
+    from fieldlens.common.settings import CPU_THREADS_ENV, cpu_threads_from_env
+
+    r = rendered[overlay]
+    for name in (*FIELDLENS_SERVICES, "triton"):
+        w = r.get("Deployment", name)
+        c = container(w, name)
+        env = _container_env(r, w, c)
+        assert CPU_THREADS_ENV in env, name
+        threads = cpu_threads_from_env(env)
+        assert {var: env.get(var) for var in THREAD_LIBRARY_VARS} == dict.fromkeys(
+            THREAD_LIBRARY_VARS, str(threads)
+        ), name
+        processes = _triton_instances() if name == "triton" else 1
+        assert processes > 0
+        assert threads * processes <= _cpus(c["resources"]["limits"]["cpu"]), (name, threads)
 
 
 def _run_sync(

@@ -6,11 +6,19 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fieldlens.common.settings import (
+    CPU_THREADS_ENV,
+    DEFAULT_CPU_THREADS,
+    SettingsError,
+    cpu_threads_from_env,
+)
+from fieldlens.common.threads import set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -18,27 +26,30 @@ INPUT_NAME = "IMAGE"
 IMAGE_DIMS = (64, 64, 3)
 MODEL_FILENAME = "model.pt"
 SHIM_SOURCE = "from fieldlens.backends.triton_python_model import TritonPythonModel  # noqa: F401\n"
+# The config parameter holding a net's CPU threads (torch, BLAS, OpenMP) per instance. Its
+# name predates FIELDLENS_CPU_THREADS; it is kept because every exported config.pbtxt carries
+# it and a config's bytes are part of its model set's version.
 THREADS_PARAMETER = "TORCH_NUM_THREADS"
-THREADS_ENV = "FIELDLENS_TORCH_THREADS"
-DEFAULT_TORCH_THREADS = 1
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_PREFERRED_BATCH_SIZES = (8, 16, 32, 64)
 DEFAULT_MAX_QUEUE_DELAY_US = 2000
 
 
-def _torch_threads(model_config: dict[str, Any]) -> int:
-    """Thread count: config parameter, then environment, then the default."""
+def instance_threads(model_config: dict[str, Any], env: Mapping[str, str] | None = None) -> int:
+    """Threads of one instance's stub process: FIELDLENS_CPU_THREADS where the deployment
+    sets it (it knows the CPU it grants), else the config's TORCH_NUM_THREADS (the model
+    set's choice), else 1. A malformed value raises SettingsError, failing the model's load.
+    """
     raw = model_config.get("parameters", {}).get(THREADS_PARAMETER, {}).get("string_value")
-    if not raw:
-        raw = os.environ.get(THREADS_ENV)
-    if not raw:
-        return DEFAULT_TORCH_THREADS
-    try:
-        threads = int(raw)
-    except ValueError:
-        logger.warning("ignoring non-integer torch thread count %r", raw)
-        return DEFAULT_TORCH_THREADS
-    return max(1, threads)
+    default = DEFAULT_CPU_THREADS
+    if raw:
+        try:
+            default = int(raw)
+        except ValueError:
+            default = 0
+        if default < 1:
+            raise SettingsError(THREADS_PARAMETER, raw, "expected an integer > 0")
+    return cpu_threads_from_env(os.environ if env is None else env, default)
 
 
 def load_torchscript(path: Path | str, device: str = "cpu") -> Any:
@@ -72,14 +83,11 @@ class TritonPythonModel:
             (out["name"], np.dtype(pb_utils.triton_string_to_numpy(out["data_type"])))
             for out in config["output"]
         ]
-        threads = _torch_threads(config)
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(threads)
-        except RuntimeError:
-            # Only settable before the first parallel op; a second instance in the same
-            # stub process would hit this, and the intra-op setting is the one that matters.
-            pass
+        # Each instance is its own stub process: its torch, OpenMP and BLAS pools (numpy's
+        # OpenBLAS, loaded by the stub) are this process's alone.
+        threads = instance_threads(config)
+        source = CPU_THREADS_ENV if CPU_THREADS_ENV in os.environ else THREADS_PARAMETER
+        self._log_info(set_cpu_threads(threads, source=f"{self._name}: {source}"))
         model_path = Path(args["model_repository"]) / args["model_version"] / MODEL_FILENAME
         # instance_group KIND_GPU gives each instance its device; KIND_CPU stays on the CPU.
         self._device = (
@@ -88,13 +96,18 @@ class TritonPythonModel:
             else "cpu"
         )
         self._module = load_torchscript(model_path, self._device)
-        logger.info(
-            "loaded %s from %s (outputs=%s, threads=%d)",
-            self._name,
-            model_path,
-            [name for name, _ in self._outputs],
-            threads,
+        self._log_info(
+            f"loaded {self._name} from {model_path} "
+            f"(outputs={[name for name, _ in self._outputs]}, threads={threads})"
         )
+
+    def _log_info(self, message: str) -> None:
+        # The stub configures no Python logging; Triton's own log is where its lines go.
+        triton_logger = getattr(self._pb, "Logger", None)
+        if triton_logger is not None:
+            triton_logger.log_info(message)
+        else:
+            logger.info("%s", message)
 
     def _error(self, message: str, invalid: bool = True) -> Any:
         pb = self._pb
@@ -181,7 +194,7 @@ def render_config(
     instance_count: int = 1,
     preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
-    torch_threads: int = DEFAULT_TORCH_THREADS,
+    cpu_threads: int = DEFAULT_CPU_THREADS,
 ) -> str:
     """Text of a config.pbtxt for a TorchScript net with the IMAGE -> FP32 outputs contract."""
     if not outputs:
@@ -207,7 +220,7 @@ def render_config(
         f"instance_group [\n  {{\n    kind: {kind}\n    count: {instance_count}\n  }}\n]\n"
         "parameters {\n"
         f'  key: "{THREADS_PARAMETER}"\n'
-        f'  value: {{ string_value: "{torch_threads}" }}\n'
+        f'  value: {{ string_value: "{cpu_threads}" }}\n'
         "}\n"
     )
 
@@ -221,7 +234,7 @@ def write_config(
     instance_count: int = 1,
     preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
-    torch_threads: int = DEFAULT_TORCH_THREADS,
+    cpu_threads: int = DEFAULT_CPU_THREADS,
     version: int = 1,
 ) -> Path:
     """Write `<model_dir>/config.pbtxt` and the `<model_dir>/<version>/model.py` shim.
@@ -241,7 +254,7 @@ def write_config(
             instance_count=instance_count,
             preferred_batch_sizes=preferred_batch_sizes,
             max_queue_delay_us=max_queue_delay_us,
-            torch_threads=torch_threads,
+            cpu_threads=cpu_threads,
         )
     )
     (version_dir / "model.py").write_text(SHIM_SOURCE)

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fieldlens.common import threads
+
 logger = logging.getLogger(__name__)
 
 BINARY_ENV = "FIELDLENS_TRITONSERVER"
@@ -107,8 +109,11 @@ def stub_environment(base_env: Mapping[str, str] | None = None) -> dict[str, str
     The stub links libpython3.11.so.1.0: the interpreter's own LIBDIR must come first on
     LD_LIBRARY_PATH or a system libpython of another patch level is loaded and fails. It also
     needs the venv's site-packages (torch, numpy) and the fieldlens sources on PYTHONPATH.
+    OMP_NUM_THREADS and the like follow FIELDLENS_CPU_THREADS, so that the stub's libraries
+    start no wider pool at load; the model then sizes its pools itself (common/threads.py).
     """
     env = dict(os.environ if base_env is None else base_env)
+    env.update(threads.child_env(env))
     dist = locate_tritonserver()
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = _prepend([libdir, str(dist.libs)], env.get("LD_LIBRARY_PATH"))

@@ -10,7 +10,8 @@ from typing import Any
 
 from fieldlens.common.server import GrpcServer, ServicerRegistration, serve_until_signal
 from fieldlens.common.settings import CommonSettings, SettingsError
-from fieldlens.common.telemetry import start_metrics_server
+from fieldlens.common.telemetry import configure_logging, start_metrics_server
+from fieldlens.common.threads import set_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,13 @@ async def serve_grpc(
 def main_with_settings(
     name: str, load: Callable[[], Any], serve: Callable[[Any], Coroutine[Any, Any, None]]
 ) -> None:
-    """Reads settings once (failing fast with exit code 2), then runs `serve(settings)`."""
+    """Reads settings once (failing fast with exit code 2), sizes the CPU thread pools, then
+    runs `serve(settings)`.
+
+    The pools are limited before `serve` does any maths: the modules imported so far load
+    numpy, and with it OpenBLAS and its pool (sized by OPENBLAS_NUM_THREADS where a launcher
+    set it), but compute nothing at import, so a thread beyond the limit is never woken.
+    """
     from fieldlens.common.server import run_service
 
     try:
@@ -83,4 +90,6 @@ def main_with_settings(
     except SettingsError as exc:
         print(f"{name}: {exc}", flush=True)
         raise SystemExit(2) from None
+    configure_logging(settings.common.log_level)
+    set_cpu_threads(settings.common.cpu_threads)
     run_service(serve(settings), settings.common.log_level)

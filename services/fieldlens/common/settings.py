@@ -46,6 +46,11 @@ DEFAULT_SPECIALIST_MIN_P = 0.2
 DEFAULT_MAX_IMAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 16_000_000
 DEFAULT_STAGE_TIMEOUT_S = 1.0
+# Threads of each BLAS/OpenMP/torch pool in a serving process (common/threads.py). One: the
+# maths per request is a fraction of a millisecond, and a second pool thread only spins;
+# a service scales by processes (replicas, Triton instances), not by pool threads.
+CPU_THREADS_ENV = "FIELDLENS_CPU_THREADS"
+DEFAULT_CPU_THREADS = 1
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _T = TypeVar("_T")
@@ -84,6 +89,8 @@ class CommonSettings:
     # Published model sets and the current one (common/model_store.py); shared by every
     # service that loads models. Default: <state_dir>/model-sets.
     model_store: Path
+    # Threads of each BLAS/OpenMP/torch pool of the process (FIELDLENS_CPU_THREADS).
+    cpu_threads: int = DEFAULT_CPU_THREADS
 
     @classmethod
     def from_env(cls, service: ServiceName, env: Mapping[str, str] | None = None) -> CommonSettings:
@@ -110,6 +117,7 @@ class CommonSettings:
             models_dir=_read(env, "FIELDLENS_MODELS_DIR", _repo_path(DEFAULT_MODELS_DIR), _path),
             state_dir=state_dir,
             model_store=_read(env, "FIELDLENS_MODEL_STORE", state_dir / "model-sets", _path),
+            cpu_threads=cpu_threads_from_env(env),
         )
 
 
@@ -196,6 +204,18 @@ class ClassifierSettings:
             common=CommonSettings.from_env(role, env),
             triton_addr=_read(env, "TRITON_ADDR", DEFAULT_TRITON_ADDR, _address()),
         )
+
+
+def cpu_threads_from_env(
+    env: Mapping[str, str] | None = None, default: int = DEFAULT_CPU_THREADS
+) -> int:
+    """FIELDLENS_CPU_THREADS: threads of each BLAS/OpenMP/torch pool; `default` when unset.
+
+    Also read on its own by processes without a CommonSettings: the Triton Python model, the
+    local launcher (which passes it on to children as OMP_NUM_THREADS and the like).
+    """
+    env = os.environ if env is None else env
+    return _read(env, CPU_THREADS_ENV, default, _positive_int)
 
 
 def _read(env: Mapping[str, str], name: str, default: _T, parse: Callable[[str], _T]) -> _T:

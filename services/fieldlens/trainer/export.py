@@ -24,6 +24,11 @@ from fieldlens.trainer.nets import Backbone, BroadExport, Classifier, Specialist
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 64
+# CPU threads of each net instance, written into every config.pbtxt (TORCH_NUM_THREADS): one,
+# because Triton scales a net by instances and dynamic batching, and a torch/BLAS pool per
+# instance as wide as the machine oversubscribes it. A deployment that grants an instance
+# more CPU says so with FIELDLENS_CPU_THREADS (backends/triton_python_model.py).
+SERVING_CPU_THREADS = 1
 
 
 def _weights_digest(module: torch.nn.Module, h: hashlib._Hash | None = None) -> hashlib._Hash:
@@ -82,13 +87,19 @@ def export_all(
             ("FINE_LOGITS", len(taxonomy.class_ids)),
             ("FEATURE_NORM", 1),
         ],
+        cpu_threads=SERVING_CPU_THREADS,
     )
     spec_meta = {}
     for group, net in specialists.items():
         name = f"specialist_{group}"
         labels: list[str] = net.labels  # type: ignore[assignment]
         _trace(SpecialistExport(net), model_repository / name / "1" / "model.pt")
-        write_config(model_repository / name, name, [("LOGITS", len(labels))])
+        write_config(
+            model_repository / name,
+            name,
+            [("LOGITS", len(labels))],
+            cpu_threads=SERVING_CPU_THREADS,
+        )
         spec_meta[f"broad/{group}"] = {"model": name, "labels": labels}
     taxonomy.save(models_dir / TAXONOMY)
     ens.save(models_dir / TINY)

@@ -16,6 +16,7 @@ from tqdm import trange
 
 from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.common.taxonomy import Taxonomy
+from fieldlens.common.threads import set_cpu_threads
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.tiny.ensemble import fit as tiny_fit
 from fieldlens.trainer import data as data_mod
@@ -398,6 +399,16 @@ def _descendants(taxonomy: Taxonomy, taxon: str) -> list[str]:
     return out
 
 
+def _threads(raw: str) -> int:
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {raw!r}")
+    return threads
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fieldlens-train", description=__doc__)
     parser.add_argument(
@@ -418,12 +429,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        default=os.cpu_count() or 1,
+        help="torch, OpenMP and BLAS threads of the training run (default: every core; unlike "
+        "the serving processes' FIELDLENS_CPU_THREADS, training wants them all)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads, source="--threads")
     cfg = config_for(args.profile)
     run(cfg, args.data, args.work_dir, args.models_dir, args.model_repository)
     return 0
