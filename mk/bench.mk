@@ -5,6 +5,7 @@
 #   make bench BENCH_ARGS="--compare bench/results/run-20261123T120000Z.json"
 #   make bench BENCH_ARGS="--addr 127.0.0.1:50051"      # an already-running cluster (make up)
 #   make bench-quick                                      # about a minute, fewer points
+#   make bench BENCH_ARGS=--profile   # plus a py-spy profile of the router (profile-router.*)
 
 PY ?= .venv/bin/python
 BENCH_OUT ?= bench/results

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fieldlens import cluster
-from fieldlens.bench import micro, plan, report, runner, scrape, suite
+from fieldlens.bench import micro, plan, procs, report, runner, scrape, suite
 from fieldlens.common.model_set import load_model_set
 from fieldlens.router.imaging import decode
 from fieldlens.tiny.ensemble import TreeLayout
@@ -46,12 +46,14 @@ def test_stage_breakdown_differences_two_scrapes():
     assert scrape.stage_breakdown(None, after, 10) == {}
 
 
-def _results(p50: float, qps: float) -> dict:
+def _results(p50: float, qps: float, serving_cpu_ms: float = 1.0) -> dict:
+    cpu = dict.fromkeys(procs.CPU_KEYS, 0.5) | {procs.SERVING: serving_cpu_ms}
+    miss = {"qps": qps, "latency_ms": {"p50": p50, "p99": 2 * p50}, "cpu_ms_per_request": cpu}
     return {
         "schema": report.SCHEMA,
         "mode": "quick",
         "machine": {"cpu": "x", "cores_logical": 2},
-        "scenarios": {"router_miss": {"qps": qps, "latency_ms": {"p50": p50, "p99": 2 * p50}}},
+        "scenarios": {"router_miss": miss},
         "ratios": {"P1": {"value": 1.2, "pass": True}},
     }
 
@@ -71,9 +73,40 @@ def test_compare_flags_a_worse_p50_or_qps_only_beyond_the_threshold():
     assert report.compare(base, missed)["regressions"] == 1
 
 
+def test_compare_flags_serving_layer_cpu_per_request_beyond_the_threshold():
+    base = _results(10.0, 100.0, serving_cpu_ms=2.0)
+    assert report.compare(base, _results(10.0, 100.0, serving_cpu_ms=2.3))["regressions"] == 0
+    costly = report.compare(base, _results(10.0, 100.0, serving_cpu_ms=2.5))
+    assert [(d["item"], d["metric"]) for d in costly["deltas"] if d["regression"]] == [
+        ("router_miss", "serving CPU ms/req")
+    ]
+    # An earlier results file without CPU figures compares on the rest.
+    del base["scenarios"]["router_miss"]["cpu_ms_per_request"]
+    assert report.compare(base, _results(10.0, 100.0, serving_cpu_ms=9.0))["regressions"] == 0
+
+
+def test_cpu_figures_reach_the_goal_tables_and_markdown(tmp_path):
+    results = _results(10.0, 100.0)
+    per = dict.fromkeys(procs.CPU_KEYS, 1.0) | {procs.SERVING: 1.5, "tiny": None}
+    results["scenarios"][f"sweep_router_c{plan.CPU_POINT}"] = {
+        "cpu_ms_per_request": per,
+        "cpu": {"answers": 40, "cores_busy": {"machine": 1.9}},
+    }
+    results["cpu_accounting"] = {"note": "no live pid for tiny"}
+    results["ratios"] = report.ratios(results)
+    assert results["ratios"]["C1"]["value"] == 1.5 and results["ratios"]["C1"]["pass"] is True
+    rows = report._cpu_rows(results)
+    assert rows[1][:4] == [f"sweep_router_c{plan.CPU_POINT}", "40", "1.00", "1.00"]
+    assert rows[1][4] == "-"  # tiny not measured: a dash, not a zero
+    assert rows[1][-1] == "- / - / - / 1.90"
+    report.write_markdown(results, tmp_path / "latest.md")
+    md = (tmp_path / "latest.md").read_text()
+    assert "## CPU per answer (ms)" in md and "CPU: no live pid for tiny" in md
+
+
 def test_ratios_are_none_when_not_measured():
     r = report.ratios({"scenarios": {}, "micro": {}})
-    assert set(r) == {"P1", "P2", "P3", "P4a", "P4b", "P5", "P6"}
+    assert set(r) == {"P1", "P2", "P3", "P4a", "P4b", "P5", "P6", "C1"}
     assert all(v["value"] is None and v["pass"] is None for v in r.values())
 
 

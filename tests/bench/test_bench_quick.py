@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from fieldlens import cluster
-from fieldlens.bench import plan, report
+from fieldlens.bench import plan, procs, report
 from fieldlens.common.settings import DEFAULT_DATA_DIR as DATA_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 QUICK_LIMIT_S = 300  # the run itself takes about a minute; this only bounds a hang
-GOALS = ("P1", "P2", "P3", "P4a", "P4b", "P5", "P6")
+GOALS = ("P1", "P2", "P3", "P4a", "P4b", "P5", "P6", "C1")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -36,7 +36,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         pytest.skip(f"training data not found at {DATA_DIR}")
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "fieldlens.bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "fieldlens.bench", "--quick", "--profile", "--out", str(out)],
         cwd=cluster.REPO_ROOT,
         capture_output=True,
         text=True,
@@ -81,6 +81,32 @@ def test_every_load_scenario_has_its_figures(quick_run):
     assert scenarios["triton_direct"]["triton"]["requests"] > 0
     for key in ("offered", "dropped", "late"):
         assert key in scenarios["open_loop"]
+
+
+def test_every_load_scenario_has_its_cpu_per_answer(quick_run):
+    results = quick_run[1]
+    assert results["cpu_accounting"]["missing"] == []
+    for name, s in results["scenarios"].items():
+        per = s["cpu_ms_per_request"]
+        assert set(per) == set(procs.CPU_KEYS), name
+        assert all(_finite(v) and v >= 0 for v in per.values()), (name, per)
+        assert _finite(s["cpu"]["cores_busy"]["machine"]), name
+    miss = results["scenarios"]["router_miss"]["cpu_ms_per_request"]
+    for component in ("router", "tiny", "triton", procs.SERVING, procs.CLUSTER, procs.LOADGEN):
+        assert miss[component] > 0, (component, miss)
+    # Triton's model work runs in its Python-backend stubs, children of tritonserver.
+    assert results["scenarios"]["router_miss"]["cpu"]["processes"]["triton"] > 1
+
+
+def test_profile_of_the_router(quick_run):
+    out, results = quick_run
+    profile = results["profile"]
+    assert "error" not in profile, profile.get("error")
+    assert profile["samples"] > 0 and profile["pids"]
+    assert profile["top_own"] and profile["top_total"]
+    assert (out / "profile-router.svg").read_text().startswith("<svg")
+    assert "by own samples" in (out / "profile-router.md").read_text()
+    assert "## Router profile" in (out / "latest.md").read_text()
 
 
 def test_sweep_covers_every_level_for_both_targets(quick_run):

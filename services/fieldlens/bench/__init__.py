@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--run-dir",
         type=Path,
         default=None,
-        help="run directory of an already-running local cluster, for its pidfiles (memory); "
+        help="run directory of an already-running local cluster, for its pidfiles (memory, "
+        "CPU, --profile); "
         "default: .run",
     )
     parser.add_argument("--duration", type=float, default=None, help="seconds per scenario point")
@@ -88,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-micro", action="store_true", help="skip the micro-benchmarks (tiny, neighbours)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record a py-spy profile of the router under cache misses at 16 in flight, "
+        "in an extra run after the sweep (profile-router.{svg,md,folded} in --out)",
     )
 
 

@@ -1,5 +1,5 @@
-"""Micro-benchmarks: the tiny ensemble over the whole tree, neighbour search in Qdrant Edge at
-two store sizes, and the resident memory of the local cluster's processes."""
+"""Micro-benchmarks: the tiny ensemble over the whole tree and neighbour search in Qdrant Edge at
+two store sizes."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
-from fieldlens import cluster
 from fieldlens.backends.vector_store import EdgeVectorStore, Exemplar
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.taxonomy import Taxon, Taxonomy
@@ -28,7 +26,6 @@ FILTER_GROUPS = 3
 NEIGHBOURS_K = 5
 UPSERT_BATCH = 2_000
 _MAX_CALLS = 200_000
-_GIB = 1024**3
 
 
 def time_calls(
@@ -293,43 +290,4 @@ def neighbour_search(
         # Share of the exact top-k (brute force over the same filtered points) that came back.
         "recall_at_k": float(np.mean(recalls)),
         **info,
-    }
-
-
-def cluster_memory(cfg: cluster.ClusterConfig) -> dict[str, Any]:
-    """Resident memory of every component from its pidfile, child processes included (Triton's
-    Python-backend stubs); RSS counts shared pages in every process, PSS shares them out."""
-    components: dict[str, Any] = {}
-    total_rss = total_pss = 0
-    for name in cluster.COMPONENTS:
-        try:
-            pid = int(cfg.pid_path(name).read_text().strip())
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except (FileNotFoundError, ValueError, psutil.Error):
-            continue
-        rss = pss = 0
-        n = 0
-        for p in procs:
-            try:
-                rss += p.memory_info().rss
-                pss += getattr(p.memory_full_info(), "pss", 0)
-                n += 1
-            except psutil.Error:
-                continue
-        components[name] = {
-            "pid": pid,
-            "processes": n,
-            "rss_mib": rss / 2**20,
-            "pss_mib": pss / 2**20,
-        }
-        total_rss += rss
-        total_pss += pss
-    if not components:
-        return {"components": {}, "rss_gib": None, "pss_gib": None}
-    return {
-        "components": components,
-        "rss_gib": total_rss / _GIB,
-        "pss_gib": total_pss / _GIB,
-        "complete": sorted(components) == sorted(cluster.COMPONENTS),
     }

@@ -12,6 +12,8 @@ SWEEP_LEVELS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_SWEEP_LEVELS = (1, 4, 16)
 MIXED_HIT_FRACTION = 0.8
 OPEN_LOOP_LOAD = 0.5  # default open-loop rate as a fraction of the router's saturated QPS
+# In-flight count of the cache-miss point that the CPU goal (C1) reads and --profile samples.
+CPU_POINT = 16
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Plan:
         micro_budget_s: timing budget of each micro-benchmark case.
         store_sizes: exemplar counts of the neighbour-search micro-benchmark (small, large).
         store_queries: searches timed per store size (at most; also bounded by the budget).
+        profile_s: seconds py-spy samples the router for (--profile only).
     """
 
     mode: str
@@ -51,6 +54,7 @@ class Plan:
     micro_budget_s: float
     store_sizes: tuple[int, int]
     store_queries: int
+    profile_s: float
 
     @classmethod
     def full(cls) -> Plan:
@@ -72,6 +76,7 @@ class Plan:
             micro_budget_s=2.0,
             store_sizes=(10_000, 100_000),
             store_queries=500,
+            profile_s=15.0,
         )
 
     @classmethod
@@ -92,6 +97,7 @@ class Plan:
             micro_budget_s=0.3,
             store_sizes=(2_000, 20_000),
             store_queries=100,
+            profile_s=3.0,
         )
 
     def with_overrides(

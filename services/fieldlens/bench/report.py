@@ -1,5 +1,5 @@
-"""Bench results: the machine, the P1-P6 ratios, JSON / Markdown / PNG output, terminal tables
-and the comparison with an earlier run."""
+"""Bench results: the machine, the goals (P1-P6, C1), JSON / Markdown / PNG output, terminal
+tables and the comparison with an earlier run."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fieldlens.cluster import REPO_ROOT
+from fieldlens.bench import procs
+from fieldlens.bench.plan import CPU_POINT
+from fieldlens.cluster import COMPONENTS, REPO_ROOT
 
 SCHEMA = 1
 REGRESSION_THRESHOLD = 0.20  # relative change counted as a regression
@@ -39,7 +41,7 @@ SWEEP_TARGETS = ("router", "triton")
 
 @dataclass(frozen=True)
 class Goal:
-    """One target ratio of issue 6: `value op threshold` passes."""
+    """One goal (P: issue 6, C: issue 16): `value op threshold` passes."""
 
     key: str
     what: str
@@ -137,6 +139,16 @@ GOALS: tuple[Goal, ...] = (
         "<=",
         3.0,
         lambda r: _get(r, "memory", "rss_gib"),
+    ),
+    Goal(
+        "C1",
+        f"serving layer (router+tiny+specialist+redis) CPU ms per cache-miss request at "
+        f"{CPU_POINT} in flight",
+        "<=",
+        2.0,
+        lambda r: _get(
+            r, "scenarios", f"sweep_router_c{CPU_POINT}", "cpu_ms_per_request", procs.SERVING
+        ),
     ),
 )
 
@@ -347,6 +359,72 @@ SCENARIO_COLUMNS = (
 )
 
 
+CPU_COLUMNS = (
+    "scenario",
+    "answers",
+    *COMPONENTS,
+    "serving layer",
+    "cluster",
+    "loadgen",
+    "cores busy: serving / cluster / loadgen / machine",
+)
+CPU_NOTE = (
+    "CPU time (user + system) per answer in ms, read from /proc right before and after each "
+    "measured run; triton includes its Python-backend stubs, serving layer = router + tiny + "
+    "specialist + redis, cluster = all five, loadgen = the bench process itself; cores busy = "
+    "CPU seconds / wall seconds (machine: every process on the host, others' work included). "
+    "index_exemplars answers one call per 256 photos."
+)
+
+
+def _cpu_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, s in (results.get("scenarios") or {}).items():
+        per = s.get("cpu_ms_per_request")
+        if not per:
+            continue
+        busy = _get(s, "cpu", "cores_busy") or {}
+        cores = " / ".join(
+            fmt(busy.get(k)) for k in (procs.SERVING, procs.CLUSTER, procs.LOADGEN, "machine")
+        )
+        rows.append(
+            [name, str(_get(s, "cpu", "answers")), *(fmt(per.get(k)) for k in procs.CPU_KEYS)]
+            + [cores]
+        )
+    return rows
+
+
+def _cpu_missing(results: dict[str, Any]) -> str | None:
+    note = _get(results, "cpu_accounting", "note")
+    return str(note) if note else None
+
+
+def _profile_rows(results: dict[str, Any]) -> list[list[str]]:
+    prof = results.get("profile") or {}
+    samples = prof.get("samples") or 0
+    return [
+        [
+            str(i),
+            str(r["function"]),
+            fmt(100 * r["own"] / samples if samples else None, 1),
+            fmt(100 * r["total"] / samples if samples else None, 1),
+        ]
+        for i, r in enumerate(prof.get("top_own") or [], 1)
+    ]
+
+
+PROFILE_COLUMNS = ("#", "function", "own %", "total %")
+
+
+def _profile_title(results: dict[str, Any]) -> str:
+    prof = results.get("profile") or {}
+    return (
+        f"router profile, cache misses at {prof.get('concurrency')} in flight: top functions by "
+        f"own samples ({prof.get('samples')} samples, {fmt(prof.get('qps'), 1)} QPS while "
+        f"profiled; all of them in {Path(str(_get(prof, 'files', 'md'))).name})"
+    )
+
+
 def _stage_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     scenarios = results.get("scenarios") or {}
     stages: list[str] = []
@@ -497,6 +575,18 @@ def print_results(results: dict[str, Any], console: Console) -> None:
     if rows:
         cols = ["scenario", "requests", "avg batch", "queue ms", "infer ms", "request ms"]
         console.print(_table("Triton `broad` from its /metrics (per request)", cols, rows))
+    rows = _cpu_rows(results)
+    if rows:
+        console.print(_table("CPU ms per answer", CPU_COLUMNS, rows))
+        console.print(f"  {CPU_NOTE}", highlight=False)
+    missing = _cpu_missing(results)
+    if missing:
+        console.print(f"  [yellow]CPU: {escape(missing)}[/yellow]", highlight=False)
+    prof = results.get("profile") or {}
+    if prof.get("error"):
+        console.print(f"[red]router profile failed: {escape(prof['error'])}[/red]")
+    elif prof:
+        console.print(_table(_profile_title(results), PROFILE_COLUMNS, _profile_rows(results)))
     rows = _micro_rows(results)
     if rows:
         cols = ["micro-benchmark", "median ms/call", "ms/image", "p99 ms", "notes"]
@@ -506,7 +596,7 @@ def print_results(results: dict[str, Any], console: Console) -> None:
         console.print(
             _table("resident memory (MiB)", ["component", "processes", "RSS", "PSS"], rows)
         )
-    table = _table("goals (issue 6)", ["ratio", "what", "value", "goal", "result"], [])
+    table = _table("goals", ["ratio", "what", "value", "goal", "result"], [])
     for row in _ratio_rows(results):
         colour = {"PASS": "green", "MISS": "red"}.get(row[-1], "yellow")
         table.add_row(*row[:-1], f"[{colour}]{row[-1]}[/{colour}]")
@@ -544,6 +634,26 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     notes = _note_lines(results)
     if notes:
         parts += ["", "Degraded answers, sample messages:", ""] + [f"- {n}" for n in notes]
+    rows = _cpu_rows(results)
+    if rows:
+        parts += ["", "## CPU per answer (ms)", "", CPU_NOTE, "", _md_table(CPU_COLUMNS, rows)]
+    missing = _cpu_missing(results)
+    if missing:
+        parts += ["", f"CPU: {missing}"]
+    prof = results.get("profile") or {}
+    if prof.get("error"):
+        parts += ["", "## Router profile", "", f"Failed: {prof['error']}"]
+    elif prof:
+        md = Path(str(_get(prof, "files", "md"))).name
+        svg = Path(str(_get(prof, "files", "svg"))).name
+        parts += [
+            "",
+            "## Router profile",
+            "",
+            f"{_profile_title(results)}; flame graph [{svg}]({svg}), tables [{md}]({md}).",
+            "",
+            _md_table(PROFILE_COLUMNS, _profile_rows(results)),
+        ]
     stages, rows = _stage_rows(results)
     if rows:
         parts += [
@@ -600,8 +710,9 @@ def _delta(
 
 
 def compare(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """Deltas of the headline figures; a >20% worse p50 or QPS (or micro time, memory, index
-    rate) is flagged as a regression, as is a goal that passed before and misses now."""
+    """Deltas of the headline figures; a >20% worse p50, QPS or serving-layer CPU per request
+    (or micro time, memory, index rate) is flagged as a regression, as is a goal that passed
+    before and misses now."""
     deltas: list[dict[str, Any] | None] = []
     prev_s, cur_s = previous.get("scenarios") or {}, current.get("scenarios") or {}
     for name in cur_s:
@@ -624,6 +735,8 @@ def compare(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]
             deltas.append(
                 _delta(name, "images/s", a.get("images_per_s"), b.get("images_per_s"), True, True)
             )
+        cpu = ("cpu_ms_per_request", procs.SERVING)
+        deltas.append(_delta(name, "serving CPU ms/req", _get(a, *cpu), _get(b, *cpu), False, True))
     micro = (
         ("tiny real batch64", ("micro", "tiny", "real", "batch64", "median_ms")),
         ("tiny x10 batch64", ("micro", "tiny", "x10", "batch64", "median_ms")),

@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,8 @@ from rich.progress import (
 
 from fieldlens import cluster, gallery
 from fieldlens.backends.triton_client import TritonClient
-from fieldlens.bench import micro, report, runner, scrape
-from fieldlens.bench.plan import MIXED_HIT_FRACTION, OPEN_LOOP_LOAD, Plan
+from fieldlens.bench import micro, procs, profiling, report, runner, scrape
+from fieldlens.bench.plan import CPU_POINT, MIXED_HIT_FRACTION, OPEN_LOOP_LOAD, Plan
 from fieldlens.common import credentials
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.model_set import load_model_set
@@ -48,6 +49,10 @@ FALLBACK_RATE = 5.0  # open-loop rate when the sweep measured nothing to take ha
 TRITON_ARRAYS = 256  # decoded photos cycled through by the direct-Triton scenarios
 WARMUP_CALLS = 10
 WIDE_CONSOLE = 160
+PROFILE_NAME = "profile-router"
+# Load keeps going this long past the profile's duration: py-spy attaches before its clock
+# starts.
+PROFILE_ATTACH_S = 2.0
 _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -155,14 +160,26 @@ async def _ticker(
 class _LoadPhase:
     """The load scenarios against one target, in one event loop."""
 
-    def __init__(self, plan: Plan, target: Target, steps: _Steps, photos: runner.Photos) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        target: Target,
+        steps: _Steps,
+        photos: runner.Photos,
+        meter: procs.CpuMeter,
+        profile: bool = False,
+    ) -> None:
         self.plan = plan
         self.target = target
         self.steps = steps
         self.photos = photos
+        self.meter = meter
         self.scenarios: dict[str, dict[str, Any]] = {}
         self.sweep: dict[str, list[dict[str, Any]]] = {"router": [], "triton": []}
         self.broad_model = scrape.TRITON_MODEL
+        # --profile: what the profiled run was, and the collapsed stacks it recorded.
+        self.profile: dict[str, Any] | None = {} if profile else None
+        self.profile_stacks: Counter[str] = Counter()
 
     async def _measure(
         self,
@@ -182,12 +199,16 @@ class _LoadPhase:
             # Scraped after the warm-up, so the stage figures cover the measured calls only.
             router_before = scrape.fetch(self.target.router_metrics)
             triton_before = scrape.fetch(self.target.triton_metrics)
+            # CPU is read inside the scrapes, so it leaves out the work of serving /metrics.
+            cpu_before = self.meter.sample()
             await run(stats)
+            cpu_after = self.meter.sample()
         finally:
             stop.set()
             await ticker
         summary = stats.summary()
         summary["load"] = load
+        summary.update(self.meter.summary(cpu_before, cpu_after, summary["ok"]))
         stages = scrape.stage_breakdown(
             router_before, scrape.fetch(self.target.router_metrics), summary["requests"]
         )
@@ -256,10 +277,65 @@ class _LoadPhase:
             finally:
                 await triton.close()
 
+    async def _profile(self, call: runner.Call) -> None:
+        """An extra run of the cache-miss point at CPU_POINT in flight with py-spy attached to
+        the router, after the measured one: py-spy's own CPU, on cores the cluster shares, must
+        not touch the measured figures."""
+        plan = self.plan
+        assert self.profile is not None
+        task = self.steps.start(f"profile router, {CPU_POINT} in flight")
+        pids = procs.component_pids(self.meter.cfg).get("router", [])
+        self.profile.update(
+            target="router",
+            scenario=f"sweep_router_c{CPU_POINT}",
+            concurrency=CPU_POINT,
+            pids=pids,
+            seconds=plan.profile_s,
+            rate=profiling.DEFAULT_RATE,
+            idle=False,
+            native=False,
+            subprocesses=True,
+            py_spy=profiling.py_spy_version(),
+        )
+        stats = runner.LoadStats()
+        try:
+            if not pids:
+                raise profiling.ProfileError(
+                    f"no live router pid in a pidfile under {self.meter.cfg.run_dir}; pass "
+                    "--run-dir"
+                )
+            await runner.warm_up(
+                call, CPU_POINT, plan.warmup_s, plan.max_requests, plan.request_timeout_s
+            )
+            load = asyncio.create_task(
+                runner.closed_loop(
+                    call,
+                    stats,
+                    CPU_POINT,
+                    plan.profile_s + PROFILE_ATTACH_S,
+                    plan.max_requests,
+                    plan.request_timeout_s,
+                )
+            )
+            try:
+                self.profile_stacks = await profiling.record(pids, plan.profile_s)
+            finally:
+                await load
+        except profiling.ProfileError as exc:
+            self.profile["error"] = str(exc)
+            self.steps.finish(task, "[red]failed[/red]")
+            return
+        summary = stats.summary()
+        self.profile.update(
+            qps=summary["qps"], p50=summary["latency_ms"]["p50"], errors=summary["errors"]
+        )
+        self.steps.finish(task, f"{sum(self.profile_stacks.values())} samples")
+
     async def _index(self, stub: router_pb2_grpc.RouterStub, data_dir: Path) -> None:
         items = self.photos.gallery
         task = self.steps.start("index_exemplars", float(len(items)))
         before = scrape.fetch(self.target.triton_metrics)
+        cpu_before = self.meter.sample()
         stats = await runner.index_exemplars(
             stub,
             items,
@@ -269,8 +345,10 @@ class _LoadPhase:
             on_chunk=lambda n: self.steps.progress.advance(task, n),
             metadata=credentials.bearer(self.target.write_token),
         )
+        cpu_after = self.meter.sample()
         summary = stats.summary(gallery.UPLOAD_CHUNK)
         summary["load"] = f"stream, {gallery.UPLOAD_CHUNK} images per call"
+        summary.update(self.meter.summary(cpu_before, cpu_after, summary["ok"]))
         summary["note"] = (
             "gallery bulk load through Router.IndexExemplars (decode, keep the bytes, embed "
             "through Triton at batch 64, upsert into Qdrant), one call at a time; Learn is the "
@@ -328,6 +406,8 @@ class _LoadPhase:
                 name = f"sweep_{target}_c{c}"
                 await self._closed(name, call, c)
                 self._sweep_point(target, c, name)
+        if self.profile is not None:
+            await self._profile(router_miss)
 
         saturated = max((p["qps"] or 0.0 for p in self.sweep["router"]), default=0.0)
         rate = plan.rate or (OPEN_LOOP_LOAD * saturated if saturated > 0 else FALLBACK_RATE)
@@ -377,12 +457,45 @@ def _micro_phase(plan: Plan, models_dir: Path, steps: _Steps, results: dict[str,
             )
 
 
-def _step_count(plan: Plan, local: bool, micro_on: bool) -> int:
+def _step_count(plan: Plan, local: bool, micro_on: bool, profile: bool) -> int:
     # read photos, index, warm-up, two c=1 points, prime, hit, mixed, open loop, memory;
     # the sweep's other points for both targets; start and stop; tiny and two store sizes for
-    # each of two vector distributions.
+    # each of two vector distributions; the profiled run.
     n = 10 + 2 * (len(plan.sweep_levels) - 1)
-    return n + (2 if local else 0) + (5 if micro_on else 0)
+    return n + (2 if local else 0) + (5 if micro_on else 0) + (1 if profile else 0)
+
+
+def _write_profile(phase: _LoadPhase, out: Path) -> dict[str, Any] | None:
+    """The profile's files in `out` and its figures for the results (None: not asked for)."""
+    meta = phase.profile
+    if meta is None or "error" in meta:
+        return meta
+    measured = phase.scenarios.get(meta["scenario"]) or {}
+    lat = measured.get("latency_ms") or {}
+    samples = sum(phase.profile_stacks.values())
+    ticks = meta["seconds"] * meta["rate"]
+    about = [
+        f"{meta['py_spy'] or 'py-spy'} attached to the router (pid "
+        f"{', '.join(map(str, meta['pids']))}, subprocesses followed) for {meta['seconds']:g} s "
+        f"at {meta['rate']} Hz while the bench kept {meta['concurrency']} cache misses in "
+        "flight: an extra run after the measured sweep, so the profiler's own CPU is not in "
+        "the measured figures.",
+        "",
+        f"{report.fmt(samples / ticks if ticks else None)} running threads per tick on "
+        "average: samples of running threads only (py-spy without `--idle`: a thread parked in "
+        "epoll or on a lock costs no CPU), one per thread per tick, so the shares below are "
+        "shares of the router's CPU time. The router is not paused (`--nonblocking`), so there "
+        "are no native frames: time in a C extension (grpc's core, protobuf, numpy, Qdrant "
+        "Edge) shows as the Python function that called it (grpc's asyncio poller thread as "
+        "`Thread.run`), and threads started in C, without a Python frame, are not seen.",
+        "",
+        f"Load while profiled: {report.fmt(meta.get('qps'), 1)} QPS, p50 "
+        f"{report.fmt(meta.get('p50'))} ms; measured without the profiler "
+        f"({meta['scenario']}): {report.fmt(measured.get('qps'), 1)} QPS, p50 "
+        f"{report.fmt(lat.get('p50'))} ms.",
+    ]
+    title = f"router CPU profile, cache misses at {meta['concurrency']} in flight"
+    return {**meta, **profiling.write(phase.profile_stacks, out, PROFILE_NAME, title, about)}
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -396,13 +509,15 @@ def run_bench(args: argparse.Namespace) -> int:
         force=True,
     )
     try:
+        if args.profile:
+            profiling.py_spy()  # fail before the cluster starts, not after the sweep
         plan = (Plan.quick() if args.quick else Plan.full()).with_overrides(
             args.duration, args.max_concurrency, args.rate
         )
         previous = report.load_json(args.compare) if args.compare else None
         external = args.router_addr is not None or args.triton_addr is not None
         target = _external_target(args) if external else None
-    except (BenchError, ValueError, OSError) as exc:
+    except (BenchError, profiling.ProfileError, ValueError, OSError) as exc:
         console.print(f"[red]bench: {exc}[/red]")
         return 2
     data_dir: Path = args.data or DEFAULT_DATA_DIR
@@ -424,6 +539,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{results['machine']['cores_logical']} cores"
     )
     run_dir: Path | None = None
+    profile: dict[str, Any] | None = None
     cfg = cluster.ClusterConfig(run_dir=args.run_dir.resolve()) if args.run_dir else base
     failed = True
     progress = Progress(
@@ -436,7 +552,9 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     try:
         with progress:
-            steps = _Steps(progress, _step_count(plan, target is None, not args.no_micro))
+            steps = _Steps(
+                progress, _step_count(plan, target is None, not args.no_micro, args.profile)
+            )
             if target is None:
                 run_dir = Path(tempfile.mkdtemp(prefix="fieldlens-bench-"))
                 cfg = cluster.ClusterConfig(run_dir=run_dir).with_free_ports()
@@ -454,12 +572,16 @@ def run_bench(args: argparse.Namespace) -> int:
                     data_dir, models_dir, plan.gallery_per_class, plan.miss_pool, classes
                 )
                 steps.finish(task, f"{len(photos.gallery)} gallery, {len(photos.pool)} pool")
-                phase = _LoadPhase(plan, target, steps, photos)
+                results["cpu_accounting"] = procs.cpu_accounting(cfg)
+                phase = _LoadPhase(plan, target, steps, photos, procs.CpuMeter(cfg), args.profile)
                 asyncio.run(phase.run(data_dir, secrets.token_hex(6)))
                 results["scenarios"] = phase.scenarios
                 results["sweep"] = phase.sweep
+                profile = _write_profile(phase, args.out)
+                if profile is not None:
+                    results["profile"] = profile
                 task = steps.start("memory")
-                results["memory"] = micro.cluster_memory(cfg)
+                results["memory"] = procs.cluster_memory(cfg)
                 steps.finish(task, f"{report.fmt(results['memory']['rss_gib'])} GiB RSS")
             finally:
                 if target.local:
@@ -499,5 +621,6 @@ def run_bench(args: argparse.Namespace) -> int:
     console.print(
         f"{plan.mode} run took {results['wall_s']:.0f} s; results in {out}/latest.json, "
         f"latest.md, latest.png (and run-{stamp}.json)"
+        + (f", {PROFILE_NAME}.{{svg,md,folded}}" if profile and "error" not in profile else "")
     )
-    return 0
+    return 1 if profile and "error" in profile else 0
