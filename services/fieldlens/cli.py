@@ -324,6 +324,27 @@ def cmd_learn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Forgets exemplars by id, or a learned taxon with every example of it."""
+    cfg = _config(args)
+    channel, stub = _stub(args.addr)
+    with channel:
+        r = stub.Forget(
+            router_pb2.ForgetRequest(exemplar_ids=args.exemplar or [], taxon_id=args.taxon or ""),
+            timeout=args.timeout,
+            metadata=bearer(cfg.write_token()),
+        )
+    console.print(
+        f"forgotten: {r.forgotten} exemplars ({r.learned_forgotten} learned examples); "
+        f"{r.learned_total} learned examples left"
+    )
+    if r.removed_taxa:
+        console.print(f"taxa removed (no example left): {', '.join(r.removed_taxa)}")
+    if r.not_found:
+        console.print(f"not found (already forgotten, or never stored): {', '.join(r.not_found)}")
+    return 0
+
+
 def cmd_learn_eval(args: argparse.Namespace) -> int:
     from fieldlens import learn_eval
 
@@ -432,6 +453,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent", help="internal taxon id the new taxon goes under")
     p.add_argument("--source", default="cli", help="provenance stored with the exemplars")
     p.set_defaults(func=cmd_learn)
+    p = sub.add_parser(
+        "forget", help="forget exemplars by id, or a learned taxon (needs the token)"
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--exemplar", nargs="+", metavar="ID", help="exemplar ids (the images' content hashes)"
+    )
+    what.add_argument("--taxon", help="a learned taxon id (learned/...), with all its examples")
+    p.add_argument("--timeout", type=float, default=180.0)
+    p.set_defaults(func=cmd_forget)
     p = sub.add_parser("learn-eval", help="recall of novel classes learned from a few photos")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--shots", type=int, default=5)

@@ -31,6 +31,12 @@ def token(cluster_up) -> tuple[tuple[str, str], ...]:
 
 
 @pytest.fixture(scope="module")
+def learned_before(cluster_up) -> int:
+    """Examples other modules left learned on the shared cluster: counts here are deltas."""
+    return cluster_up.router.GetInfo(router_pb2.GetInfoRequest(), timeout=10).learned_examples
+
+
+@pytest.fixture(scope="module")
 def novel(data_dir):
     classes = gallery.novel_classes(cluster.ClusterConfig().models_dir)
     if len(classes) < 2:
@@ -95,16 +101,20 @@ def test_bad_learn_requests_are_invalid_argument(cluster_up, token, novel, label
     assert message in err.value.details()
 
 
-def test_corrupt_image_is_refused_and_nothing_is_learned(cluster_up, token, novel):
+def test_corrupt_image_is_refused_and_nothing_is_learned(
+    cluster_up, token, novel, learned_before
+):
     (c, _), _ = novel
     with pytest.raises(grpc.RpcError) as err:
         _learn(cluster_up.router, b"\xff\xd8not a jpeg", token, new_taxon=_new(c))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info = cluster_up.router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
-    assert info.learned_examples == 0
+    assert info.learned_examples == learned_before
 
 
-def test_a_class_learned_from_five_images_is_recognised(cluster_up, token, novel):
+def test_a_class_learned_from_five_images_is_recognised(
+    cluster_up, token, novel, learned_before
+):
     router = cluster_up.router
     (c, images), _ = novel
     shots, held_out = images[:LEARN_SHOTS], images[LEARN_SHOTS:]
@@ -119,7 +129,7 @@ def test_a_class_learned_from_five_images_is_recognised(cluster_up, token, novel
     assert tid.startswith("learned/")
     assert [r.created_taxon for r in replies] == [True] + [False] * (LEARN_SHOTS - 1)
     assert replies[0].path[-2].id == c["parent"]
-    assert replies[-1].learned_total == LEARN_SHOTS
+    assert replies[-1].learned_total == learned_before + LEARN_SHOTS
     taxa = {t.id for t in router.GetTaxonomy(router_pb2.GetTaxonomyRequest(), timeout=10).taxa}
     assert tid in taxa
     # The cached answer of that category is no longer served.
@@ -141,11 +151,20 @@ def test_a_class_learned_from_five_images_is_recognised(cluster_up, token, novel
     assert own > 0.9
 
 
-def test_learning_the_same_image_again_changes_nothing(cluster_up, token, novel):
+def test_learning_the_same_image_again_changes_nothing(cluster_up, token, novel, learned_before):
     (c, images), _ = novel
     first = _learn(cluster_up.router, images[0], token, new_taxon=_new(c))
     assert first.duplicate and not first.created_taxon
-    assert first.learned_total == LEARN_SHOTS
+    assert first.learned_total == learned_before + LEARN_SHOTS
+
+
+def test_the_same_image_under_another_label_is_refused(cluster_up, token, novel):
+    # A relabel used to move the example; now it is Forget, then Learn (test_forget.py).
+    (c, images), (other, _) = novel
+    with pytest.raises(grpc.RpcError) as err:
+        _learn(cluster_up.router, images[0], token, new_taxon=_new(other))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"already learned as {c['name']!r}" in err.value.details()
 
 
 def test_learn_stream_learns_good_items_and_reports_bad_ones(cluster_up, token, novel):
@@ -159,7 +178,9 @@ def test_learn_stream_learns_good_items_and_reports_bad_ones(cluster_up, token, 
     assert len(reply.errors) == 1 and "item 3: INVALID_ARGUMENT" in reply.errors[0]
 
 
-def test_learned_knowledge_survives_a_kill_of_router_and_tiny(cluster_up, token, novel):
+def test_learned_knowledge_survives_a_kill_of_router_and_tiny(
+    cluster_up, token, novel, learned_before
+):
     router = cluster_up.router
     (c, images), _ = novel
     probe = images[-1]
@@ -169,7 +190,7 @@ def test_learned_knowledge_survives_a_kill_of_router_and_tiny(cluster_up, token,
         assert cluster.kill(cluster_up.cfg, name)  # SIGKILL: no chance to flush anything
     cluster.start(cluster_up.cfg)
     again = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
-    assert again.learned_examples == info.learned_examples == LEARN_SHOTS + 4
+    assert again.learned_examples == info.learned_examples == learned_before + LEARN_SHOTS + 4
     assert again.exemplar_count == info.exemplar_count
     after = _top(router, probe, skip_cache=True)
     assert after.suggestions[0].taxon.id == before.suggestions[0].taxon.id

@@ -192,6 +192,35 @@ def test_switching_back_to_the_boot_set(switch_cluster):
     assert _switch(router, cfg, old).seconds == 0.0  # already current: a no-op
 
 
+def test_a_forgotten_example_stays_forgotten_across_switches(switch_cluster):
+    cfg, router, old, new, images = switch_cluster
+    token = bearer(cfg.write_token())
+    label = router_pb2.NewTaxonLabel(name="switch forget probe", parent_id="broad/cat")
+    learned = router.Learn(
+        router_pb2.LearnRequest(image=images[1], new_taxon=label), timeout=30, metadata=token
+    )
+    tid = learned.taxon.id
+    assert _switch(router, cfg, new).relearned == 2  # the earlier example and this one
+
+    def state() -> tuple[int, bool]:
+        info = router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+        taxa = router.GetTaxonomy(router_pb2.GetTaxonomyRequest(), timeout=10).taxa
+        return info.learned_examples, tid in {t.id for t in taxa}
+
+    assert state() == (2, True)
+    forgot = router.Forget(
+        router_pb2.ForgetRequest(exemplar_ids=[learned.exemplar_id]), timeout=60, metadata=token
+    )
+    assert (forgot.forgotten, list(forgot.removed_taxa)) == (1, [tid])
+    # The boot set learned it first, in its own journal: switching back does not restore it,
+    # and re-learning what the newer set learned does not bring it back either.
+    reply = _switch(router, cfg, old)
+    assert reply.model_set_version == old
+    assert state() == (1, False)
+    r = router.Classify(router_pb2.ClassifyRequest(image=images[1], skip_cache=True), timeout=30)
+    assert tid not in {s.taxon.id for s in r.suggestions}
+
+
 @pytest.fixture(scope="module")
 def new_space(switch_cluster, tmp_path_factory) -> str:
     """A model set with another backbone (the trainer's smoke profile), published."""

@@ -237,3 +237,35 @@ def test_edge_publish_renames_atomically_and_reopens(tmp_path: Path) -> None:
             other.publish_as("exemplars_new")
         finally:
             other.close()
+
+def test_delete_agrees_between_edge_and_qdrant_client_and_lasts(tmp_path: Path) -> None:
+    vectors, points = _dataset(300, seed=5)
+    root = str(tmp_path / "qdrant")
+    edge = open_vector_store(root, COLLECTION, DIM)
+    reference = open_vector_store(":memory:", COLLECTION, DIM)
+    gone = [p.id for p in points[10:20]]
+    unknown = _hash(10_000)
+    for store in (edge, reference):
+        store.upsert(points)
+        removed = store.delete([*gone, gone[0].upper(), unknown])
+        assert sorted(r.id for r in removed) == sorted(gone), type(store).__name__
+        by_id = {r.id: r for r in removed}
+        assert (by_id[points[12].id].label, by_id[points[12].id].broad) == (
+            points[12].label,
+            points[12].broad,
+        )
+        assert store.count() == 290
+        assert store.delete(gone) == []  # idempotent
+        for i in (10, 15, 19):
+            assert all(h.id not in gone for h in store.search(vectors[i], k=10))
+    queries = _queries(vectors, 10, seed=6)
+    assert _top_ids(edge, queries, None) == _top_ids(reference, queries, None)
+    reference.close()
+    edge.upsert(points[10:11])  # a deleted exemplar can be stored again
+    edge.close()  # the deletes (and the re-upsert) survive a reopen
+    reopened = open_vector_store(root, COLLECTION, DIM)
+    with reopened:
+        assert reopened.count() == 291
+        assert reopened.search(vectors[10], k=1)[0].id == points[10].id
+        assert {e.id for page in reopened.scroll(100) for e in page}.isdisjoint(gone[1:])
+

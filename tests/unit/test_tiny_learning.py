@@ -1,9 +1,11 @@
-"""Learn on the tiny ensemble: imprinted new taxa, replay, the servicer's checks, the journal."""
+"""Learn and Forget on the tiny ensemble: imprinted new taxa, replay, the servicer's checks,
+the journal."""
 
 from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,15 @@ import pytest
 from small_tree import CLASSES
 
 from fieldlens.common.errors import FailedPrecondition, InvalidInput
-from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
+from fieldlens.common.knowledge import (
+    ForgetRecord,
+    KnowledgeJournal,
+    LearnedExample,
+    NewTaxonSpec,
+    forgotten_ids,
+    still_learned,
+    still_learned_across,
+)
 from fieldlens.common.model_set import ModelSet
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.tiny.ensemble import TinyEnsemble, fit
@@ -465,3 +475,236 @@ def test_journal_drops_a_torn_last_line(tmp_path: Path, space: Space) -> None:
     np.testing.assert_array_equal(got[2].vector, more[0].vector)
     assert got[0].new_taxon == NewTaxonSpec(NEW, "a six", "node/a/z")
     assert journal.path.read_bytes().endswith(b"\n")
+
+
+# -- Forget -------------------------------------------------------------------------------------
+def _history(space: Space) -> list[LearnedExample]:
+    """A new taxon under node/a/z, examples of a trained class, and a new taxon under broad/b."""
+    return [
+        *_examples(space.sample(space.mean(NEW, "node/a/z"), 3, seed=7)),
+        *_examples(space.sample(space.mean("a4"), 2, seed=9), "a4", None, prefix="s"),
+        *_examples(
+            space.sample(space.mean("learned/b3", "broad/b"), 2, seed=10),
+            "learned/b3",
+            "broad/b",
+            prefix="t",
+        ),
+    ]
+
+
+def _learn_request(examples: list[LearnedExample]) -> classifier_pb2.LearnExamplesRequest:
+    return classifier_pb2.LearnExamplesRequest(
+        examples=[
+            classifier_pb2.LearnedExample(
+                id=e.id,
+                taxon_id=e.taxon_id,
+                embedding=e.vector.tolist(),
+                new_taxon=None
+                if e.new_taxon is None
+                else classifier_pb2.NewTaxon(
+                    id=e.new_taxon.id, name=e.new_taxon.name, parent_id=e.new_taxon.parent
+                ),
+            )
+            for e in examples
+        ],
+        model_set_version=MODEL_SET,
+    )
+
+
+def _forget(ids: Sequence[str] = (), taxon: str = "") -> classifier_pb2.ForgetExamplesRequest:
+    return classifier_pb2.ForgetExamplesRequest(
+        example_ids=list(ids), taxon_id=taxon, model_set_version=MODEL_SET
+    )
+
+
+def _assert_same(a: TinyEnsemble, b: TinyEnsemble) -> None:
+    assert list(a.layout.row_taxon) == list(b.layout.row_taxon)
+    assert np.array_equal(a.weights, b.weights)
+    assert np.array_equal(a.bias, b.bias)
+    assert a.learned_taxa == b.learned_taxa
+    assert a.learned_examples == b.learned_examples
+
+
+def test_forget_gives_the_weights_of_an_ensemble_that_never_learned_it(
+    servicer: TinyServicer, base: TinyEnsemble, space: Space
+) -> None:
+    history = _history(space)
+
+    async def body() -> None:
+        await servicer.Learn(_learn_request(history[:4]), None)
+        await servicer.Learn(_learn_request(history[4:]), None)
+        r = await servicer.Forget(_forget(["n1", "s0", "never-learned"]), None)
+        assert (r.forgotten, list(r.removed_taxa), r.learned_total) == (2, [], 5)
+
+    asyncio.run(body())
+    never = base.copy()
+    never.learn([e for e in history if e.id not in ("n1", "s0")])
+    _assert_same(servicer.ensemble, never)
+    assert servicer.ensemble.label_of("n1") is None and servicer.ensemble.label_of("n0") == NEW
+
+
+def test_forgetting_every_example_of_a_learned_taxon_removes_it(
+    servicer: TinyServicer, base: TinyEnsemble, space: Space
+) -> None:
+    history = _history(space)
+
+    async def body() -> None:
+        await servicer.Learn(_learn_request(history), None)
+        served_before = servicer.ensemble
+        r = await servicer.Forget(_forget(taxon="learned/b3"), None)
+        assert (r.forgotten, list(r.removed_taxa), r.learned_total) == (2, ["learned/b3"], 5)
+        # Classify calls holding the old ensemble keep a consistent one.
+        assert "learned/b3" in served_before.taxonomy
+        d = await servicer.Describe(classifier_pb2.DescribeRequest(), None)
+        assert [t.id for t in d.learned_taxa] == [NEW]
+        c = await servicer.Classify(
+            classifier_pb2.CategoryRequest(
+                category="broad/b", embedding=space.sample(space.mean("b1"), 1, seed=3)[0].tolist()
+            ),
+            None,
+        )
+        assert {s.taxon_id for s in c.scores} == {"b1", "b2"}
+        # The other learned taxon goes the same way when its last example goes by id.
+        r = await servicer.Forget(_forget(["n0", "n1", "n2"]), None)
+        assert (r.forgotten, list(r.removed_taxa)) == (3, [NEW])
+
+    asyncio.run(body())
+    ens = servicer.ensemble
+    for taxon in ("learned/b3", NEW):
+        assert taxon not in ens.taxonomy and taxon not in set(map(str, ens.layout.row_taxon))
+    never = base.copy()
+    never.learn([e for e in history if e.taxon_id == "a4"])
+    _assert_same(ens, never)
+    assert list(ens.layout.row_taxon) == list(base.layout.row_taxon)
+
+
+def test_forget_is_idempotent_and_relearning_afterwards_works(
+    servicer: TinyServicer, space: Space
+) -> None:
+    history = _history(space)
+
+    async def body() -> None:
+        await servicer.Learn(_learn_request(history), None)
+        first = await servicer.Forget(_forget(["t0", "t1"]), None)
+        assert (first.forgotten, list(first.removed_taxa)) == (2, ["learned/b3"])
+        lines = servicer.journal.path.read_bytes().count(b"\n")
+        served = servicer.ensemble
+        for again in (_forget(["t0", "t1"]), _forget(taxon="learned/b3")):
+            r = await servicer.Forget(again, None)
+            assert (r.forgotten, list(r.removed_taxa), r.learned_total) == (0, [], 5)
+        # Nothing was written or rebuilt for a Forget of what is not there.
+        assert servicer.journal.path.read_bytes().count(b"\n") == lines
+        assert servicer.ensemble is served
+        relearned = await servicer.Learn(_learn_request(history[5:]), None)
+        assert (relearned.applied, relearned.duplicates, relearned.learned_total) == (2, 0, 7)
+
+    asyncio.run(body())
+    assert "learned/b3" in servicer.ensemble.learned_taxa
+
+
+def test_a_restart_replays_learns_and_forgets_to_the_same_weights(
+    servicer: TinyServicer, tax: Taxonomy, base: TinyEnsemble, space: Space
+) -> None:
+    history = _history(space)
+
+    async def body() -> None:
+        await servicer.Learn(_learn_request(history), None)
+        await servicer.Forget(_forget(["n0", "t1"]), None)
+        await servicer.Learn(_learn_request(history[:1]), None)  # n0 again, learned last
+        await servicer.Forget(_forget(taxon="learned/b3"), None)
+
+    asyncio.run(body())
+    journal = KnowledgeJournal(servicer.journal.path, MODEL_SET, EMB_VERSION)
+    restarted = TinyServicer.restored(_model_set(tax), base, journal)
+    _assert_same(restarted.ensemble, servicer.ensemble)
+    assert [e.id for e in journal.replay()] == ["n1", "n2", "s0", "s1", "n0"]
+
+
+def test_forget_refuses_bad_requests(servicer: TinyServicer) -> None:
+    async def body() -> None:
+        with pytest.raises(InvalidInput, match="model_set_version"):
+            await servicer.Forget(classifier_pb2.ForgetExamplesRequest(example_ids=["x"]), None)
+        with pytest.raises(FailedPrecondition, match="ms-o"):
+            other = _forget(["x"])
+            other.model_set_version = "ms-o"
+            await servicer.Forget(other, None)
+        with pytest.raises(InvalidInput, match="only learned taxa"):
+            await servicer.Forget(_forget(taxon="a4"), None)
+        with pytest.raises(InvalidInput, match="name the example ids"):
+            await servicer.Forget(_forget(), None)
+
+    asyncio.run(body())
+
+
+def test_a_servicer_without_its_trained_base_refuses_a_learned_ensemble(
+    tax: Taxonomy, base: TinyEnsemble, space: Space, tmp_path: Path
+) -> None:
+    learned = base.copy()
+    learned.learn(_history(space))
+    journal = KnowledgeJournal.for_model_set(tmp_path, "tiny", MODEL_SET, EMB_VERSION)
+    with pytest.raises(ValueError, match="base"):
+        TinyServicer(_model_set(tax), learned, journal)
+
+
+def test_the_specialist_answers_unimplemented_to_learn_and_forget() -> None:
+    from fieldlens.common.errors import Unimplemented
+    from fieldlens.specialist.servicer import SpecialistServicer
+
+    specialist = SpecialistServicer(None, None)  # type: ignore[arg-type]
+
+    async def body() -> None:
+        with pytest.raises(Unimplemented):
+            await specialist.Learn(classifier_pb2.LearnExamplesRequest(), None)
+        with pytest.raises(Unimplemented):
+            await specialist.Forget(classifier_pb2.ForgetExamplesRequest(), None)
+
+    asyncio.run(body())
+
+
+# -- the journal's forget records ----------------------------------------------------------------
+def test_journal_replay_applies_forget_records_and_drops_a_torn_last_line(
+    tmp_path: Path, space: Space
+) -> None:
+    journal = KnowledgeJournal.for_model_set(tmp_path, "tiny", MODEL_SET, EMB_VERSION)
+    examples = _examples(space.sample(space.mean(NEW, "node/a/z"), 3, seed=7))
+    journal.append(examples)
+    journal.append([ForgetRecord(("n0", "n2"), "")])
+    journal.append(examples[2:])  # n2 learned again after its forget
+    with journal.path.open("ab") as f:  # a crash mid-append of a forget record
+        f.write(b'{"forget":["n1"],"tax')
+    reopened = KnowledgeJournal.for_model_set(tmp_path, "tiny", MODEL_SET, EMB_VERSION)
+    assert [e.id for e in reopened.replay()] == ["n1", "n2"]
+    kinds = [type(r).__name__ for r in reopened.records()]
+    assert kinds == ["LearnedExample"] * 3 + ["ForgetRecord", "LearnedExample"]
+    reopened.append([ForgetRecord(("n1",), NEW)])
+    assert [e.id for e in reopened.replay()] == ["n2"]
+    assert list(reopened.records())[-1] == ForgetRecord(("n1",), NEW)
+    assert forgotten_ids(list(reopened.records())) == ["n0", "n1"]
+
+
+def test_still_learned_keeps_a_taxon_whose_creating_example_is_forgotten(space: Space) -> None:
+    vectors = space.sample(space.mean(NEW, "node/a/z"), 2, seed=7)
+    spec = NewTaxonSpec(NEW, "a six", "node/a/z")
+    # An older journal: only the first example carried the new taxon.
+    records = [
+        LearnedExample("n0", NEW, vectors[0], spec),
+        LearnedExample("n1", NEW, vectors[1]),
+        ForgetRecord(("n0",)),
+    ]
+    (kept,) = still_learned(records)
+    assert (kept.id, kept.new_taxon) == ("n1", spec)
+
+
+def test_forgets_count_across_the_journals_of_older_model_sets(
+    tmp_path: Path, space: Space
+) -> None:
+    vectors = space.sample(space.mean("a4"), 3, seed=9)
+    a, b, c = (LearnedExample(f"{k}", "a4", v) for k, v in zip("abc", vectors, strict=True))
+    one = KnowledgeJournal.for_model_set(tmp_path, "router", "ms-1", EMB_VERSION)
+    two = KnowledgeJournal.for_model_set(tmp_path, "router", "ms-2", EMB_VERSION)
+    three = KnowledgeJournal.for_model_set(tmp_path, "router", "ms-3", EMB_VERSION)
+    one.append([a, b, c])
+    two.append([a, ForgetRecord(("a", "b"))])  # forgotten while ms-2 served
+    three.append([b])  # b learned again later, under ms-3
+    assert list(still_learned_across([one, two, three])) == ["c", "b"]
+    assert [j.model_set_version for j in three.others()] == ["ms-1", "ms-2"]

@@ -64,6 +64,21 @@ class FolderBlobStore:
             raise FailedPrecondition(f"blob {key} in {self.url} is corrupt")
         return data
 
+    def delete(self, key: str) -> bool:
+        """Removes a blob (Forget: its photo must not be re-embedded); False if it was not
+        there. The removal is fsynced, like a put."""
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return True
+
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(_KEY.match(key)) and self._path(key).exists()
 

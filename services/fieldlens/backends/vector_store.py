@@ -104,13 +104,18 @@ class StoredExemplar:
     label: str
     source: str
     embedding_version: str
+    broad: str = ""
 
 
 def _stored(point_id: Any, payload: dict[str, Any] | None) -> StoredExemplar:
     n = _neighbour(point_id, 0.0, payload)
     payload = payload or {}
     return StoredExemplar(
-        n.id, n.label, str(payload.get("source", "")), str(payload.get("embedding_version", ""))
+        n.id,
+        n.label,
+        str(payload.get("source", "")),
+        str(payload.get("embedding_version", "")),
+        n.broad,
     )
 
 
@@ -180,6 +185,11 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     def upsert(self, points: Sequence[Exemplar]) -> None:
         """Insert or overwrite exemplars (by id); returns once the write is applied."""
+
+    @abc.abstractmethod
+    def delete(self, ids: Sequence[str]) -> list[StoredExemplar]:
+        """Removes exemplars by id (content hash); returns those that were there (ids not
+        stored are skipped, so deleting twice is harmless) once the removal is applied."""
 
     @abc.abstractmethod
     def search(
@@ -365,6 +375,19 @@ class EdgeVectorStore(VectorStore):
         ]
         with self._write_lock:
             self._require().update(qe.UpdateOperation.upsert_points(batch))
+
+    def delete(self, ids: Sequence[str]) -> list[StoredExemplar]:
+        import qdrant_edge as qe
+
+        if not ids:
+            return []
+        point_ids = list(dict.fromkeys(point_uuid(i) for i in ids))
+        with self._write_lock:
+            shard = self._require()
+            found = shard.retrieve(point_ids, True, False)
+            if found:
+                shard.update(qe.UpdateOperation.delete_points([r.id for r in found]))
+        return [_stored(r.id, r.payload) for r in found]
 
     def _request(self, vector: list[float], k: int, broad_in: Sequence[str] | None) -> Any:
         import qdrant_edge as qe
@@ -575,6 +598,25 @@ class QdrantClientVectorStore(VectorStore):
         with self._call("upsert"):
             self._client.upsert(self._collection, points=batch, wait=True)
 
+    def delete(self, ids: Sequence[str]) -> list[StoredExemplar]:
+        from qdrant_client import models
+
+        if not ids:
+            return []
+        self._require_dim()
+        point_ids = list(dict.fromkeys(str(point_uuid(i)) for i in ids))
+        with self._call("delete"):
+            found = self._client.retrieve(
+                self._collection, point_ids, with_payload=True, with_vectors=False
+            )
+            if found:
+                self._client.delete(
+                    self._collection,
+                    points_selector=models.PointIdsList(points=[r.id for r in found]),
+                    wait=True,
+                )
+        return [_stored(r.id, r.payload) for r in found]
+
     def _filter(self, broad_in: Sequence[str] | None) -> Any:
         from qdrant_client import models
 
@@ -730,3 +772,4 @@ def open_vector_store(url_or_path: str, collection: str, dim: int) -> VectorStor
         store.close()
         raise
     return store
+

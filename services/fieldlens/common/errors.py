@@ -64,6 +64,12 @@ class PermissionDenied(FieldlensError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unimplemented(FieldlensError):
+    """This service does not offer the operation (e.g. Learn on a specialist)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class FailedPrecondition(FieldlensError):
     """The system is not in a state to do this (e.g. model-set or embedding version mismatch)."""
 

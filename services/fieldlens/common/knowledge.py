@@ -1,9 +1,15 @@
 """Learned knowledge: examples and taxa added online by Learn, and the journal that keeps them.
 
-A journal is an append-only JSON-lines file, one example per line, fsynced before the append
-returns, so an acknowledged Learn survives a crash or kill -9 of the process. A line cut short by
-a crash mid-write was never acknowledged; replay skips it. One journal belongs to one model set
-(one embedding space): vectors from another space are never mixed in.
+A journal is an append-only JSON-lines file, one record per line, fsynced before the append
+returns, so an acknowledged Learn or Forget survives a crash or kill -9 of the process. A line
+cut short by a crash mid-write was never acknowledged; replay skips it. One journal belongs to
+one model set (one embedding space): vectors from another space are never mixed in.
+
+A record is a learned example, or a forget record naming example ids: a forget record cancels
+every earlier record of its ids (a later Learn of the same photo counts again). What is still
+learned is therefore the journal's examples, in order, minus the cancelled ones (`still_learned`);
+replaying exactly those onto the trained model gives the state as if the forgotten examples had
+never been learned.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from fieldlens.common.taxonomy import LEARNED_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +71,77 @@ class LearnedExample:
         )
 
 
+@dataclass(frozen=True)
+class ForgetRecord:
+    """Examples forgotten: every earlier record of these example ids stops counting."""
+
+    ids: tuple[str, ...]
+    taxon_id: str = ""  # the learned taxon the Forget named, if it named one (for the record)
+
+    def to_json(self) -> dict[str, object]:
+        return {"forget": list(self.ids), "taxon_id": self.taxon_id}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, object]) -> ForgetRecord:
+        ids = raw["forget"]
+        assert isinstance(ids, list)
+        return cls(tuple(str(i) for i in ids), str(raw.get("taxon_id", "")))
+
+
+Record = LearnedExample | ForgetRecord
+
+
+def still_learned(records: Iterable[Record]) -> list[LearnedExample]:
+    """The examples that count, in journal order: each forget record drops every earlier
+    example record of its ids.
+
+    An example of a learned taxon that lacks the taxon's creating spec gets it from any earlier
+    record, so forgetting the example that created a taxon leaves the others replayable.
+    """
+    kept: list[LearnedExample | None] = []
+    positions: dict[str, list[int]] = {}
+    specs: dict[str, NewTaxonSpec] = {}
+    for r in records:
+        if isinstance(r, ForgetRecord):
+            for example_id in r.ids:
+                for i in positions.pop(example_id, ()):
+                    kept[i] = None
+            continue
+        if r.new_taxon is not None:
+            specs.setdefault(r.new_taxon.id, r.new_taxon)
+        elif r.taxon_id.startswith(LEARNED_PREFIX) and r.taxon_id in specs:
+            r = replace(r, new_taxon=specs[r.taxon_id])
+        positions.setdefault(r.id, []).append(len(kept))
+        kept.append(r)
+    return [e for e in kept if e is not None]
+
+
+def still_learned_across(journals: Sequence[KnowledgeJournal]) -> dict[str, LearnedExample]:
+    """Example id -> its last record, over several journals taken in order (oldest first),
+    forget records included: a photo forgotten under a later model set stays forgotten."""
+    latest: dict[str, LearnedExample] = {}
+    for journal in journals:
+        for r in journal.records():
+            if isinstance(r, ForgetRecord):
+                for example_id in r.ids:
+                    latest.pop(example_id, None)
+            else:
+                latest[r.id] = r
+    return latest
+
+
+def forgotten_ids(records: Sequence[Record]) -> list[str]:
+    """Ids named by forget records and not learned again after: forgotten for good."""
+    alive = {e.id for e in still_learned(records)}
+    out: dict[str, None] = {}
+    for r in records:
+        if isinstance(r, ForgetRecord):
+            out.update((i, None) for i in r.ids if i not in alive)
+    return list(out)
+
+
 class KnowledgeJournal:
-    """Append-only, fsynced journal of learned examples for one model set."""
+    """Append-only, fsynced journal of learned examples (and forget records) for one model set."""
 
     def __init__(self, path: Path, model_set_version: str, embedding_version: str) -> None:
         self.path = path
@@ -118,14 +195,27 @@ class KnowledgeJournal:
                 out.append(cls(path, msv, str(header.get("embedding_version", ""))))
         return out
 
-    def append(self, examples: Iterable[LearnedExample]) -> None:
-        """Returns once the examples are on disk (flushed and fsynced)."""
-        lines = [e.to_json() for e in examples]
+    def others(self) -> list[KnowledgeJournal]:
+        """The same service's journals for other model sets, oldest first (none unless this
+        one sits where `for_model_set` puts it)."""
+        suffix = f"-{self.model_set_version}.jsonl"
+        if self.path.parent.name != "knowledge" or not self.path.name.endswith(suffix):
+            return []
+        service = self.path.name[: -len(suffix)]
+        return KnowledgeJournal.older(self.path.parent.parent, service, self.model_set_version)
+
+    def append(self, records: Iterable[Record]) -> None:
+        """Returns once the records are on disk (flushed and fsynced)."""
+        lines = [r.to_json() for r in records]
         if lines:
             self._write_lines(lines)
 
-    def replay(self) -> Iterator[LearnedExample]:
-        """Every record in append order."""
+    def replay(self) -> list[LearnedExample]:
+        """The examples still learned, in append order (see `still_learned`)."""
+        return still_learned(self.records())
+
+    def records(self) -> Iterator[Record]:
+        """Every record (examples and forget records) in append order."""
         with self.path.open("rb") as f:
             raw_lines = f.read().split(b"\n")
         for n, raw in enumerate(raw_lines):
@@ -142,7 +232,10 @@ class KnowledgeJournal:
                         f"not {self.embedding_version}"
                     )
                 continue
-            yield LearnedExample.from_json(rec)
+            if "forget" in rec:
+                yield ForgetRecord.from_json(rec)
+            else:
+                yield LearnedExample.from_json(rec)
 
     def _write_lines(self, records: list[dict[str, object]]) -> None:
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()

@@ -81,6 +81,11 @@ class LoadedModelSets(classifier_pb2_grpc.ClassifierServicer):
     ) -> classifier_pb2.LearnExamplesResponse:
         return await self.pick(request.model_set_version).Learn(request, context)
 
+    async def Forget(
+        self, request: classifier_pb2.ForgetExamplesRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ForgetExamplesResponse:
+        return await self.pick(request.model_set_version).Forget(request, context)
+
     async def LoadModelSet(
         self, request: classifier_pb2.LoadModelSetRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.DescribeResponse:

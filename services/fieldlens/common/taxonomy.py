@@ -38,10 +38,19 @@ def _slug(name: str) -> str:
 
 
 class Taxonomy:
-    """Immutable tree with ordered broad groups (the broad net's outputs) and classes."""
+    """Immutable tree with ordered broad groups (the broad net's outputs) and classes.
+
+    Learned taxa that Forget removed are kept aside as retired: they are no longer in the tree
+    (`in`, iteration, children, class ids), but `get`, `path` and `broad_of` still know them,
+    so an answer computed just before the Forget can still be rendered.
+    """
 
     def __init__(
-        self, taxa: Iterable[Taxon], broad_order: Sequence[str], class_order: Sequence[str]
+        self,
+        taxa: Iterable[Taxon],
+        broad_order: Sequence[str],
+        class_order: Sequence[str],
+        retired: Iterable[Taxon] = (),
     ) -> None:
         self._taxa = {t.id: t for t in taxa}
         self._children: dict[str, list[str]] = {t: [] for t in self._taxa}
@@ -55,7 +64,13 @@ class Taxonomy:
         for b in self.broad_ids:
             if self._taxa[b].rank != "broad":
                 raise ValueError(f"{b} is not a broad group")
-        self._broad_of = {tid: self._find_broad(tid) for tid in self._taxa}
+        self._retired = {t.id: t for t in retired if t.id not in self._taxa}
+        for t in self._retired.values():
+            if t.parent not in self._taxa:
+                raise ValueError(f"retired taxon {t.id} has unknown parent {t.parent}")
+        # Look-ups by id (get, path) also find retired taxa.
+        self._all = {**self._taxa, **self._retired} if self._retired else self._taxa
+        self._broad_of = {tid: self._find_broad(tid) for tid in self._all}
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -121,7 +136,26 @@ class Taxonomy:
             added[tid] = Taxon(tid, name, "class", parent, depth)
         if not added:
             return self
-        return Taxonomy([*existing, *added.values()], self.broad_ids, [*self.class_ids, *added])
+        retired = [t for t in self._retired.values() if t.id not in added]
+        return Taxonomy(
+            [*existing, *added.values()], self.broad_ids, [*self.class_ids, *added], retired
+        )
+
+    def without_learned(self, taxon_ids: Iterable[str]) -> Taxonomy:
+        """A copy without these learned taxa (Forget left them no example); they are retired
+        (see the class docstring). Ids not in the tree are skipped."""
+        gone = {t for t in taxon_ids if t in self._taxa}
+        for t in gone:
+            if not t.startswith(LEARNED_PREFIX):
+                raise ValueError(f"only learned taxa can be removed, not {t!r}")
+        if not gone:
+            return self
+        return Taxonomy(
+            [t for t in self._taxa.values() if t.id not in gone],
+            self.broad_ids,
+            [c for c in self.class_ids if c not in gone],
+            [*self._retired.values(), *(self._taxa[t] for t in gone)],
+        )
 
     # -- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, object]:
@@ -159,12 +193,17 @@ class Taxonomy:
 
     def get(self, taxon_id: str) -> Taxon:
         try:
-            return self._taxa[taxon_id]
+            return self._all[taxon_id]
         except KeyError:
             raise KeyError(f"unknown taxon {taxon_id!r}") from None
 
     def children(self, taxon_id: str) -> list[str]:
-        return list(self._children[taxon_id])
+        kids = self._children.get(taxon_id)
+        if kids is None:
+            if taxon_id in self._retired:
+                return []
+            raise KeyError(f"unknown taxon {taxon_id!r}")
+        return list(kids)
 
     def path(self, taxon_id: str) -> list[str]:
         """Ids from the root down to `taxon_id`, inclusive."""
@@ -172,7 +211,7 @@ class Taxonomy:
         t: str | None = taxon_id
         while t is not None:
             out.append(t)
-            t = self._taxa[t].parent
+            t = self._all[t].parent
         return out[::-1]
 
     def broad_of(self, taxon_id: str) -> str | None:
@@ -199,12 +238,33 @@ class Taxonomy:
 
     def _find_broad(self, taxon_id: str) -> str | None:
         for t in self.path(taxon_id):
-            if self._taxa[t].rank == "broad":
+            if self._all[t].rank == "broad":
                 return t
         return None
 
 
 LEARNED_PREFIX = "learned/"
+MAX_TAXON_NAME_CHARS = 100
+
+
+def check_taxon_name(name: str) -> str:
+    """The name of a new taxon, stripped; ValueError unless it is 1 to MAX_TAXON_NAME_CHARS
+    printable characters (after stripping spaces) with no control character anywhere."""
+    bad = next((c for c in name if not c.isprintable()), None)
+    if bad is not None:
+        at = name.index(bad)
+        raise ValueError(
+            f"taxon name has a non-printable character {bad!r} at position {at}; names are "
+            "printable text (no control characters such as NUL, newline or tab)"
+        )
+    stripped = name.strip()
+    if not stripped:
+        raise ValueError("taxon name is empty")
+    if len(stripped) > MAX_TAXON_NAME_CHARS:
+        raise ValueError(
+            f"taxon name has {len(stripped)} characters; at most {MAX_TAXON_NAME_CHARS}"
+        )
+    return stripped
 
 
 def learned_taxon_id(name: str) -> str:

@@ -18,6 +18,9 @@ SERVED_BY = {classifier_pb2.SPECIALIST: "specialist", classifier_pb2.TINY: "tiny
 # Loading a model set replays its knowledge journal (tiny).
 LOAD_TIMEOUT_S = 300.0
 LEARN_TIMEOUT_S = 10.0  # a Learn waits for the classifier's journal fsync
+# A Forget waits for the journal fsync and a rebuild of the ensemble from every example still
+# learned (measured: 0.3 s with 500 learned examples, 2.8 s with 2,000).
+FORGET_TIMEOUT_S = 120.0
 
 
 class ClassifierClient:
@@ -122,6 +125,25 @@ class ClassifierClient:
                 raise FailedPrecondition(f"{self.addr}: {exc.details()}") from None
             raise Unavailable(f"classifier {self.addr}: {code.name} {exc.details()}") from None
         return reply.applied, reply.duplicates, reply.learned_total
+
+    async def forget(
+        self, example_ids: list[str], taxon_id: str, model_set_version: str
+    ) -> tuple[int, list[str], int]:
+        """Forgets learned examples (by id, and every example of `taxon_id` if given); returns
+        (examples forgotten, learned taxa removed, learned total)."""
+        request = classifier_pb2.ForgetExamplesRequest(
+            example_ids=example_ids, taxon_id=taxon_id, model_set_version=model_set_version
+        )
+        try:
+            reply = await self._stub.Forget(request, timeout=FORGET_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidInput(f"{self.addr}: {exc.details()}") from None
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(f"{self.addr}: {exc.details()}") from None
+            raise Unavailable(f"classifier {self.addr}: {code.name} {exc.details()}") from None
+        return reply.forgotten, list(reply.removed_taxa), reply.learned_total
 
     async def load_model_set(self, version: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
         """Has the service load a published model set next to its current ones."""

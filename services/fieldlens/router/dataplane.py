@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
@@ -18,6 +18,7 @@ from fieldlens.backends.vector_store import Neighbour, VectorStore
 from fieldlens.common.errors import FieldlensError, InvalidInput, Unavailable
 from fieldlens.common.knowledge import NewTaxonSpec
 from fieldlens.common.model_set import ModelSet
+from fieldlens.common.taxonomy import LEARNED_PREFIX
 from fieldlens.common.telemetry import Metrics, StageTimer, get_metrics
 from fieldlens.router.clients import ClassifierClient
 from fieldlens.router.imaging import DecodedImage, ImageLimits, checked_hash, decode
@@ -318,6 +319,16 @@ class RouterDataPlane:
             self.model_set = replace(self.model_set, taxonomy=taxonomy)
         self._learned_groups.add(self.model_set.taxonomy.broad_of(spec.id) or "")
 
+    def drop_taxa(self, taxon_ids: Iterable[str]) -> None:
+        """Removes learned taxa that Forget left without examples: from the taxonomy (and so
+        from GetTaxonomy and answers) and from the tiny-only routing of their groups."""
+        taxonomy = self.model_set.taxonomy.without_learned(taxon_ids)
+        if taxonomy is not self.model_set.taxonomy:
+            self.model_set = replace(self.model_set, taxonomy=taxonomy)
+        self._learned_groups = {
+            taxonomy.broad_of(t.id) or "" for t in taxonomy if t.id.startswith(LEARNED_PREFIX)
+        }
+
     def set_imprints(self, sums: Mapping[str, tuple[np.ndarray, int]]) -> None:
         """Imprinted fine-softmax rows of the learned taxa, from each one's (embedding sum,
         example count); none without the model set's imprint parameters."""
@@ -520,3 +531,4 @@ def _attach_exemplars(
         replace(s, exemplars=tuple(by_label.get(s.taxon_id, [])[:per_suggestion]))
         for s in suggestions
     ]
+

@@ -1,26 +1,46 @@
-"""The router's write side: Learn, IndexExemplars, journal replay, re-learning and re-indexing.
+"""The router's write side: Learn, Forget, IndexExemplars, journal replay, re-learning and
+re-indexing.
 
 A `Learner` belongs to one data plane (one model set). It owns the durable records (the
 knowledge journal, the blob store) and every write into the vector store, and it tells the plane
-what changed: new taxa, the imprinted rows of learned taxa, and which cached answers went stale.
-The plane itself only answers Classify.
+what changed: new taxa, taxa gone, the imprinted rows of learned taxa, and which cached answers
+went stale. The plane itself only answers Classify.
+
+Learn's input rules are checked here, before anything is written: a new taxon's name is 1-100
+printable characters, `source` at most MAX_SOURCE_BYTES of UTF-8, and a photo already learned
+under another label is refused (relabelling is Forget, then Learn). Journals written before
+these rules may hold relabels; replaying them still applies each record in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fieldlens.backends.blob_store import FolderBlobStore
 from fieldlens.backends.vector_store import Exemplar, StoredExemplar, VectorStore
-from fieldlens.common.errors import FieldlensError, InvalidInput, Unavailable
-from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
-from fieldlens.common.taxonomy import LEARNED_PREFIX, check_learn_parent, learned_taxon_id
+from fieldlens.common.errors import FailedPrecondition, FieldlensError, InvalidInput, Unavailable
+from fieldlens.common.knowledge import (
+    ForgetRecord,
+    KnowledgeJournal,
+    LearnedExample,
+    NewTaxonSpec,
+    forgotten_ids,
+    still_learned,
+    still_learned_across,
+)
+from fieldlens.common.taxonomy import (
+    LEARNED_PREFIX,
+    check_learn_parent,
+    check_taxon_name,
+    learned_taxon_id,
+)
 from fieldlens.router.dataplane import ALL_CATEGORIES, RouterDataPlane
 from fieldlens.router.imaging import DecodedImage, decode
 from fieldlens.router.merge import unit_rows
@@ -30,6 +50,11 @@ logger = logging.getLogger(__name__)
 INDEX_BATCH = 64
 # Examples re-learned per Learn batch when a model set re-learns what older sets learned.
 RELEARN_BATCH = 64
+MAX_SOURCE_BYTES = 256  # a Learn item's `source`, UTF-8
+MAX_ID_CHARS = 256  # no taxon id is longer; longer ones are refused without a look-up
+MAX_FORGET_IDS = 10_000  # exemplar ids per Forget call
+FORGET_BATCH = 1_000  # ids per call to tiny when a restart repeats a Forget
+_EXEMPLAR_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -61,6 +86,54 @@ class LearnOutcome:
     learned_total: int
 
 
+@dataclass(frozen=True)
+class ForgetOutcome:
+    forgotten: int  # exemplars removed: learned examples and indexed exemplars
+    learned_forgotten: int  # of those, learned examples (tiny's count if it held more)
+    not_found: list[str]  # requested exemplar ids that were nowhere
+    removed_taxa: list[str]  # learned taxa left without examples, now gone
+    learned_total: int
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """`text` quoted for an error message, cut short: a client's 100,000-character input must
+    not come back in the status details (they travel in a size-limited trailer)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def check_source(source: str) -> None:
+    """InvalidInput unless `source` fits MAX_SOURCE_BYTES of UTF-8."""
+    size = len(source.encode())
+    if size > MAX_SOURCE_BYTES:
+        raise InvalidInput(f"source is {size} bytes of UTF-8; at most {MAX_SOURCE_BYTES}")
+
+
+def exemplar_ids(ids: Sequence[str]) -> list[str]:
+    """Forget's exemplar ids, lower-cased and de-duplicated (InvalidInput for a bad one)."""
+    if len(ids) > MAX_FORGET_IDS:
+        raise InvalidInput(f"at most {MAX_FORGET_IDS} exemplar ids per Forget; split it")
+    out: dict[str, None] = {}
+    for raw in ids:
+        i = raw.strip().lower()
+        if not _EXEMPLAR_ID.match(i):
+            raise InvalidInput(
+                f"exemplar id {shown(raw)} is not an image's SHA-256 content hash (64 hex digits)"
+            )
+        out[i] = None
+    return list(out)
+
+
+def _in_order_sum(vectors: Iterable[np.ndarray]) -> np.ndarray:
+    """Sum of vectors added one by one, as Learn adds them: a taxon's sum after a Forget is
+    bit for bit the sum it would have had without the forgotten examples."""
+    it = iter(vectors)
+    first = next(it)
+    total = np.zeros_like(first) + first
+    for v in it:
+        total = total + v
+    return total
+
+
 class Learner:
     """Learns labelled examples into one data plane, durably.
 
@@ -83,6 +156,8 @@ class Learner:
         self.lock = asyncio.Lock()
         self._store_lock = asyncio.Lock()  # one writer at a time into the in-process store
         self._learned: dict[str, str] = {}  # exemplar id -> taxon id, everything learned
+        # Learned taxon -> its examples' embeddings, in learning order (Forget takes one out).
+        self._members: dict[str, dict[str, np.ndarray]] = {}
         # Learned taxon -> (sum of its examples' embeddings, count): their imprinted rows.
         self._taxon_sums: dict[str, tuple[np.ndarray, int]] = {}
         # Set while the router switches to another model set: writes wait for the new one.
@@ -158,7 +233,9 @@ class Learner:
         journal = self.journal
         if journal is None:
             return 0
-        examples = await asyncio.to_thread(lambda: list(journal.replay()))
+        records = await asyncio.to_thread(lambda: list(journal.records()))
+        examples = still_learned(records)  # forgotten examples are not learned again
+        await self._repeat_forgets(forgotten_ids(records))
         if not examples:
             return 0
         plane = self.plane
@@ -181,25 +258,49 @@ class Learner:
         )
         return len(examples)
 
+    async def _repeat_forgets(self, ids: list[str]) -> None:
+        """Sends the journal's forgets to tiny again: a crash between the journal and tiny
+        (never acknowledged) must not leave tiny holding what the router forgot."""
+        if not ids:
+            return
+        plane = self.plane
+        repaired = 0
+        try:
+            for i in range(0, len(ids), FORGET_BATCH):
+                n, _, _ = await plane.tiny.forget(
+                    ids[i : i + FORGET_BATCH], "", plane.model_set.version
+                )
+                repaired += n
+        except FieldlensError as exc:
+            logger.warning("could not repeat %d forgets to tiny: %s", len(ids), exc)
+        if repaired:
+            logger.warning("tiny still held %d forgotten examples; forgotten now", repaired)
+            await plane.bump({ALL_CATEGORIES})
+
     def _resolve_label(
         self, item: LearnItem, pending: dict[str, NewTaxonSpec]
     ) -> tuple[str, NewTaxonSpec | None]:
-        """(leaf id, creating spec); `pending` holds taxa that earlier items of the call create."""
+        """(leaf id, creating spec); `pending` holds taxa that earlier items of the call create.
+        Also checks the input rules (name, source); InvalidInput for a broken one."""
         taxonomy = self.plane.model_set.taxonomy
         if bool(item.taxon_id) == bool(item.new_name):
             raise InvalidInput("give either an existing taxon id or a new taxon (name and parent)")
+        check_source(item.source)
         if item.taxon_id in pending:
             return item.taxon_id, pending[item.taxon_id]
         if item.taxon_id:
-            if item.taxon_id not in taxonomy:
-                raise InvalidInput(f"unknown taxon {item.taxon_id!r}")
+            if len(item.taxon_id) > MAX_ID_CHARS or item.taxon_id not in taxonomy:
+                raise InvalidInput(f"unknown taxon {shown(item.taxon_id)}")
             if taxonomy.children(item.taxon_id):
                 raise InvalidInput(
                     f"taxon {item.taxon_id!r} is not a leaf; learn a new taxon under it instead"
                 )
             return item.taxon_id, self._spec_of(item.taxon_id)
+        if len(item.new_parent) > MAX_ID_CHARS:
+            raise InvalidInput(f"unknown parent taxon {shown(item.new_parent)}")
         try:
-            tid = learned_taxon_id(item.new_name)
+            name = check_taxon_name(item.new_name)
+            tid = learned_taxon_id(name)
             check_learn_parent(taxonomy, item.new_parent)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
@@ -212,7 +313,7 @@ class Learner:
             raise InvalidInput(f"taxon {tid!r} is created under {pending[tid].parent!r} already")
         if tid in taxonomy:
             return tid, self._spec_of(tid)
-        spec = pending.setdefault(tid, NewTaxonSpec(tid, item.new_name.strip(), item.new_parent))
+        spec = pending.setdefault(tid, NewTaxonSpec(tid, name, item.new_parent))
         return tid, spec
 
     def _spec_of(self, taxon_id: str) -> NewTaxonSpec | None:
@@ -244,18 +345,27 @@ class Learner:
         self._learned[e.id] = e.taxon_id
         if previous == e.taxon_id or len(e.vector) == 0:
             return
-        # Examples of learned taxa shape their imprinted rows (a relabel moves the example).
-        for taxon, sign in ((previous, -1.0), (e.taxon_id, 1.0)):
-            if taxon is None or not taxon.startswith(LEARNED_PREFIX):
-                continue
-            total, n = self._taxon_sums.get(taxon, (np.zeros_like(e.vector), 0))
-            total, n = total + sign * e.vector, n + int(sign)
-            if n > 0:
-                self._taxon_sums[taxon] = (total, n)
-            else:
-                self._taxon_sums.pop(taxon, None)
+        # Examples of learned taxa shape their imprinted rows (a relabel, which only journals
+        # written before the input rules hold, moves the example).
+        if previous is not None:
+            self._drop_member(previous, e.id)
+        if e.taxon_id.startswith(LEARNED_PREFIX):
+            self._members.setdefault(e.taxon_id, {})[e.id] = e.vector
+            total, n = self._taxon_sums.get(e.taxon_id, (np.zeros_like(e.vector), 0))
+            self._taxon_sums[e.taxon_id] = (total + e.vector, n + 1)
         if rebuild:
             self._rebuild_imprints()
+
+    def _drop_member(self, taxon: str, example_id: str) -> None:
+        """Takes an example out of its learned taxon's imprint (its sum is added up again)."""
+        members = self._members.get(taxon)
+        if members is None or members.pop(example_id, None) is None:
+            return
+        if members:
+            self._taxon_sums[taxon] = (_in_order_sum(members.values()), len(members))
+        else:
+            del self._members[taxon]
+            self._taxon_sums.pop(taxon, None)
 
     def _rebuild_imprints(self) -> None:
         self.plane.set_imprints(self._taxon_sums)
@@ -276,6 +386,7 @@ class Learner:
         pending: dict[str, NewTaxonSpec] = {}
         async with self.lock:
             self._check_writable()  # a model-set switch may have begun while this waited
+            claimed: dict[str, str] = {}  # photo -> label, for earlier items of this call
             for n, item in enumerate(items):
                 try:
                     tid, spec = self._resolve_label(item, pending)
@@ -283,10 +394,18 @@ class Learner:
                 except InvalidInput as exc:
                     results[n] = exc
                     continue
-                if self._learned.get(img.content_hash) == tid:
+                known = self._learned.get(img.content_hash)
+                if known == tid:
                     results[n] = LearnOutcome(
                         img.content_hash, tid, False, True, self.learned_total
                     )
+                    continue
+                if known is not None:
+                    results[n] = self._relabel_refused(img.content_hash, known, pending, False)
+                    continue
+                if claimed.setdefault(img.content_hash, tid) != tid:
+                    label = claimed[img.content_hash]
+                    results[n] = self._relabel_refused(img.content_hash, label, pending, True)
                     continue
                 todo.append((n, img, tid, spec, item.source))
             for i in range(0, len(todo), INDEX_BATCH):
@@ -303,6 +422,28 @@ class Learner:
                 for (n, *_), outcome in zip(chunk, outcomes, strict=True):
                     results[n] = outcome
         return [r for r in results if r is not None]
+
+    def _relabel_refused(
+        self, exemplar_id: str, label: str, pending: dict[str, NewTaxonSpec], in_call: bool
+    ) -> FailedPrecondition:
+        """A photo has one label: another one is refused, naming the label it has."""
+        taxonomy = self.plane.model_set.taxonomy
+        name = (
+            taxonomy.get(label).name
+            if label in taxonomy
+            else pending[label].name
+            if label in pending
+            else label
+        )
+        if in_call:
+            return FailedPrecondition(
+                f"this photo is labelled {name!r} ({label}) by an earlier item of this call; "
+                "a photo is learned under one label"
+            )
+        return FailedPrecondition(
+            f"this photo is already learned as {name!r} ({label}); to relabel it, Forget it "
+            f"(exemplar {exemplar_id}), then Learn it again"
+        )
 
     async def _learn_embeddings(self, rgb: np.ndarray) -> np.ndarray:
         """A learned example's vector: the unit mean of the photo's and its mirror image's
@@ -354,6 +495,108 @@ class Learner:
             )
             created.discard(e.taxon_id)
         return outcomes
+
+    # -- Forget ------------------------------------------------------------------------------
+    async def forget(self, ids: Sequence[str], taxon_id: str = "") -> ForgetOutcome:
+        """Forgets exemplars by id (content hash), or every example of a learned taxon.
+
+        Writes, in order: the vector store (removed), this model set's journal (a forget
+        record, the durable one), the older model sets' journals (so switching back does not
+        bring it back), the tiny classifiers (which journal it too, then rebuild), then this
+        plane's imprinted rows and taxonomy, the blob store (the photo's bytes go, so no
+        re-index re-embeds it) and the knowledge generations. Acknowledged after all of them;
+        any step may be retried: forgetting what is gone changes nothing.
+        """
+        if bool(ids) == bool(taxon_id):
+            raise InvalidInput("give exemplar ids or a learned taxon id to forget, not both")
+        if taxon_id and not taxon_id.startswith(LEARNED_PREFIX):
+            raise InvalidInput(
+                f"{shown(taxon_id)} is not a learned taxon: only taxa created by Learn "
+                f"({LEARNED_PREFIX}...) can be forgotten; forget single exemplars by id"
+            )
+        if len(taxon_id) > MAX_ID_CHARS:
+            raise InvalidInput(f"unknown taxon {shown(taxon_id)}")
+        wanted = exemplar_ids(ids)
+        self._check_writable()
+        if self.plane.store is None or self.journal is None or self.blobs is None:
+            raise Unavailable("forgetting needs the vector store, the journal and the blob store")
+        async with self.lock:
+            self._check_writable()
+            return await self._forget(wanted, taxon_id)
+
+    async def _forget(self, wanted: list[str], taxon_id: str) -> ForgetOutcome:
+        plane = self.plane
+        store, journal, blobs = plane.store, self.journal, self.blobs
+        assert store is not None and journal is not None and blobs is not None
+        if taxon_id:
+            wanted = [i for i, t in self._learned.items() if t == taxon_id]
+        labels = {i: self._learned[i] for i in wanted if i in self._learned}
+        taxonomy = plane.model_set.taxonomy
+        # Cached answers that may show them: their groups', read while their taxa still exist.
+        touched = {taxonomy.broad_of(t) or "" for t in labels.values() if t in taxonomy}
+        removed: list[StoredExemplar] = []
+        if wanted:
+            async with self._store_lock:
+                removed = await asyncio.to_thread(store.delete, wanted)
+                await asyncio.to_thread(store.flush)
+        gone = list(dict.fromkeys([*labels, *(r.id for r in removed)]))
+        if gone:
+            record = ForgetRecord(tuple(gone), taxon_id)
+            await asyncio.to_thread(journal.append, [record])
+            await asyncio.to_thread(self._journal_elsewhere, record)
+        version = plane.model_set.version
+        tiny_forgotten, tiny_removed, _ = await plane.tiny.forget(wanted, taxon_id, version)
+        for i, t in labels.items():
+            del self._learned[i]
+            self._drop_member(t, i)
+        self._rebuild_imprints()
+        left = set(self._learned.values())
+        candidates = {*labels.values(), *tiny_removed, *([taxon_id] if taxon_id else [])}
+        dropped = sorted(
+            t
+            for t in candidates
+            if t.startswith(LEARNED_PREFIX) and t not in left and t in plane.model_set.taxonomy
+        )
+        plane.drop_taxa(dropped)
+        # Every photo asked for by id, found or not: a retry after a crash finds nothing left
+        # to remove but the bytes, which a re-index from an older collection would re-embed.
+        photos = gone if taxon_id else wanted
+        await asyncio.to_thread(lambda: [blobs.delete(i) for i in photos])
+        touched |= {r.broad for r in removed if r.broad}
+        # A learned taxon's examples shape P(broad) of every photo (imprinted rows); tiny may
+        # also have forgotten examples learned through another replica, group unknown.
+        if (
+            dropped
+            or any(t.startswith(LEARNED_PREFIX) for t in labels.values())
+            or tiny_forgotten > len(labels)
+        ):
+            touched.add(ALL_CATEGORIES)
+        touched.discard("")
+        if touched:
+            await plane.bump(touched)
+        logger.info(
+            "forgot %d exemplars (%d learned; taxa removed: %s)",
+            len(gone),
+            len(labels),
+            ", ".join(dropped) or "none",
+        )
+        return ForgetOutcome(
+            forgotten=max(len(gone), tiny_forgotten),
+            learned_forgotten=max(len(labels), tiny_forgotten),
+            not_found=[] if taxon_id else [i for i in wanted if i not in set(gone)],
+            removed_taxa=dropped,
+            learned_total=self.learned_total,
+        )
+
+    def _journal_elsewhere(self, record: ForgetRecord) -> None:
+        """Appends a forget record to the older model sets' journals too, so that switching
+        back to one of them (its own journal is replayed) does not learn the photo again."""
+        assert self.journal is not None
+        for other in self.journal.others():
+            try:
+                other.append([record])
+            except OSError as exc:  # the current journal holds it; a switch-back may not
+                logger.warning("could not record a forget in %s: %s", other.path, exc)
 
     # -- re-index ----------------------------------------------------------------------------
     async def reindex(
@@ -421,21 +664,21 @@ class Learner:
         after each one."""
         assert self.blobs is not None
         blobs = self.blobs
-        latest: dict[str, LearnedExample] = {}
-        for journal in journals:
-            for e in await asyncio.to_thread(lambda j=journal: list(j.replay())):
-                latest[e.id] = e
+        # Forget records count across journals: forgotten under a later set stays forgotten.
+        latest = await asyncio.to_thread(still_learned_across, journals)
         todo = [e for e in latest.values() if e.id in blobs]
         done = relearned = 0
         for start in range(0, len(todo), RELEARN_BATCH):
             items = []
             for e in todo[start : start + RELEARN_BATCH]:
                 data = await asyncio.to_thread(blobs.get, e.id)
+                # Journals written before the input rules may hold longer sources.
+                source = e.source.encode()[:MAX_SOURCE_BYTES].decode(errors="ignore")
                 if e.new_taxon is not None:
                     t = e.new_taxon
-                    items.append(LearnItem(data, "", t.name, t.parent, e.source))
+                    items.append(LearnItem(data, "", t.name, t.parent, source))
                 else:
-                    items.append(LearnItem(data, e.taxon_id, source=e.source))
+                    items.append(LearnItem(data, e.taxon_id, source=source))
             outcomes = await self.learn(items)
             failed = [o for o in outcomes if isinstance(o, FieldlensError)]
             for o in failed[:5]:

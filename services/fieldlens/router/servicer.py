@@ -274,6 +274,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 reply.learned += 1
         return reply
 
+    async def Forget(
+        self, request: router_pb2.ForgetRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ForgetResponse:
+        check_write_token(context, self.write_token)
+        o = await self._learner(self.plane).forget(list(request.exemplar_ids), request.taxon_id)
+        return router_pb2.ForgetResponse(
+            request_id=request.request_id,
+            forgotten=o.forgotten,
+            learned_forgotten=o.learned_forgotten,
+            not_found=o.not_found,
+            removed_taxa=o.removed_taxa,
+            learned_total=o.learned_total,
+        )
+
     async def IndexExemplars(
         self,
         request_iterator: AsyncIterator[router_pb2.IndexExemplarsRequest],

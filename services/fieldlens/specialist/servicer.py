@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 
 from fieldlens.backends.triton_client import TritonClient
-from fieldlens.common.errors import FailedPrecondition, InvalidInput
+from fieldlens.common.errors import FailedPrecondition, InvalidInput, Unimplemented
 from fieldlens.common.model_set import ModelSet, SpecialistModel
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.tiny.servicer import check_request, to_response
@@ -76,3 +76,14 @@ class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
             model_set_version=self.model_set.version,
             embedding_version=self.model_set.embedding_version,
         )
+
+    # Specialist nets are fine-tuned offline; online learning lives in the tiny service.
+    async def Learn(
+        self, request: classifier_pb2.LearnExamplesRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.LearnExamplesResponse:
+        raise Unimplemented("a specialist does not learn online; the tiny service does")
+
+    async def Forget(
+        self, request: classifier_pb2.ForgetExamplesRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ForgetExamplesResponse:
+        raise Unimplemented("a specialist does not learn online, so it has nothing to forget")

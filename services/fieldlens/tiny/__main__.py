@@ -39,18 +39,17 @@ def build(settings: ClassifierSettings, model_set: ModelSet) -> TinyServicer:
         settings.common.state_dir, "tiny", model_set.version, model_set.embedding_version
     )
     try:
-        replayed = list(journal.replay())
-        ensemble.learn(replayed)
+        # The trained ensemble is kept as the servicer's base: Forget rebuilds from it.
+        servicer = TinyServicer.restored(model_set, ensemble, journal)
     except (ValueError, FieldlensError) as e:
         raise FailedPrecondition(f"cannot replay the knowledge journal {journal.path}: {e}") from e
     logger.info(
-        "replayed %d learned examples (%d distinct, %d new taxa) from %s",
-        len(replayed),
-        ensemble.learned_examples,
-        len(ensemble.learned_taxa),
+        "replayed %d learned examples (%d new taxa) from %s",
+        servicer.ensemble.learned_examples,
+        len(servicer.ensemble.learned_taxa),
         journal.path,
     )
-    return TinyServicer(model_set, ensemble, journal)
+    return servicer
 
 
 async def serve(settings: ClassifierSettings) -> None:

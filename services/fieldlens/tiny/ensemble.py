@@ -15,6 +15,10 @@ taxon's mean; a raw mean would share the whole group's common direction and outs
 sibling on the siblings' own images. Examples are applied one at a time, so the same examples in
 the same order give the same weights however they were batched: replaying the knowledge journal
 rebuilds exactly the state that was served.
+
+SGD cannot be undone by subtraction, so Forget rebuilds instead: the trained ensemble plus the
+examples still learned, in journal order (`replayed`), which is exactly the ensemble that never
+learned the forgotten ones.
 """
 
 from __future__ import annotations
@@ -164,6 +168,14 @@ class TinyEnsemble:
         """Distinct example ids learned online (a relabelled example counts once)."""
         return len(self._labels)
 
+    def label_of(self, example_id: str) -> str | None:
+        """The taxon a learned example is labelled with now; None if it was never learned."""
+        return self._labels.get(example_id)
+
+    def examples_of(self, taxon_id: str) -> list[str]:
+        """Ids of the learned examples labelled `taxon_id` now, in learning order."""
+        return [i for i, t in self._labels.items() if t == taxon_id]
+
     def copy(self) -> TinyEnsemble:
         """An independent copy: learning on it leaves this one (and readers of it) untouched."""
         out = copy.copy(self)  # the layout and taxonomy are immutable and shared
@@ -256,6 +268,10 @@ class TinyEnsemble:
     def partial_fit(self, emb: np.ndarray, leaves: list[str], steps: int = 1) -> None:
         """Online SGD on each sample's path nodes: softmax cross-entropy per node segment."""
         emb = np.atleast_2d(emb).astype(np.float32)
+        groups = {self.taxonomy.broad_of(leaf) for leaf in leaves}
+        if len(groups) == 1 and (group := self._groups.get(groups.pop() or "")) is not None:
+            self._partial_fit_group(emb, leaves, steps, group)
+            return
         for _ in range(steps):
             cond = self.conditional(emb)
             grad_logits = np.zeros_like(cond)
@@ -268,6 +284,30 @@ class TinyEnsemble:
                     grad_logits[i, r] -= 1.0
             self.weights -= self.lr * grad_logits.T @ emb / len(leaves)
             self.bias -= self.lr * grad_logits.sum(0) / len(leaves)
+
+    def _partial_fit_group(
+        self, emb: np.ndarray, leaves: list[str], steps: int, g: GroupSlice
+    ) -> None:
+        """`partial_fit` of samples of one broad group: only segments on their paths have a
+        gradient, and they all lie in the group's rows, so only those are evaluated and
+        updated (Learn, and the rebuild after a Forget, cost a group's rows, not the tree's)."""
+        weights, bias = self.weights[g.start : g.stop], self.bias[g.start : g.stop]
+        node_of = np.repeat(np.arange(len(g.seg_start)), g.seg_len)
+        paths = [[r - g.start for r in self.path_rows(leaf)] for leaf in leaves]
+        for _ in range(steps):
+            logits = emb @ weights.T + bias
+            mx = np.maximum.reduceat(logits, g.seg_start, axis=1)
+            e = np.exp(logits - np.repeat(mx, g.seg_len, axis=1))
+            cond = e / np.repeat(np.add.reduceat(e, g.seg_start, axis=1), g.seg_len, axis=1)
+            grad_logits = np.zeros_like(cond)
+            for i, rows in enumerate(paths):
+                for r in rows:
+                    s = g.seg_start[node_of[r]]
+                    seg = slice(s, s + g.seg_len[node_of[r]])
+                    grad_logits[i, seg] += cond[i, seg]
+                    grad_logits[i, r] -= 1.0
+            weights -= self.lr * grad_logits.T @ emb / len(leaves)  # views: updates in place
+            bias -= self.lr * grad_logits.sum(0) / len(leaves)
 
     # -- online learning ----------------------------------------------------------------------
     def triage(self, examples: Sequence[LearnedExample]) -> tuple[list[LearnedExample], int]:
@@ -368,16 +408,14 @@ class TinyEnsemble:
 
     def _default_scale(self) -> float:
         """Median norm of the rows that were trained."""
-        learned = {self._row_of[t] for t in self._imprints}
         norms = np.linalg.norm(self.weights, axis=1)
-        usable = [
-            float(n)
-            for q, n in enumerate(norms)
-            if q not in learned
-            and n >= _TINY_NORM
-            and str(self.layout.nodes[self.layout.row_node[q]]) not in self._untrained_nodes
-        ]
-        return float(np.median(usable)) if usable else DEFAULT_IMPRINT_SCALE
+        # Vectorised: it runs for every imprint under an untrained node, and a Python loop over
+        # every row took most of a journal replay's time. The same rows, the same median.
+        usable = norms >= _TINY_NORM
+        usable[[self._row_of[t] for t in self._imprints]] = False
+        usable &= ~np.isin(self.layout.nodes[self.layout.row_node], list(self._untrained_nodes))
+        values = norms[usable].astype(np.float64)
+        return float(np.median(values)) if len(values) else DEFAULT_IMPRINT_SCALE
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -416,6 +454,14 @@ class TinyEnsemble:
                 path,
             )
         return ens
+
+
+def replayed(base: TinyEnsemble, examples: Iterable[LearnedExample]) -> TinyEnsemble:
+    """A copy of `base` (the trained ensemble) that learned `examples` in order: at start the
+    journal's examples, after a Forget the ones still learned."""
+    out = base.copy()
+    out.learn(examples)
+    return out
 
 
 @dataclass

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from fieldlens.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
-from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
+from fieldlens.common.knowledge import (
+    ForgetRecord,
+    KnowledgeJournal,
+    LearnedExample,
+    NewTaxonSpec,
+)
 from fieldlens.common.model_set import ModelSet
-from fieldlens.tiny.ensemble import TinyEnsemble
+from fieldlens.common.taxonomy import LEARNED_PREFIX
+from fieldlens.tiny.ensemble import TinyEnsemble, replayed
 from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 
 def check_request(model_set: ModelSet, request: classifier_pb2.CategoryRequest) -> None:
     """Checks shared by both Classifier implementations."""
@@ -72,18 +81,37 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
     Args:
         model_set: The served model set (its taxonomy's broad groups are the categories).
         ensemble: The ensemble with the knowledge journal already replayed into it.
-        journal: Where Learn makes examples durable before applying them.
+        journal: Where Learn and Forget make their records durable before applying them.
+        base: The trained ensemble, before any journal replay: Forget rebuilds from it. None
+            means a copy of `ensemble`, which must then have learned nothing.
     """
 
     def __init__(
-        self, model_set: ModelSet, ensemble: TinyEnsemble, journal: KnowledgeJournal
+        self,
+        model_set: ModelSet,
+        ensemble: TinyEnsemble,
+        journal: KnowledgeJournal,
+        base: TinyEnsemble | None = None,
     ) -> None:
+        if base is None:
+            if ensemble.learned_examples:
+                raise ValueError("give the trained ensemble as `base`: this one has learned")
+            base = ensemble.copy()
         self.model_set = model_set
-        # Replaced, never mutated, by Learn: a Classify holds whichever version it read.
+        # Replaced, never mutated, by Learn and Forget: a Classify holds the version it read.
         self.ensemble = ensemble
         self.journal = journal
+        self._base = base
         self._learn_lock = asyncio.Lock()
-        self._learning: set[asyncio.Task[tuple[int, int, int]]] = set()
+        self._learning: set[asyncio.Future[Any]] = set()
+
+    @classmethod
+    def restored(
+        cls, model_set: ModelSet, base: TinyEnsemble, journal: KnowledgeJournal
+    ) -> TinyServicer:
+        """The servicer of `base` (the trained ensemble) with the examples its journal still
+        holds learned again, in order (ValueError or InvalidInput for a bad journal)."""
+        return cls(model_set, replayed(base, journal.replay()), journal, base)
 
     def _embedding(self, values: Sequence[float], ensemble: TinyEnsemble) -> np.ndarray:
         if len(values) != ensemble.dim:
@@ -152,28 +180,81 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
             ],
         )
 
+    def _check_write_version(self, version: str) -> None:
+        # Required, unlike Classify's: learned vectors are kept, and a vector from another
+        # embedding space would corrupt the classifiers for good.
+        if not version:
+            raise InvalidInput("model_set_version is required: name the embeddings' model set")
+        if version != self.model_set.version:
+            raise FailedPrecondition(
+                f"examples are for model set {version}, this service learns "
+                f"for {self.model_set.version}"
+            )
+
+    async def _shielded(self, job: Awaitable[_T]) -> _T:
+        """Runs a journaled write to the end even if the caller goes away: once its record is
+        in the journal it must also be applied in memory, or a retry would journal it twice."""
+        task = asyncio.ensure_future(job)
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
+        return await asyncio.shield(task)
+
     async def Learn(
         self, request: classifier_pb2.LearnExamplesRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.LearnExamplesResponse:
-        # Required, unlike Classify's: learned vectors are kept, and a vector from another
-        # embedding space would corrupt the classifiers for good.
-        if not request.model_set_version:
-            raise InvalidInput("model_set_version is required: name the embeddings' model set")
-        if request.model_set_version != self.model_set.version:
-            raise FailedPrecondition(
-                f"examples are for model set {request.model_set_version}, this service learns "
-                f"for {self.model_set.version}"
-            )
+        self._check_write_version(request.model_set_version)
         examples = [from_proto(e) for e in request.examples]
-        # Shielded: once an example is in the journal it must also be applied in memory, even
-        # if the caller goes away, or a retry would journal it a second time.
-        task = asyncio.ensure_future(self._learn(examples))
-        self._learning.add(task)
-        task.add_done_callback(self._learning.discard)
-        applied, duplicates, total = await asyncio.shield(task)
+        applied, duplicates, total = await self._shielded(self._learn(examples))
         return classifier_pb2.LearnExamplesResponse(
             applied=applied, duplicates=duplicates, learned_total=total
         )
+
+    async def Forget(
+        self, request: classifier_pb2.ForgetExamplesRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ForgetExamplesResponse:
+        self._check_write_version(request.model_set_version)
+        taxon = request.taxon_id
+        if taxon and not taxon.startswith(LEARNED_PREFIX):
+            raise InvalidInput(f"only learned taxa ({LEARNED_PREFIX}...) can be forgotten")
+        ids = list(dict.fromkeys(request.example_ids))
+        if not ids and not taxon:
+            raise InvalidInput("name the example ids or the learned taxon to forget")
+        forgotten, removed, total = await self._shielded(self._forget(ids, taxon))
+        return classifier_pb2.ForgetExamplesResponse(
+            forgotten=forgotten, removed_taxa=removed, learned_total=total
+        )
+
+    async def _forget(self, ids: list[str], taxon: str) -> tuple[int, list[str], int]:
+        """Journal the forget record first (durable), then rebuild from the trained ensemble
+        and the examples still learned, off the event loop, and swap the result in."""
+        async with self._learn_lock:
+            current = self.ensemble
+            targets = [i for i in ids if current.label_of(i) is not None]
+            if taxon:
+                named = set(targets)
+                targets += [i for i in current.examples_of(taxon) if i not in named]
+            if not targets:
+                return 0, [], current.learned_examples
+            try:
+                await asyncio.to_thread(self.journal.append, [ForgetRecord(tuple(targets), taxon)])
+            except OSError as e:
+                logger.exception("cannot append to %s", self.journal.path)
+                raise Unavailable("the knowledge journal cannot be written; retry") from e
+            started = time.perf_counter()
+            self.ensemble = await asyncio.to_thread(self._rebuild)
+            removed = [t for t in current.learned_taxa if t not in self.ensemble.learned_taxa]
+            logger.info(
+                "forgot %d examples (taxa removed: %s); rebuilt from %d examples in %.0f ms",
+                len(targets),
+                ", ".join(removed) or "none",
+                self.ensemble.learned_examples,
+                (time.perf_counter() - started) * 1e3,
+            )
+            return len(targets), removed, self.ensemble.learned_examples
+
+    def _rebuild(self) -> TinyEnsemble:
+        """The trained ensemble plus what the journal still holds: the state a restart gives."""
+        return replayed(self._base, self.journal.replay())
 
     async def _learn(self, examples: list[LearnedExample]) -> tuple[int, int, int]:
         """Journal first (durable), then apply to a copy and swap it in; one batch at a time."""
