@@ -13,6 +13,7 @@ from fieldlens.backends.vector_store import (
     Exemplar,
     QdrantClientVectorStore,
     VectorStore,
+    _neighbour,
     list_collections,
     open_vector_store,
 )
@@ -238,6 +239,7 @@ def test_edge_publish_renames_atomically_and_reopens(tmp_path: Path) -> None:
         finally:
             other.close()
 
+
 def test_delete_agrees_between_edge_and_qdrant_client_and_lasts(tmp_path: Path) -> None:
     vectors, points = _dataset(300, seed=5)
     root = str(tmp_path / "qdrant")
@@ -269,3 +271,51 @@ def test_delete_agrees_between_edge_and_qdrant_client_and_lasts(tmp_path: Path) 
         assert reopened.search(vectors[10], k=1)[0].id == points[10].id
         assert {e.id for page in reopened.scroll(100) for e in page}.isdisjoint(gone[1:])
 
+
+def test_edge_search_answers_from_memory_what_the_payloads_say(tmp_path: Path) -> None:
+    """Edge searches read exemplar ids and labels from the store's own memory, not from the
+    engine's payloads: the two must agree after upserts, an overwrite, a delete, and a
+    reopen (when the memory is rebuilt from the shard)."""
+    vectors, exemplars = _dataset(400, seed=5)
+    relabelled = [
+        Exemplar(e.id, e.vector, "n99999999", e.broad, [*e.path[:-1], "n99999999"], "t", "v")
+        for e in exemplars[:10]
+    ]
+    root = str(tmp_path / "qdrant")
+
+    def from_payloads(store: EdgeVectorStore, q: np.ndarray, groups: list[str]) -> list[tuple]:
+        import qdrant_edge as qe
+
+        request = qe.QueryRequest(
+            limit=64,
+            query=qe.Query.Nearest(q.tolist()),
+            filter=qe.Filter(must=[qe.FieldCondition(key="broad", match=qe.MatchAny(any=groups))]),
+            with_payload=True,
+        )
+        return [
+            (n.id, n.label, n.broad, n.path, round(n.similarity, 6))
+            for n in (_neighbour(h.id, h.score, h.payload) for h in store._require().query(request))
+        ]
+
+    def from_memory(store: EdgeVectorStore, q: np.ndarray, groups: list[str]) -> list[tuple]:
+        return [
+            (n.id, n.label, n.broad, n.path, round(n.similarity, 6))
+            for n in store.search(q, 64, groups)
+        ]
+
+    queries = _queries(vectors, 20)
+    groups = [f"broad/g{g}" for g in range(0, N_GROUPS, 3)]
+    with open_vector_store(root, COLLECTION, DIM) as store:
+        assert isinstance(store, EdgeVectorStore)
+        store.upsert(exemplars)
+        store.upsert(relabelled)
+        store.delete([e.id for e in exemplars[10:20]])
+        for q in queries:
+            assert from_memory(store, q, groups) == from_payloads(store, q, groups)
+        found = {n.id for q in queries for n in store.search(q, 400)}
+        assert not found & {e.id for e in exemplars[10:20]}
+        assert {n.label for q in queries for n in store.search(q, 400)} >= {"n99999999"}
+    with open_vector_store(root, COLLECTION, DIM) as store:
+        assert isinstance(store, EdgeVectorStore)
+        for q in queries:
+            assert from_memory(store, q, groups) == from_payloads(store, q, groups)

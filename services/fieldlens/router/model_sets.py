@@ -64,7 +64,7 @@ def reindex_plan(existing: list[str], collection: str) -> list[str]:
 def open_store(settings: RouterSettings, collection: str, dim: int) -> VectorStore | None:
     target = settings.qdrant_addr or str(settings.qdrant_path)
     try:
-        return open_vector_store(target, collection, dim)
+        return open_vector_store(target, collection, dim, settings.common.cpu_threads)
     except Exception:  # the router serves without neighbours rather than not at all
         logger.exception("vector store %s unavailable; answers will lack exemplars", target)
         return None
