@@ -251,3 +251,54 @@ def test_load_against_a_different_taxonomy_fails(tax: Taxonomy, tmp_path: Path) 
     assert _n_rows(renamed) == _n_rows(tax)
     with pytest.raises(ValueError):
         TinyEnsemble.load(f, renamed)
+
+
+def _reference_top(
+    ens: TinyEnsemble, x: np.ndarray, broad: str, top_k: int, floor: float
+) -> list[list[tuple[str, float, bool]]]:
+    """What the service sent before selection moved into numpy, for each row of `x`: every
+    score of the group (layout order), the top_k leaves by a stable sort, internal nodes from
+    the floor up, then a stable sort of nodes-then-leaves by probability. (The probabilities
+    come from the same batched product: float32 sums differ in their last bit by shape.)"""
+    layout = ens.scores_for(x[:1], broad)
+    return [
+        _select(
+            [(t, float(p), leaf) for (t, _, leaf), p in zip(layout, row, strict=True)], top_k, floor
+        )
+        for row in ens.predict_group(x, broad)
+    ]
+
+
+def _select(
+    scores: list[tuple[str, float, bool]], top_k: int, floor: float
+) -> list[tuple[str, float, bool]]:
+    leaves = sorted((s for s in scores if s[2]), key=lambda s: -s[1])
+    if top_k > 0:
+        leaves = leaves[:top_k]
+    kept = [s for s in scores if not s[2] and s[1] >= floor] + leaves
+    return sorted(kept, key=lambda s: -s[1])
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 2, 10])
+@pytest.mark.parametrize("floor", [0.0, 0.3, 0.9, 1.5])
+def test_group_top_selects_and_orders_as_the_reference(tax, top_k, floor):
+    ens = _random_ensemble(tax, seed=3)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(5, DIM)).astype(np.float32)
+    for broad in tax.broad_ids:
+        got = ens.group_top(x, broad, top_k, [floor] * len(x))
+        assert got == _reference_top(ens, x, broad, top_k, floor)
+
+
+def test_group_top_keeps_the_layout_order_of_ties(tax):
+    # All-zero weights: every softmax is uniform, so siblings tie and a single child ties with
+    # its parent; the order must be the layout's, internal nodes before leaves.
+    ens = TinyEnsemble(
+        tax, np.zeros((_n_rows(tax), DIM), np.float32), np.zeros(_n_rows(tax), np.float32), "emb-v1"
+    )
+    x = np.ones((1, DIM), np.float32)
+    for broad in tax.broad_ids:
+        for top_k in (0, 1):
+            assert ens.group_top(x, broad, top_k, [0.0]) == _reference_top(ens, x, broad, top_k, 0)
+    (c,) = ens.group_top(x, "broad/c", 0, [0.0])
+    assert [t for t, _, _ in c] == ["c1"] and c[0][1] == 1.0

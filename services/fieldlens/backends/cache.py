@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from fieldlens.common.batching import MicroBatcher
 from fieldlens.common.errors import Unavailable
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ DEFAULT_CONNECT_TIMEOUT_S = 0.05
 DEFAULT_OP_TIMEOUT_S = 0.05
 DEFAULT_COOLDOWN_S = 1.0
 DEFAULT_MAX_CONNECTIONS = 32
+# Concurrent look-ups (and write-backs) travel together in one pipeline: one round trip and one
+# Redis command batch for many requests, and few connections however many are in flight.
+BATCH_MAX = 64
+BATCH_IN_FLIGHT = 2
 
 
 def cache_key(content_hash: str, model_set_version: str, generation: str = "0") -> str:
@@ -119,6 +124,12 @@ class RedisCache:
         self._client: Redis | None = None
         # 0.0 = closed circuit; otherwise calls before this monotonic time fail fast.
         self._open_until = 0.0
+        self._gets: MicroBatcher[tuple[str, str], tuple[bytes | None, dict[str, int]]] = (
+            MicroBatcher(self._get_batch, BATCH_MAX, BATCH_IN_FLIGHT)
+        )
+        self._sets: MicroBatcher[tuple[str, bytes, int], None] = MicroBatcher(
+            self._set_batch, BATCH_MAX, BATCH_IN_FLIGHT
+        )
 
     @classmethod
     def from_addr(cls, addr: str, **kwargs: object) -> RedisCache:
@@ -136,7 +147,11 @@ class RedisCache:
 
     def _redis(self) -> Redis:
         if self._client is None:
-            self._client = Redis(
+            # A caller waits for a free connection (within its deadline) rather than fail with
+            # MaxConnectionsError when every connection is busy.
+            pool = BlockingConnectionPool(
+                max_connections=self._max_connections,
+                timeout=self._deadline(),
                 host=self._host,
                 port=self._port,
                 socket_connect_timeout=self._connect_timeout_s,
@@ -144,9 +159,9 @@ class RedisCache:
                 # The breaker decides when to try again; client-side retries would multiply
                 # the timeout a dead Redis costs each request.
                 retry=Retry(NoBackoff(), 0),
-                max_connections=self._max_connections,
                 health_check_interval=0,
             )
+            self._client = Redis.from_pool(pool)  # closing the client closes the pool
         return self._client
 
     def _admit(self, op: str) -> None:
@@ -197,18 +212,33 @@ class RedisCache:
     async def get_with_generations(
         self, key: str, generations: str
     ) -> tuple[bytes | None, dict[str, int]]:
-        """`get(key)` and the knowledge generations hash, in one round trip."""
+        """`get(key)` and the knowledge generations hash, in one round trip (shared with the
+        look-ups of other requests in flight)."""
         self._admit("get")
+        return await self._gets.submit((key, generations))
+
+    async def _get_batch(
+        self, items: list[tuple[str, str]]
+    ) -> list[tuple[bytes | None, dict[str, int]]]:
+        hashes = list(dict.fromkeys(g for _, g in items))
         try:
             pipe = self._redis().pipeline(transaction=False)
-            pipe.get(key)
-            pipe.hgetall(generations)
-            value, gens = await asyncio.wait_for(pipe.execute(), self._deadline())
+            for key, _ in items:
+                pipe.get(key)
+            for g in hashes:
+                pipe.hgetall(g)
+            replies = await asyncio.wait_for(pipe.execute(), self._deadline())
         except (RedisError, OSError, TimeoutError) as exc:
             raise self._trip("get", exc) from exc
         self._recover()
-        parsed = {k.decode(): int(v) for k, v in gens.items()}
-        return (value if value is None else bytes(value)), parsed
+        gens = {
+            g: {k.decode(): int(v) for k, v in reply.items()}
+            for g, reply in zip(hashes, replies[len(items) :], strict=True)
+        }
+        return [
+            (value if value is None else bytes(value), gens[g])
+            for (_, g), value in zip(items, replies, strict=False)
+        ]
 
     async def bump_generation(self, generations: str, category: str) -> int:
         """Increments one category's knowledge generation; returns the new value."""
@@ -227,13 +257,18 @@ class RedisCache:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         self._admit("set")
+        await self._sets.submit((key, value, max(1, int(ttl_s * 1000))))
+
+    async def _set_batch(self, items: list[tuple[str, bytes, int]]) -> list[None]:
         try:
-            await asyncio.wait_for(
-                self._redis().set(key, value, px=max(1, int(ttl_s * 1000))), self._deadline()
-            )
+            pipe = self._redis().pipeline(transaction=False)
+            for key, value, ttl_ms in items:
+                pipe.set(key, value, px=ttl_ms)
+            await asyncio.wait_for(pipe.execute(), self._deadline())
         except (RedisError, OSError, TimeoutError) as exc:
             raise self._trip("set", exc) from exc
         self._recover()
+        return [None] * len(items)
 
     async def ping(self) -> bool:
         """True when Redis answers; never raises (readiness probes and health checks)."""

@@ -71,6 +71,15 @@ class LoadedModelSets(classifier_pb2_grpc.ClassifierServicer):
     ) -> classifier_pb2.CategoriesResponse:
         return await self.pick(request.model_set_version).ClassifyCategories(request, context)
 
+    async def ClassifyBatch(
+        self, request: classifier_pb2.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ClassifyBatchResponse:
+        versions = {item.model_set_version for item in request.items}
+        if len(versions) > 1:  # one router plane, one model set: batches never mix them
+            raise InvalidInput(f"a batch names several model sets: {sorted(versions)}")
+        version = versions.pop() if versions else ""
+        return await self.pick(version).ClassifyBatch(request, context)
+
     async def Describe(
         self, request: classifier_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.DescribeResponse:

@@ -46,6 +46,10 @@ DEFAULT_SPECIALIST_MIN_P = 0.2
 DEFAULT_MAX_IMAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 16_000_000
 DEFAULT_STAGE_TIMEOUT_S = 1.0
+# Coalesced backend calls (common/batching.py): most requests in one Triton or tiny call, and
+# most such calls out at once. One request per call turns coalescing off.
+DEFAULT_BATCH_MAX = 32
+DEFAULT_BATCH_IN_FLIGHT = 1
 # Threads of each BLAS/OpenMP/torch pool in a serving process (common/threads.py). One: the
 # maths per request is a fraction of a millisecond, and a second pool thread only spins;
 # a service scales by processes (replicas, Triton instances), not by pool threads.
@@ -155,6 +159,10 @@ class RouterSettings:
     write_token: str | None
     # Where exemplar image bytes are kept for re-indexing: a folder (or file:// URL).
     blob_store: str
+    # Most requests whose Triton (or tiny) calls travel as one batch; 1 = no coalescing.
+    batch_max: int = DEFAULT_BATCH_MAX
+    # Most coalesced calls out to one backend at once; later requests queue and leave together.
+    batch_in_flight: int = DEFAULT_BATCH_IN_FLIGHT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RouterSettings:
@@ -184,6 +192,10 @@ class RouterSettings:
             routing_path=_read_optional(env, "FIELDLENS_ROUTING", None, _existing_file),
             write_token=_read_optional(env, "FIELDLENS_WRITE_TOKEN", None, _token),
             blob_store=_read(env, "FIELDLENS_BLOB_STORE", "", str),
+            batch_max=_read(env, "FIELDLENS_BATCH_MAX", DEFAULT_BATCH_MAX, _positive_int),
+            batch_in_flight=_read(
+                env, "FIELDLENS_BATCH_IN_FLIGHT", DEFAULT_BATCH_IN_FLIGHT, _positive_int
+            ),
         )
 
 

@@ -6,10 +6,9 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
@@ -34,6 +33,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     5.0,
     10.0,
 )
+# Requests per coalesced backend call: 1 at low load, up to the batch limit under load.
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
 # Seconds; a model-set switch takes seconds (same backbone) to minutes (a large re-index).
 SWITCH_BUCKETS: tuple[float, ...] = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 DEFAULT_METRICS_ADDR = "127.0.0.1"
@@ -75,6 +76,13 @@ class Metrics:
             "Duration of one stage of request handling.",
             ("service", "stage"),
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "fieldlens_backend_batch_size",
+            "Requests served by one coalesced backend call (see common/batching.py), by backend.",
+            ("service", "backend"),
+            buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.learned_examples = Counter(
@@ -130,6 +138,25 @@ class Metrics:
             registry=registry,
         )
 
+        # Labelled children, looked up once: `labels()` takes a lock and builds a key per call,
+        # which the router would otherwise pay several times per request.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+    def observe_stage(self, service: str, stage: str, seconds: float) -> None:
+        """One duration of one stage of request handling."""
+        self._child(self.stage_duration, service, stage).observe(seconds)
+
+    def batch_observer(self, service: str, backend: str) -> Callable[[int], None]:
+        """What a MicroBatcher calls with the size of each batch it sends to `backend`."""
+        return self._child(self.batch_size, service, backend).observe  # type: ignore[no-any-return]
+
     def record_model_set(self, version: str, embedding_version: str) -> None:
         """The set now serving: the only series of `fieldlens_model_set` set to 1."""
         self.model_set.clear()
@@ -148,17 +175,20 @@ class Metrics:
 
     def record_cache(self, result: CacheResult) -> None:
         """Count one cache look-up."""
-        self.cache_requests.labels(result=result).inc()
+        self._child(self.cache_requests, result).inc()
 
     def record_dispatch(self, category: str, target: DispatchTarget, fallback: bool) -> None:
         """Count one broad category dispatched to `target` (fallback: specialist was down)."""
-        self.dispatch.labels(
-            category=category, target=target, fallback="true" if fallback else "false"
-        ).inc()
+        self._child(self.dispatch, category, target, "true" if fallback else "false").inc()
 
     def record_degradation(self, kind: str) -> None:
         """Count one degradation; `kind` is a DegradationKind name, lower-cased here."""
-        self.degradations.labels(kind=kind.lower()).inc()
+        self._child(self.degradations, kind.lower()).inc()
+
+    def record_request(self, service: str, method: str, code: str, seconds: float) -> None:
+        """Count one gRPC request by its final status code and time it."""
+        self._child(self.grpc_requests, service, method, code).inc()
+        self._child(self.grpc_duration, service, method).observe(seconds)
 
 
 _metrics: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
@@ -189,30 +219,6 @@ class StageDuration:
         return self.seconds * 1e3
 
 
-@contextmanager
-def stage_timer(
-    stage: str,
-    timings: list[StageDuration] | None = None,
-    *,
-    service: str,
-    metrics: Metrics | None = None,
-) -> Iterator[None]:
-    """Time the body as `stage`: observe the stage histogram and append to `timings`.
-
-    A stage that raises is still recorded, since slow failures are what the histogram is for.
-    """
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds = time.perf_counter() - start
-        (metrics or get_metrics()).stage_duration.labels(service=service, stage=stage).observe(
-            seconds
-        )
-        if timings is not None:
-            timings.append(StageDuration(stage, seconds))
-
-
 class StageTimer:
     """Collects the stage durations of one request, to be copied into its response.
 
@@ -221,14 +227,36 @@ class StageTimer:
         metrics: Where to observe durations; default `get_metrics()`.
     """
 
+    __slots__ = ("service", "metrics", "durations")
+
     def __init__(self, service: str, metrics: Metrics | None = None) -> None:
         self.service = service
-        self.metrics = metrics
+        self.metrics = metrics or get_metrics()
         self.durations: list[StageDuration] = []
 
-    def stage(self, name: str) -> AbstractContextManager[None]:
-        """Context manager timing one stage of this request."""
-        return stage_timer(name, self.durations, service=self.service, metrics=self.metrics)
+    def stage(self, name: str) -> _Stage:
+        """Context manager timing one stage of this request: it observes the stage histogram
+        and appends to `durations`, also when the stage raises (slow failures are what the
+        histogram is for)."""
+        return _Stage(self, name)
+
+
+class _Stage:
+    __slots__ = ("_timer", "_name", "_start")
+
+    def __init__(self, timer: StageTimer, name: str) -> None:
+        self._timer = timer
+        self._name = name
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        seconds = time.perf_counter() - self._start
+        timer = self._timer
+        timer.metrics.observe_stage(timer.service, self._name, seconds)
+        timer.durations.append(StageDuration(self._name, seconds))
 
 
 @dataclass

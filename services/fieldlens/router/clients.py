@@ -65,22 +65,30 @@ class ClassifierClient:
             raise self._error(exc) from None
         return _scores(reply)
 
-    async def classify_categories(
-        self, categories: list[str], embedding: np.ndarray, model_set_version: str, top_k: int
-    ) -> dict[str, tuple[dict[str, float], str]]:
-        """Several categories of one image in one call (no pixels: for the tiny ensemble);
-        `top_k` leaves per category (every internal node comes too), 0 for all."""
-        request = classifier_pb2.CategoriesRequest(
-            categories=categories,
-            embedding=embedding.astype(np.float32).tolist(),
-            model_set_version=model_set_version,
-            top_k=top_k,
+    async def classify_batch(
+        self, items: list[tuple[list[str], np.ndarray, int, list[float]]], model_set_version: str
+    ) -> list[dict[str, tuple[dict[str, float], str]]]:
+        """Several images' categories in one call (no pixels: for the tiny ensemble): per image
+        (categories, embedding, top_k leaves per category (0: all), least P(node | category)
+        of the internal nodes to send, per category); one {category: (scores, served_by)} per
+        image, in order."""
+        request = classifier_pb2.ClassifyBatchRequest(
+            items=[
+                classifier_pb2.CategoriesRequest(
+                    categories=categories,
+                    embedding=embedding.tolist(),
+                    model_set_version=model_set_version,
+                    top_k=top_k,
+                    min_node_probability=floors,
+                )
+                for categories, embedding, top_k, floors in items
+            ]
         )
         try:
-            reply = await self._stub.ClassifyCategories(request, timeout=self._timeout_s)
+            reply = await self._stub.ClassifyBatch(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
-        return {r.category: _scores(r) for r in reply.responses}
+        return [{r.category: _scores(r) for r in item.responses} for item in reply.items]
 
     async def learned_taxa(self, model_set_version: str = "") -> list[NewTaxonSpec]:
         """Taxa this classifier learned online (tiny) for a model set, in creation order."""

@@ -15,9 +15,11 @@ import numpy as np
 from fieldlens.backends.cache import ResultCache, cache_key, generations_key
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.backends.vector_store import Neighbour, VectorStore
+from fieldlens.common.batching import MicroBatcher
 from fieldlens.common.errors import FieldlensError, InvalidInput, Unavailable
 from fieldlens.common.knowledge import NewTaxonSpec
 from fieldlens.common.model_set import ModelSet
+from fieldlens.common.settings import DEFAULT_BATCH_IN_FLIGHT, DEFAULT_BATCH_MAX
 from fieldlens.common.taxonomy import LEARNED_PREFIX
 from fieldlens.common.telemetry import Metrics, StageTimer, get_metrics
 from fieldlens.router.clients import ClassifierClient
@@ -41,11 +43,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIN_DISPATCH_PROBABILITY = 0.02  # below this a broad category is not worth a classifier call
+# Internal nodes a classifier sends start a little below the least probability that could make
+# one the answer: the request's numbers travel as float32.
+NODE_FLOOR = 1.0 - 1e-4
 NEIGHBOUR_POOL = 64  # candidates fetched once, then shared out to the suggestions
 MAX_TOP_K = 50
 MAX_NEIGHBOURS = 10
 
 _T = TypeVar("_T")
+# One image's call to the tiny service, and its answer: (categories, embedding, top_k, the
+# least P(node | category) of an internal node worth sending per category) ->
+# {category: (P(taxon | category), served_by)}.
+TinyItem = tuple[list[str], np.ndarray, int, list[float]]
+TinyScores = dict[str, tuple[dict[str, float], str]]
 ALL_CATEGORIES = "*"  # the knowledge generation every cached answer depends on
 
 # Degradation kinds, as named in the protocol's DegradationKind.
@@ -92,6 +102,19 @@ class Classification:
     degradations: list[Degradation] = field(default_factory=list)
     model_set_version: str = ""
     embedding_version: str = ""
+    # The answer in the cache's encoding (the codec's), without timings and the `cached` flag:
+    # encoded once, it is both the cache entry and what the servicer sends.
+    wire: bytes = b""
+
+
+@dataclass(frozen=True)
+class BroadPass:
+    """One image's outputs of the broad net."""
+
+    logits: np.ndarray  # broad-group log-probabilities
+    embedding: np.ndarray  # L2-normalised
+    fine: np.ndarray | None  # fine logits, when asked for (learned taxa need them)
+    feature_norm: float
 
 
 Codec = tuple[Callable[[Classification], bytes], Callable[[bytes], Classification]]
@@ -115,6 +138,8 @@ class RouterDataPlane:
         stage_timeout_s: Budget of each optional stage (cache, neighbours).
         specialist_min_p: P(broad) below which a specialist-routed category is scored by the
             tiny ensemble instead (saves a second net pass where it matters little).
+        batch_max: Most requests whose broad-net (or tiny) calls are coalesced into one.
+        batch_in_flight: Most coalesced calls out to one backend at once.
     """
 
     def __init__(
@@ -133,6 +158,8 @@ class RouterDataPlane:
         stage_timeout_s: float,
         metrics: Metrics | None = None,
         specialist_min_p: float = 0.0,
+        batch_max: int = DEFAULT_BATCH_MAX,
+        batch_in_flight: int = DEFAULT_BATCH_IN_FLIGHT,
     ) -> None:
         self.model_set = model_set
         self.triton = triton
@@ -148,6 +175,19 @@ class RouterDataPlane:
         self.stage_timeout_s = stage_timeout_s
         self.metrics = metrics or get_metrics()
         self.specialist_min_p = specialist_min_p
+        # Concurrent requests share backend calls (see common/batching.py).
+        self._broad: MicroBatcher[np.ndarray, BroadPass] = MicroBatcher(
+            self._broad_batch,
+            batch_max,
+            batch_in_flight,
+            self.metrics.batch_observer("router", "triton"),
+        )
+        self._tiny: MicroBatcher[TinyItem, TinyScores] = MicroBatcher(
+            self._tiny_batch,
+            batch_max,
+            batch_in_flight,
+            self.metrics.batch_observer("router", "tiny"),
+        )
         # Broad groups holding learned taxa: their specialist net cannot know those taxa.
         self._learned_groups: set[str] = set()
         self._pending_bumps: set[str] = set()  # generation bumps Redis has not taken yet
@@ -207,36 +247,30 @@ class RouterDataPlane:
                 self.metrics.record_cache("error" if degradations else "miss")
         with timer.stage("decode"):
             img = decode(image, self.limits, digest)
+        imprints = self._imprint_rows
         with timer.stage("broad"):
-            if self._imprint_rows is not None:
-                logits, emb, fine, norm = await self.triton.infer_broad_full(
-                    img.rgb[None], model=self.model_set.broad_model
-                )
-            else:
-                logits, emb = await self.triton.infer_broad(
-                    img.rgb[None], model=self.model_set.broad_model
-                )
-        broad_probs = self._broad_probabilities(logits[0])
+            broad = await self._broad.submit(img.rgb)
+        broad_probs = self._broad_probabilities(broad.logits)
         learned_probs: dict[str, float] = {}
-        if self._imprint_rows is not None:
+        if imprints is not None and broad.fine is not None:
             broad_probs, learned_probs = with_learned_classes(
-                broad_probs, fine[0], float(norm[0, 0]), emb[0], self._imprint_rows
+                broad_probs, broad.fine, broad.feature_norm, broad.embedding, imprints
             )
         categories = pick_categories(broad_probs, self.dispatch_top, MIN_DISPATCH_PROBABILITY)
         with timer.stage("classify"):
-            results, neighbours = await asyncio.gather(
+            classified = asyncio.ensure_future(
                 self._classify_categories(
-                    categories, broad_probs, emb[0], img, degradations, timer, options.top_k
-                ),
-                self._neighbours(emb[0], categories, degradations, timer),
+                    categories, broad_probs, broad.embedding, img, degradations, timer, options
+                )
             )
+            await asyncio.sleep(0)  # the classifier calls go out before the search runs
+            neighbours = await self._neighbours(broad.embedding, categories, degradations, timer)
+            results = await classified
         with timer.stage("merge"):
+            taxonomy = self.model_set.taxonomy
             if learned_probs:
-                taxonomy = self.model_set.taxonomy
                 results = [with_learned_leaves(taxonomy, r, learned_probs) for r in results]
-            merged = merge(
-                self.model_set.taxonomy, broad_probs, results, options.threshold, options.top_k
-            )
+            merged = merge(taxonomy, broad_probs, results, options.threshold, options.top_k)
             suggestions = _attach_exemplars(merged.suggestions, neighbours, options.neighbours)
         result = Classification(
             answer_id=merged.answer_id,
@@ -249,16 +283,34 @@ class RouterDataPlane:
             model_set_version=self.model_set.version,
             embedding_version=self.model_set.embedding_version,
         )
+        result.wire = self._encode(result)
         # A degraded answer is not cached: it would outlive the outage it reflects. The entry
         # records the knowledge generation of every category it used, as read before computing.
         if self.cache is not None and generations is not None and not degradations:
             used = {d.category: generations.get(d.category, 0) for d in result.dispatch}
             used[ALL_CATEGORIES] = generations.get(ALL_CATEGORIES, 0)
-            value = json.dumps(used, separators=(",", ":")).encode() + b"\n" + self._encode(result)
+            value = json.dumps(used, separators=(",", ":")).encode() + b"\n" + result.wire
             # Off the response path: the caller does not wait for the write-back.
             self._background(self._write_back(key, value))
         result.timings = _timings(timer, started)
         return result
+
+    async def _broad_batch(self, images: list[np.ndarray]) -> list[BroadPass]:
+        """One broad-net call for the images of concurrent requests; the fine logits come too
+        while learned taxa exist (their imprinted rows join the fine softmax)."""
+        batch = np.stack(images)
+        model = self.model_set.broad_model
+        if self._imprint_rows is None:
+            logits, emb = await self.triton.infer_broad(batch, model=model)
+            return [BroadPass(logits[i], emb[i], None, 0.0) for i in range(len(images))]
+        logits, emb, fine, norm = await self.triton.infer_broad_full(batch, model=model)
+        return [
+            BroadPass(logits[i], emb[i], fine[i], float(norm[i, 0])) for i in range(len(images))
+        ]
+
+    async def _tiny_batch(self, items: list[TinyItem]) -> list[TinyScores]:
+        """One tiny-service call for the categories of concurrent requests."""
+        return await self.tiny.classify_batch(items, self.model_set.version)
 
     async def _write_back(self, key: str, value: bytes) -> None:
         assert self.cache is not None
@@ -382,7 +434,7 @@ class RouterDataPlane:
         img: DecodedImage,
         degradations: list[Degradation],
         timer: StageTimer,
-        top_k: int,
+        options: ClassifyOptions,
     ) -> list[CategoryResult]:
         """Specialist categories one call each, every tiny category in one call, in parallel."""
         special = [
@@ -391,16 +443,27 @@ class RouterDataPlane:
             if self._route(c) == SPECIALIST and broad_probs[c] >= self.specialist_min_p
         ]
         tiny = [c for c in categories if c not in special]
-        from_specialists, from_tiny = await asyncio.gather(
-            asyncio.gather(
-                *(
-                    self._specialist_category(c, broad_probs, emb, img, degradations, timer)
-                    for c in special
-                )
-            ),
-            self._tiny_categories(tiny, broad_probs, emb, degradations, timer, top_k=top_k),
+        # Suggestions are the top_k leaves overall, so no group needs more than that, and an
+        # internal node can be the answer only if P(group) x P(node | group) clears the
+        # threshold. A group holding learned taxa gets every node: learned leaves add their
+        # probability to their ancestors here (`with_learned_leaves`).
+        floors = [
+            0.0 if c in self._learned_groups else options.threshold / broad_probs[c] * NODE_FLOOR
+            for c in tiny
+        ]
+        tiny_call = self._tiny_categories(
+            tiny, broad_probs, emb, degradations, timer, top_k=options.top_k, floors=floors
         )
-        by_category = {r.category: r for r in [*from_specialists, *from_tiny]}
+        if not special:
+            return await tiny_call
+        found = await asyncio.gather(
+            tiny_call,
+            *(
+                self._specialist_category(c, broad_probs, emb, img, degradations, timer)
+                for c in special
+            ),
+        )
+        by_category = {r.category: r for r in [*found[0], *found[1:]]}
         return [by_category[c] for c in categories]
 
     async def _specialist_category(
@@ -437,15 +500,13 @@ class RouterDataPlane:
         timer: StageTimer,
         fell_back: bool = False,
         top_k: int = 0,
+        floors: list[float] | None = None,
     ) -> list[CategoryResult]:
         if not categories:
             return []
         try:
             with timer.stage("tiny"):
-                # Suggestions are the top_k leaves overall, so no group needs more than that.
-                got = await self.tiny.classify_categories(
-                    categories, emb, self.model_set.version, top_k
-                )
+                got = await self._tiny.submit((categories, emb, top_k, floors or []))
         except Unavailable as exc:
             for c in categories:
                 degradations.append(Degradation(CLASSIFIER_UNAVAILABLE, str(exc), c))
@@ -478,9 +539,8 @@ class RouterDataPlane:
         store = self.store
         if store.in_process:
             # An in-process HNSW search takes a fraction of a millisecond: run it on the loop
-            # while the classifier calls are in flight (yield once so they go out first),
-            # rather than pay a thread hand-off and GIL contention with them.
-            await asyncio.sleep(0)
+            # while the classifier calls are in flight, rather than pay a thread hand-off and
+            # GIL contention with them.
             with timer.stage("neighbours"):
                 try:
                     return store.search(emb, NEIGHBOUR_POOL, list(categories))
@@ -501,7 +561,8 @@ class RouterDataPlane:
     ) -> _T | None:
         """Runs an optional stage under its time budget; failure degrades, never fails."""
         try:
-            return await asyncio.wait_for(aw, self.stage_timeout_s)
+            async with asyncio.timeout(self.stage_timeout_s):
+                return await aw
         except (TimeoutError, FieldlensError) as exc:
             message = "timed out" if isinstance(exc, TimeoutError) else str(exc)
             logger.warning("%s: %s", kind, message)
@@ -531,4 +592,3 @@ def _attach_exemplars(
         replace(s, exemplars=tuple(by_label.get(s.taxon_id, [])[:per_suggestion]))
         for s in suggestions
     ]
-

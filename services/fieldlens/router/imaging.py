@@ -75,7 +75,9 @@ def decode(data: bytes, limits: ImageLimits, digest: str | None = None) -> Decod
                 if width < 1 or height < 1:
                     raise InvalidInput("image has no pixels")
                 im.draft("RGB", (limits.size * 2, limits.size * 2))  # JPEG: decode at reduced scale
-                im = ImageOps.exif_transpose(im)  # phones store rotation as an EXIF tag
+                # Phones store rotation as an EXIF tag; in place, since a copy of every photo
+                # (what exif_transpose returns when there is nothing to turn) costs more.
+                ImageOps.exif_transpose(im, in_place=True)
                 if im.mode.startswith("I;16") or im.mode == "I":
                     # convert("RGB") clips 16-bit greys to white; scale to 8 bits first.
                     wide = np.asarray(im, dtype=np.uint32)

@@ -116,6 +116,8 @@ def new_plane(b: Backends, model_set: ModelSet, store: VectorStore | None) -> Ro
         s.cache_ttl_s,
         s.stage_timeout_s,
         specialist_min_p=s.specialist_min_p,
+        batch_max=s.batch_max,
+        batch_in_flight=s.batch_in_flight,
     )
     plane.learner = Learner(plane, journal, b.blobs)
     return plane

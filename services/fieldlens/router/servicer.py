@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -54,56 +55,90 @@ def taxon_pb(taxonomy: Taxonomy, taxon_id: str) -> taxonomy_pb2.Taxon:
     )
 
 
-def to_proto(c: Classification, taxonomy: Taxonomy) -> router_pb2.ClassifyResponse:
-    def path(tid: str) -> list[taxonomy_pb2.Taxon]:
-        return [taxon_pb(taxonomy, t) for t in taxonomy.path(tid)]
+class _TaxonMessages:
+    """Every taxon's Taxon message and root-to-taxon path, built once per taxonomy: answers
+    copy them instead of building a message per taxon per suggestion."""
 
-    return router_pb2.ClassifyResponse(
-        answer=router_pb2.Answer(
-            taxon=taxon_pb(taxonomy, c.answer_id),
-            path=path(c.answer_id),
-            probability=c.answer_probability,
-        ),
-        suggestions=[
-            router_pb2.Suggestion(
-                taxon=taxon_pb(taxonomy, s.taxon_id),
-                path=path(s.taxon_id),
-                probability=s.probability,
-                served_by=_SERVED_BY.get(s.served_by, 0),
-                exemplars=[
-                    router_pb2.Exemplar(
-                        id=n.id,
-                        label_id=n.label,
-                        label_name=taxonomy.get(n.label).name if n.label in taxonomy else "",
-                        similarity=n.similarity,
-                    )
-                    for n in s.exemplars
-                ],
-            )
-            for s in c.suggestions
-        ],
-        dispatch=[
-            router_pb2.CategoryDispatch(
-                category=d.category,
-                probability=d.probability,
-                served_by=_SERVED_BY.get(d.served_by, 0),
-                fell_back=d.fell_back,
-            )
-            for d in c.dispatch
-        ],
-        timings=[router_pb2.StageTiming(stage=s, duration_ms=ms) for s, ms in c.timings],
+    def __init__(self, taxonomy: Taxonomy) -> None:
+        self._taxonomy = taxonomy
+        self._taxon = {t.id: taxon_pb(taxonomy, t.id) for t in taxonomy}
+        self._path = {t.id: [self._taxon[p] for p in taxonomy.path(t.id)] for t in taxonomy}
+
+    def taxon(self, taxon_id: str) -> taxonomy_pb2.Taxon:
+        found = self._taxon.get(taxon_id)
+        # A taxon Forget removed while an answer naming it was being computed: the taxonomy
+        # still knows it (see Taxonomy.without_learned), so build it the slow way.
+        return found if found is not None else taxon_pb(self._taxonomy, taxon_id)
+
+    def path(self, taxon_id: str) -> list[taxonomy_pb2.Taxon]:
+        found = self._path.get(taxon_id)
+        if found is not None:
+            return found
+        return [self.taxon(t) for t in self._taxonomy.path(taxon_id)]
+
+    def name(self, taxon_id: str) -> str:
+        found = self._taxon.get(taxon_id)
+        return found.name if found is not None else ""
+
+
+# Taxonomies are immutable (Learn makes a new one), so each keeps its messages while in use.
+_taxon_messages: weakref.WeakKeyDictionary[Taxonomy, _TaxonMessages] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _messages(taxonomy: Taxonomy) -> _TaxonMessages:
+    messages = _taxon_messages.get(taxonomy)
+    if messages is None:
+        messages = _taxon_messages[taxonomy] = _TaxonMessages(taxonomy)
+    return messages
+
+
+def to_proto(c: Classification, taxonomy: Taxonomy) -> router_pb2.ClassifyResponse:
+    m = _messages(taxonomy)
+    r = router_pb2.ClassifyResponse(
         cached=c.cached,
-        degradations=[
-            router_pb2.Degradation(
-                kind=router_pb2.DegradationKind.Value(d.kind),
-                message=d.message,
-                category=d.category,
-            )
-            for d in c.degradations
-        ],
         model_set_version=c.model_set_version,
         embedding_version=c.embedding_version,
     )
+    answer = r.answer
+    answer.taxon.MergeFrom(m.taxon(c.answer_id))
+    answer.path.extend(m.path(c.answer_id))
+    answer.probability = c.answer_probability
+    for s in c.suggestions:
+        sm = r.suggestions.add(probability=s.probability, served_by=_SERVED_BY.get(s.served_by, 0))
+        sm.taxon.MergeFrom(m.taxon(s.taxon_id))
+        sm.path.extend(m.path(s.taxon_id))
+        for n in s.exemplars:
+            sm.exemplars.add(
+                id=n.id, label_id=n.label, label_name=m.name(n.label), similarity=n.similarity
+            )
+    for d in c.dispatch:
+        r.dispatch.add(
+            category=d.category,
+            probability=d.probability,
+            served_by=_SERVED_BY.get(d.served_by, 0),
+            fell_back=d.fell_back,
+        )
+    for s, ms in c.timings:
+        r.timings.add(stage=s, duration_ms=ms)
+    for d in c.degradations:
+        r.degradations.add(
+            kind=router_pb2.DegradationKind.Value(d.kind), message=d.message, category=d.category
+        )
+    return r
+
+
+def response_of(c: Classification, taxonomy: Taxonomy) -> router_pb2.ClassifyResponse:
+    """The ClassifyResponse of an answer: from its encoding when it has one (every answer the
+    data plane returns does), with this request's timings and cache flag."""
+    if not c.wire:
+        return to_proto(c, taxonomy)
+    r = router_pb2.ClassifyResponse.FromString(c.wire)
+    r.cached = c.cached
+    for s, ms in c.timings:
+        r.timings.add(stage=s, duration_ms=ms)
+    return r
 
 
 def from_proto(r: router_pb2.ClassifyResponse) -> Classification:
@@ -135,11 +170,15 @@ def from_proto(r: router_pb2.ClassifyResponse) -> Classification:
 
 
 def codec(taxonomy: Callable[[], Taxonomy]):  # type: ignore[no-untyped-def]
-    """(encode, decode) for the result cache: the protobuf wire form (current taxonomy)."""
-    return (
-        lambda c: to_proto(c, taxonomy()).SerializeToString(),
-        lambda raw: from_proto(router_pb2.ClassifyResponse.FromString(raw)),
-    )
+    """(encode, decode) for the result cache: the protobuf wire form of the answer without
+    timings (current taxonomy); a decoded answer keeps its encoding, to be sent as it is."""
+
+    def decode(raw: bytes) -> Classification:
+        c = from_proto(router_pb2.ClassifyResponse.FromString(raw))
+        c.wire = raw
+        return c
+
+    return (lambda c: to_proto(c, taxonomy()).SerializeToString(), decode)
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -166,7 +205,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             request.top_k, request.neighbours, request.threshold, request.skip_cache
         )
         result = await plane.classify(request.image, options)
-        response = to_proto(result, plane.model_set.taxonomy)
+        response = response_of(result, plane.model_set.taxonomy)
         response.request_id = request.request_id
         return response
 

@@ -61,6 +61,8 @@ class GroupSlice:
     levels: tuple[np.ndarray, ...]
     taxa: tuple[str, ...]
     leaf: tuple[bool, ...]
+    leaf_rows: np.ndarray  # indices (relative to `start`) of the leaves, in row order
+    node_rows: np.ndarray  # and of the internal nodes
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,27 @@ class TinyEnsemble:
         if broad not in self.taxonomy or self.taxonomy.get(broad).rank != "broad":
             raise KeyError(f"unknown broad group {broad!r}")
         return self.group_scores(emb, broad)
+
+    def group_top(
+        self, emb: np.ndarray, broad: str, top_k: int, floors: Sequence[float]
+    ) -> list[list[tuple[str, float, bool]]]:
+        """For each row of `emb` (several images, one matrix product): the `top_k` most
+        probable leaves under `broad` (0: all) and the internal nodes whose P(node | broad)
+        reaches the row's floor, as (taxon id, probability, is_leaf), best first; ties keep
+        the layout's order, internal nodes before leaves."""
+        if broad not in self._groups:
+            raise KeyError(f"unknown broad group {broad!r}")
+        g = self._groups[broad]
+        probs = self.predict_group(emb, broad)
+        out = []
+        for p, floor in zip(probs, floors, strict=True):
+            leaves = g.leaf_rows
+            if 0 < top_k < len(leaves):
+                leaves = np.sort(leaves[np.argsort(-p[leaves], kind="stable")[:top_k]])
+            rows = np.concatenate([g.node_rows[p[g.node_rows] >= floor], leaves])
+            rows = rows[np.argsort(-p[rows], kind="stable")]
+            out.append([(g.taxa[r], float(p[r]), g.leaf[r]) for r in rows.tolist()])
+        return out
 
     # -- training -----------------------------------------------------------------------------
     def path_rows(self, leaf: str) -> list[int]:
@@ -556,6 +579,7 @@ def _group_slices(
         for r in range(stop - start):  # parents come before children within a group
             depth[r] = 0 if rel_parent[r] < 0 else depth[rel_parent[r]] + 1
         taxa = tuple(str(t) for t in layout.row_taxon[start:stop])
+        leaf = tuple(not taxonomy.children(t) for t in taxa)
         out[broad] = GroupSlice(
             start=start,
             stop=stop,
@@ -564,7 +588,9 @@ def _group_slices(
             parent_row=rel_parent,
             levels=tuple(np.flatnonzero(depth == d) for d in range(int(depth.max()) + 1)),
             taxa=taxa,
-            leaf=tuple(not taxonomy.children(t) for t in taxa),
+            leaf=leaf,
+            leaf_rows=np.flatnonzero(np.asarray(leaf, dtype=bool)),
+            node_rows=np.flatnonzero(~np.asarray(leaf, dtype=bool)),
         )
     return out
 

@@ -27,13 +27,18 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+
+def check_version(model_set: ModelSet, version: str) -> None:
+    """A request naming a model set must name this one (empty names none)."""
+    if version and version != model_set.version:
+        raise FailedPrecondition(
+            f"request is for model set {version}, this service serves {model_set.version}"
+        )
+
+
 def check_request(model_set: ModelSet, request: classifier_pb2.CategoryRequest) -> None:
     """Checks shared by both Classifier implementations."""
-    if request.model_set_version and request.model_set_version != model_set.version:
-        raise FailedPrecondition(
-            f"request is for model set {request.model_set_version}, this service serves "
-            f"{model_set.version}"
-        )
+    check_version(model_set, request.model_set_version)
     if request.category not in model_set.taxonomy.broad_ids:
         raise NotFound(f"unknown category {request.category!r}")
 
@@ -44,18 +49,20 @@ def to_response(
     top_k: int,
     served_by: int,
     model_version: str,
+    min_node_probability: float = 0.0,
 ) -> classifier_pb2.CategoryResponse:
-    """Scores sorted best first; `top_k` keeps that many leaves plus every internal node."""
-    scores = sorted(scores, key=lambda s: -s[1])
+    """Scores sorted best first: `top_k` leaves (0: all) plus every internal node whose
+    probability reaches `min_node_probability`."""
+    leaves = sorted((s for s in scores if s[2]), key=lambda s: -s[1])
     if top_k > 0:
-        leaves = [s for s in scores if s[2]][:top_k]
-        scores = [s for s in scores if not s[2]] + leaves
-        scores.sort(key=lambda s: -s[1])
+        leaves = leaves[:top_k]
+    kept = [s for s in scores if not s[2] and s[1] >= min_node_probability] + leaves
+    kept.sort(key=lambda s: -s[1])
     return classifier_pb2.CategoryResponse(
         category=category,
         scores=[
             classifier_pb2.ScoredTaxon(taxon_id=t, probability=p, leaf=leaf)
-            for t, p, leaf in scores
+            for t, p, leaf in kept
         ],
         served_by=served_by,
         model_version=model_version,
@@ -139,27 +146,61 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
     async def ClassifyCategories(
         self, request: classifier_pb2.CategoriesRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.CategoriesResponse:
-        for category in request.categories:
-            check_request(
-                self.model_set,
-                classifier_pb2.CategoryRequest(
-                    category=category, model_set_version=request.model_set_version
-                ),
+        (response,) = self._batch([request], self.ensemble)
+        return response
+
+    async def ClassifyBatch(
+        self, request: classifier_pb2.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ClassifyBatchResponse:
+        # One ensemble version for the whole batch, even if a Learn swaps it meanwhile.
+        return classifier_pb2.ClassifyBatchResponse(items=self._batch(request.items, self.ensemble))
+
+    def _batch(
+        self, items: Sequence[classifier_pb2.CategoriesRequest], ensemble: TinyEnsemble
+    ) -> list[classifier_pb2.CategoriesResponse]:
+        """Every item's categories; the images that ask for the same group share its matrix
+        product."""
+        known = self.model_set.taxonomy.broad_ids
+        for item in items:
+            check_version(self.model_set, item.model_set_version)
+            for category in item.categories:
+                if category not in known:
+                    raise NotFound(f"unknown category {category!r}")
+        if not items:
+            return []
+        emb = np.concatenate([self._embedding(item.embedding, ensemble) for item in items])
+        # category -> (item, position in the item, floor) of every image that asks for it
+        asks: dict[str, list[tuple[int, int, float]]] = {}
+        for i, item in enumerate(items):
+            floors = item.min_node_probability
+            for j, category in enumerate(item.categories):
+                floor = floors[j] if j < len(floors) else 0.0
+                asks.setdefault(category, []).append((i, j, floor))
+        out = [
+            classifier_pb2.CategoriesResponse(
+                responses=[classifier_pb2.CategoryResponse() for _ in item.categories]
             )
-        ensemble = self.ensemble
-        emb = self._embedding(request.embedding, ensemble)
-        return classifier_pb2.CategoriesResponse(
-            responses=[
-                to_response(
-                    c,
-                    ensemble.scores_for(emb, c),
-                    request.top_k,
-                    classifier_pb2.TINY,
-                    ensemble.embedding_version,
+            for item in items
+        ]
+        for category, who in asks.items():
+            rows = [i for i, _, _ in who]
+            # Every item of a batch asks for the same top_k (the router's request option).
+            tops = {items[i].top_k for i in rows}
+            for top_k in tops:
+                same = [(i, j, f) for i, j, f in who if items[i].top_k == top_k]
+                scored = ensemble.group_top(
+                    emb[[i for i, _, _ in same]], category, top_k, [f for _, _, f in same]
                 )
-                for c in request.categories
-            ]
-        )
+                for (i, j, _), scores in zip(same, scored, strict=True):
+                    response = out[i].responses[j]
+                    response.category = category
+                    response.served_by = classifier_pb2.TINY
+                    response.model_version = ensemble.embedding_version
+                    response.scores.extend(
+                        classifier_pb2.ScoredTaxon(taxon_id=t, probability=p, leaf=leaf)
+                        for t, p, leaf in scores
+                    )
+        return out
 
     async def Describe(
         self, request: classifier_pb2.DescribeRequest, context: grpc.aio.ServicerContext
