@@ -10,6 +10,12 @@ from fieldlens.common.batching import MicroBatcher
 from fieldlens.common.errors import Unavailable
 
 
+async def _settle() -> None:
+    """Lets the loop run everything that is ready (a few iterations)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 class _Backend:
     """Records the batches it gets; each call waits until released (the backend is 'busy')."""
 
@@ -45,9 +51,9 @@ def test_calls_arriving_while_the_backend_is_busy_leave_together_in_order() -> N
         backend = _Backend()
         batcher = MicroBatcher(backend.send, max_batch=3, max_in_flight=1)
         first = asyncio.ensure_future(batcher.submit(0))
-        await asyncio.sleep(0)  # the first batch is out and busy
+        await _settle()  # the first batch is out and busy
         rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
-        await asyncio.sleep(0)
+        await _settle()
         assert backend.batches == [[0]] and batcher.queued == 5
         backend.release.set()
         assert await first == 0
@@ -58,18 +64,28 @@ def test_calls_arriving_while_the_backend_is_busy_leave_together_in_order() -> N
     asyncio.run(body())
 
 
+def test_calls_of_one_loop_iteration_leave_together() -> None:
+    async def body() -> None:
+        backend = _Backend()
+        backend.release.set()
+        batcher = MicroBatcher(backend.send, max_batch=8, max_in_flight=2)
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(4))) == [0, 10, 20, 30]
+        assert backend.batches == [[0, 1, 2, 3]]
+
+    asyncio.run(body())
+
+
 def test_max_in_flight_batches_go_out_before_any_call_waits() -> None:
     async def body() -> None:
         backend = _Backend()
-        batcher = MicroBatcher(backend.send, max_batch=8, max_in_flight=2)
-        calls = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        # Two calls each went out alone; the other two wait for a slot, then leave together.
-        assert backend.batches == [[0], [1]]
+        batcher = MicroBatcher(backend.send, max_batch=2, max_in_flight=2)
+        calls = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+        await _settle()
+        # Two batches are out; the fifth call waits for a slot.
+        assert backend.batches == [[0, 1], [2, 3]] and batcher.queued == 1
         backend.release.set()
-        assert await asyncio.gather(*calls) == [0, 10, 20, 30]
-        assert backend.batches == [[0], [1], [2, 3]]
+        assert await asyncio.gather(*calls) == [0, 10, 20, 30, 40]
+        assert backend.batches == [[0, 1], [2, 3], [4]]
 
     asyncio.run(body())
 
@@ -80,9 +96,9 @@ def test_a_failed_batch_fails_each_of_its_callers_with_its_own_exception() -> No
         backend.fail = Unavailable("tiny down")
         batcher = MicroBatcher(backend.send, max_batch=8, max_in_flight=1)
         first = asyncio.ensure_future(batcher.submit(0))
-        await asyncio.sleep(0)
+        await _settle()
         others = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
-        await asyncio.sleep(0)
+        await _settle()
         backend.release.set()
         results = await asyncio.gather(first, *others, return_exceptions=True)
         assert all(isinstance(r, Unavailable) and r.message == "tiny down" for r in results)
@@ -99,12 +115,12 @@ def test_a_caller_that_gives_up_while_queued_is_not_sent() -> None:
         backend = _Backend()
         batcher = MicroBatcher(backend.send, max_batch=8, max_in_flight=1)
         first = asyncio.ensure_future(batcher.submit(0))
-        await asyncio.sleep(0)
+        await _settle()
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.01):
                 await batcher.submit(1)
         kept = asyncio.ensure_future(batcher.submit(2))
-        await asyncio.sleep(0)
+        await _settle()
         backend.release.set()
         assert (await first, await kept) == (0, 20)
         assert backend.batches == [[0], [2]]

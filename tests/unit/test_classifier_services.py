@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fieldlens.common.taxonomy import Taxon, Taxonomy
-from fieldlens.specialist.servicer import rollup
+from fieldlens.specialist.servicer import Rollup
 from fieldlens.tiny.servicer import to_response
 from fieldlens.v1 import classifier_pb2
 
@@ -26,12 +26,9 @@ def taxonomy() -> Taxonomy:
 
 
 def test_rollup_sums_leaves_into_their_ancestors(taxonomy: Taxonomy) -> None:
-    scores = {
-        t: (p, leaf)
-        for t, p, leaf in rollup(
-            taxonomy, "broad/insect", ("c", "a", "b"), np.array([0.5, 0.3, 0.2])
-        )
-    }
+    rollup = Rollup(taxonomy, "broad/insect", ("c", "a", "b"))
+    (scored,) = rollup.scores(np.array([[0.5, 0.3, 0.2]]))
+    scores = {t: (p, leaf) for t, p, leaf in scored}
     assert scores["c"] == (pytest.approx(0.5), True)
     assert scores["a"] == (pytest.approx(0.3), True)
     assert scores["node/insect/beetle"] == (pytest.approx(0.5), False)

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from fieldlens.common.errors import InvalidInput
-from fieldlens.router.imaging import ImageLimits, decode
+from fieldlens.router import imaging
+from fieldlens.router.imaging import ImageLimits, content_hash, decode
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000)
 
@@ -210,3 +211,49 @@ def test_exif_orientation_is_applied() -> None:
     # After the 90-degree turn, red is on top and blue at the bottom.
     top, bottom = img.rgb[:16].mean(axis=(0, 1)), img.rgb[-16:].mean(axis=(0, 1))
     assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("subsampling", [0, 1, 2])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_model_sized_jpegs_decode_to_the_same_pixels_on_the_fast_path(
+    mode: str, subsampling: int, progressive: bool
+) -> None:
+    """64x64 JPEGs skip Pillow (libjpeg-turbo straight to RGB); the pixels must be Pillow's."""
+    rng = np.random.default_rng(subsampling + 3 * progressive)
+    limits = ImageLimits(1 << 20, 1 << 20)
+    for quality in (50, 90):
+        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        smooth = Image.fromarray(pixels).resize((8, 8)).resize((64, 64), Image.BICUBIC)
+        buf = io.BytesIO()
+        smooth.convert(mode).save(
+            buf, "JPEG", quality=quality, subsampling=subsampling, progressive=progressive
+        )
+        data = buf.getvalue()
+        digest = content_hash(data)
+        assert imaging._decode_model_sized_jpeg(data, limits, digest) is not None  # fast path
+        fast = decode(data, limits)
+        slow = imaging.decode_with_pillow(data, limits, digest)
+        assert (fast.width, fast.height, fast.format) == (slow.width, slow.height, slow.format)
+        assert fast.rgb.shape == (64, 64, 3) and fast.rgb.dtype == np.uint8
+        assert np.array_equal(fast.rgb, slow.rgb)
+
+
+def test_jpegs_the_fast_path_must_not_take_go_to_pillow() -> None:
+    limits = ImageLimits(1 << 20, 1 << 20)
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 64), "red").save(rotated, "JPEG", exif=exif)
+    bigger = io.BytesIO()
+    Image.new("RGB", (65, 64), "red").save(bigger, "JPEG")
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(cmyk, "JPEG")
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(good, "JPEG")
+    truncated = good.getvalue()[: len(good.getvalue()) // 2]
+    for data in (rotated.getvalue(), bigger.getvalue(), cmyk.getvalue(), truncated):
+        assert imaging._decode_model_sized_jpeg(data, limits, content_hash(data)) is None
+    assert decode(cmyk.getvalue(), limits).rgb.shape == (64, 64, 3)
+    with pytest.raises(InvalidInput, match="corrupt|truncated"):
+        decode(truncated, limits)

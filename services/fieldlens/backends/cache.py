@@ -35,10 +35,13 @@ DEFAULT_CONNECT_TIMEOUT_S = 0.05
 DEFAULT_OP_TIMEOUT_S = 0.05
 DEFAULT_COOLDOWN_S = 1.0
 DEFAULT_MAX_CONNECTIONS = 32
-# Concurrent look-ups (and write-backs) travel together in one pipeline: one round trip and one
+# Concurrent look-ups and write-backs travel together in one pipeline: one round trip and one
 # Redis command batch for many requests, and few connections however many are in flight.
 BATCH_MAX = 64
-BATCH_IN_FLIGHT = 2
+BATCH_IN_FLIGHT = 1
+
+# One pipelined operation: ("get", key, generations hash, 0) or ("set", key, value, ttl in ms).
+_Op = tuple[str, str, bytes | str, int]
 
 
 def cache_key(content_hash: str, model_set_version: str, generation: str = "0") -> str:
@@ -124,11 +127,8 @@ class RedisCache:
         self._client: Redis | None = None
         # 0.0 = closed circuit; otherwise calls before this monotonic time fail fast.
         self._open_until = 0.0
-        self._gets: MicroBatcher[tuple[str, str], tuple[bytes | None, dict[str, int]]] = (
-            MicroBatcher(self._get_batch, BATCH_MAX, BATCH_IN_FLIGHT)
-        )
-        self._sets: MicroBatcher[tuple[str, bytes, int], None] = MicroBatcher(
-            self._set_batch, BATCH_MAX, BATCH_IN_FLIGHT
+        self._ops: MicroBatcher[_Op, tuple[bytes | None, dict[str, int]] | None] = MicroBatcher(
+            self._pipeline, BATCH_MAX, BATCH_IN_FLIGHT
         )
 
     @classmethod
@@ -213,31 +213,37 @@ class RedisCache:
         self, key: str, generations: str
     ) -> tuple[bytes | None, dict[str, int]]:
         """`get(key)` and the knowledge generations hash, in one round trip (shared with the
-        look-ups of other requests in flight)."""
+        look-ups and write-backs of other requests in flight)."""
         self._admit("get")
-        return await self._gets.submit((key, generations))
+        got = await self._ops.submit(("get", key, generations, 0))
+        assert got is not None
+        return got
 
-    async def _get_batch(
-        self, items: list[tuple[str, str]]
-    ) -> list[tuple[bytes | None, dict[str, int]]]:
-        hashes = list(dict.fromkeys(g for _, g in items))
+    async def _pipeline(self, ops: list[_Op]) -> list[tuple[bytes | None, dict[str, int]] | None]:
+        """Every op of a batch in one pipeline: the GETs and SETs in order, then each
+        generations hash the GETs named, once."""
+        hashes = list(dict.fromkeys(str(g) for kind, _, g, _ in ops if kind == "get"))
         try:
             pipe = self._redis().pipeline(transaction=False)
-            for key, _ in items:
-                pipe.get(key)
+            for kind, key, arg, ttl_ms in ops:
+                if kind == "get":
+                    pipe.get(key)
+                else:
+                    pipe.set(key, arg, px=ttl_ms)
             for g in hashes:
                 pipe.hgetall(g)
-            replies = await asyncio.wait_for(pipe.execute(), self._deadline())
+            async with asyncio.timeout(self._deadline()):
+                replies = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            raise self._trip("get", exc) from exc
+            raise self._trip(ops[0][0], exc) from exc
         self._recover()
         gens = {
             g: {k.decode(): int(v) for k, v in reply.items()}
-            for g, reply in zip(hashes, replies[len(items) :], strict=True)
+            for g, reply in zip(hashes, replies[len(ops) :], strict=True)
         }
         return [
-            (value if value is None else bytes(value), gens[g])
-            for (_, g), value in zip(items, replies, strict=False)
+            (None if value is None else bytes(value), gens[str(arg)]) if kind == "get" else None
+            for (kind, _, arg, _), value in zip(ops, replies, strict=False)
         ]
 
     async def bump_generation(self, generations: str, category: str) -> int:
@@ -257,18 +263,7 @@ class RedisCache:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         self._admit("set")
-        await self._sets.submit((key, value, max(1, int(ttl_s * 1000))))
-
-    async def _set_batch(self, items: list[tuple[str, bytes, int]]) -> list[None]:
-        try:
-            pipe = self._redis().pipeline(transaction=False)
-            for key, value, ttl_ms in items:
-                pipe.set(key, value, px=ttl_ms)
-            await asyncio.wait_for(pipe.execute(), self._deadline())
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise self._trip("set", exc) from exc
-        self._recover()
-        return [None] * len(items)
+        await self._ops.submit(("set", key, value, max(1, int(ttl_s * 1000))))
 
     async def ping(self) -> bool:
         """True when Redis answers; never raises (readiness probes and health checks)."""

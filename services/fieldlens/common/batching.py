@@ -1,10 +1,12 @@
 """Opportunistic micro-batching of concurrent calls to one backend, with no added wait.
 
-A call is sent at once while fewer than `max_in_flight` batches are out. Calls that arrive
-while the backend is busy queue, and leave together (up to `max_batch` of them) the moment a
-batch returns. Nothing waits on a timer: a lone request pays no delay, and under load the
-per-call costs of a backend hop (a gRPC round trip on both sides, a Python handler, Triton's
-per-request work) are paid once per batch instead of once per request.
+A call is sent as soon as the event loop has run what was ready when it came (so calls made in
+the same loop iteration, e.g. by requests whose broad-net batch just returned, leave together),
+while fewer than `max_in_flight` batches are out. Calls that arrive while the backend is busy
+queue, and leave together (up to `max_batch` of them) the moment a batch returns. Nothing waits
+on a timer: a lone request pays no delay, and under load the per-call costs of a backend hop (a
+gRPC round trip on both sides, a Python handler, Triton's per-request work) are paid once per
+batch instead of once per request.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class MicroBatcher(Generic[_In, _Out]):
         self.max_in_flight = max_in_flight
         self._queue: deque[tuple[_In, asyncio.Future[_Out]]] = deque()
         self._in_flight = 0
+        self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch
 
@@ -57,11 +60,22 @@ class MicroBatcher(Generic[_In, _Out]):
 
     async def submit(self, item: _In) -> _Out:
         """The result of `item`, sent alone or with whatever else is waiting."""
-        future: asyncio.Future[_Out] = asyncio.get_running_loop().create_future()
+        return await self.enqueue(item)
+
+    def enqueue(self, item: _In) -> asyncio.Future[_Out]:
+        """`submit` without awaiting: the future of `item`'s result (cancel it to give up)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Out] = loop.create_future()
         self._queue.append((item, future))
-        if self._in_flight < self.max_in_flight:
+        if self._in_flight < self.max_in_flight and not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._queue and self._in_flight < self.max_in_flight:
             self._launch()
-        return await future
 
     def _launch(self) -> None:
         batch: list[tuple[_In, asyncio.Future[_Out]]] = []
@@ -97,5 +111,4 @@ class MicroBatcher(Generic[_In, _Out]):
                     future.set_result(result)
         finally:
             self._in_flight -= 1
-            while self._queue and self._in_flight < self.max_in_flight:
-                self._launch()
+            self._flush()

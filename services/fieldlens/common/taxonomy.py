@@ -70,6 +70,10 @@ class Taxonomy:
                 raise ValueError(f"retired taxon {t.id} has unknown parent {t.parent}")
         # Look-ups by id (get, path) also find retired taxa.
         self._all = {**self._taxa, **self._retired} if self._retired else self._taxa
+        # Root-to-taxon paths, computed once: every answer walks several of them.
+        self._paths: dict[str, tuple[str, ...]] = {}
+        for tid in self._all:
+            self._paths[tid] = self._walk(tid)
         self._broad_of = {tid: self._find_broad(tid) for tid in self._all}
 
     # -- construction -------------------------------------------------------------------------
@@ -207,12 +211,27 @@ class Taxonomy:
 
     def path(self, taxon_id: str) -> list[str]:
         """Ids from the root down to `taxon_id`, inclusive."""
+        try:
+            return list(self._paths[taxon_id])
+        except KeyError:
+            raise KeyError(f"unknown taxon {taxon_id!r}") from None
+
+    def is_leaf(self, taxon_id: str) -> bool:
+        """True for a taxon without children (a retired one included)."""
+        if taxon_id in self._retired:
+            return True
+        try:
+            return not self._children[taxon_id]
+        except KeyError:
+            raise KeyError(f"unknown taxon {taxon_id!r}") from None
+
+    def _walk(self, taxon_id: str) -> tuple[str, ...]:
         out = []
         t: str | None = taxon_id
         while t is not None:
             out.append(t)
             t = self._all[t].parent
-        return out[::-1]
+        return tuple(reversed(out))
 
     def broad_of(self, taxon_id: str) -> str | None:
         return self._broad_of[taxon_id]

@@ -234,6 +234,12 @@ class StageTimer:
         self.metrics = metrics or get_metrics()
         self.durations: list[StageDuration] = []
 
+    def observe(self, name: str, started: float) -> None:
+        """Records stage `name` as lasting from `started` (time.perf_counter()) until now."""
+        seconds = time.perf_counter() - started
+        self.metrics.observe_stage(self.service, name, seconds)
+        self.durations.append(StageDuration(name, seconds))
+
     def stage(self, name: str) -> _Stage:
         """Context manager timing one stage of this request: it observes the stage histogram
         and appends to `durations`, also when the stage raises (slow failures are what the
@@ -253,10 +259,7 @@ class _Stage:
         self._start = time.perf_counter()
 
     def __exit__(self, *exc_info: object) -> None:
-        seconds = time.perf_counter() - self._start
-        timer = self._timer
-        timer.metrics.observe_stage(timer.service, self._name, seconds)
-        timer.durations.append(StageDuration(self._name, seconds))
+        self._timer.observe(self._name, self._start)
 
 
 @dataclass

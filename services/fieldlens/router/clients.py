@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -21,6 +22,18 @@ LEARN_TIMEOUT_S = 10.0  # a Learn waits for the classifier's journal fsync
 # A Forget waits for the journal fsync and a rebuild of the ensemble from every example still
 # learned (measured: 0.3 s with 500 learned examples, 2.8 s with 2,000).
 FORGET_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class CategoriesItem:
+    """One image's categories for a Classifier: the tiny ensemble needs its embedding, a
+    specialist its pixels (size x size x 3 uint8)."""
+
+    categories: list[str]
+    top_k: int  # leaves per category, best first; 0 = all
+    floors: list[float]  # per category: internal nodes below this P(node | category) stay out
+    embedding: np.ndarray | None = None
+    image: np.ndarray | None = None
 
 
 class ClassifierClient:
@@ -49,39 +62,23 @@ class ClassifierClient:
             return NotFound(f"{self.addr}: {exc.details()}")
         return Unavailable(f"classifier {self.addr}: {code.name} {exc.details()}")
 
-    async def classify(
-        self, category: str, embedding: np.ndarray, image_rgb: np.ndarray, model_set_version: str
-    ) -> tuple[dict[str, float], str]:
-        request = classifier_pb2.CategoryRequest(
-            category=category,
-            embedding=embedding.astype(np.float32).tolist(),
-            image_rgb=image_rgb.tobytes(),
-            image_size=int(image_rgb.shape[0]),
-            model_set_version=model_set_version,
-        )
-        try:
-            reply = await self._stub.Classify(request, timeout=self._timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from None
-        return _scores(reply)
-
     async def classify_batch(
-        self, items: list[tuple[list[str], np.ndarray, int, list[float]]], model_set_version: str
+        self, items: list[CategoriesItem], model_set_version: str
     ) -> list[dict[str, tuple[dict[str, float], str]]]:
-        """Several images' categories in one call (no pixels: for the tiny ensemble): per image
-        (categories, embedding, top_k leaves per category (0: all), least P(node | category)
-        of the internal nodes to send, per category); one {category: (scores, served_by)} per
+        """Several images' categories in one call; one {category: (scores, served_by)} per
         image, in order."""
         request = classifier_pb2.ClassifyBatchRequest(
             items=[
                 classifier_pb2.CategoriesRequest(
-                    categories=categories,
-                    embedding=embedding.tolist(),
+                    categories=item.categories,
+                    embedding=[] if item.embedding is None else item.embedding.tolist(),
+                    image_rgb=b"" if item.image is None else item.image.tobytes(),
+                    image_size=0 if item.image is None else int(item.image.shape[0]),
                     model_set_version=model_set_version,
-                    top_k=top_k,
-                    min_node_probability=floors,
+                    top_k=item.top_k,
+                    min_node_probability=item.floors,
                 )
-                for categories, embedding, top_k, floors in items
+                for item in items
             ]
         )
         try:

@@ -22,7 +22,7 @@ from fieldlens.common.model_set import ModelSet
 from fieldlens.common.settings import DEFAULT_BATCH_IN_FLIGHT, DEFAULT_BATCH_MAX
 from fieldlens.common.taxonomy import LEARNED_PREFIX
 from fieldlens.common.telemetry import Metrics, StageTimer, get_metrics
-from fieldlens.router.clients import ClassifierClient
+from fieldlens.router.clients import CategoriesItem, ClassifierClient
 from fieldlens.router.imaging import DecodedImage, ImageLimits, checked_hash, decode
 from fieldlens.router.merge import (
     SPECIALIST,
@@ -51,11 +51,8 @@ MAX_TOP_K = 50
 MAX_NEIGHBOURS = 10
 
 _T = TypeVar("_T")
-# One image's call to the tiny service, and its answer: (categories, embedding, top_k, the
-# least P(node | category) of an internal node worth sending per category) ->
-# {category: (P(taxon | category), served_by)}.
-TinyItem = tuple[list[str], np.ndarray, int, list[float]]
-TinyScores = dict[str, tuple[dict[str, float], str]]
+# A classifier's answer for one image: {category: (P(taxon | category), served_by)}.
+CategoryScores = dict[str, tuple[dict[str, float], str]]
 ALL_CATEGORIES = "*"  # the knowledge generation every cached answer depends on
 
 # Degradation kinds, as named in the protocol's DegradationKind.
@@ -105,6 +102,28 @@ class Classification:
     # The answer in the cache's encoding (the codec's), without timings and the `cached` flag:
     # encoded once, it is both the cache entry and what the servicer sends.
     wire: bytes = b""
+
+
+@dataclass
+class _ClassifierCalls:
+    """The classifier calls of one request, queued and in flight."""
+
+    categories: list[str]
+    tiny: list[str]
+    special: list[str]
+    started: float
+    tiny_call: asyncio.Future[CategoryScores] | None = None
+    special_call: asyncio.Future[CategoryScores] | None = None
+
+    def abandon(self) -> None:
+        """The request is done (or gone): calls not answered yet are not worth sending."""
+        for call in (self.tiny_call, self.special_call):
+            if call is None:
+                continue
+            if not call.done():
+                call.cancel()
+            elif not call.cancelled():
+                call.exception()  # retrieved: a failure nobody awaited is not news
 
 
 @dataclass(frozen=True)
@@ -182,11 +201,17 @@ class RouterDataPlane:
             batch_in_flight,
             self.metrics.batch_observer("router", "triton"),
         )
-        self._tiny: MicroBatcher[TinyItem, TinyScores] = MicroBatcher(
+        self._tiny: MicroBatcher[CategoriesItem, CategoryScores] = MicroBatcher(
             self._tiny_batch,
             batch_max,
             batch_in_flight,
             self.metrics.batch_observer("router", "tiny"),
+        )
+        self._specialists: MicroBatcher[CategoriesItem, CategoryScores] = MicroBatcher(
+            self._specialist_batch,
+            batch_max,
+            batch_in_flight,
+            self.metrics.batch_observer("router", "specialist"),
         )
         # Broad groups holding learned taxa: their specialist net cannot know those taxa.
         self._learned_groups: set[str] = set()
@@ -258,14 +283,17 @@ class RouterDataPlane:
             )
         categories = pick_categories(broad_probs, self.dispatch_top, MIN_DISPATCH_PROBABILITY)
         with timer.stage("classify"):
-            classified = asyncio.ensure_future(
-                self._classify_categories(
-                    categories, broad_probs, broad.embedding, img, degradations, timer, options
+            # The classifier calls are queued first; they travel while the search runs.
+            calls = self._start_classifiers(categories, broad_probs, broad.embedding, img, options)
+            try:
+                neighbours = await self._neighbours(
+                    broad.embedding, categories, degradations, timer
                 )
-            )
-            await asyncio.sleep(0)  # the classifier calls go out before the search runs
-            neighbours = await self._neighbours(broad.embedding, categories, degradations, timer)
-            results = await classified
+                results = await self._classified(
+                    calls, broad_probs, broad.embedding, degradations, timer
+                )
+            finally:
+                calls.abandon()
         with timer.stage("merge"):
             taxonomy = self.model_set.taxonomy
             if learned_probs:
@@ -308,9 +336,13 @@ class RouterDataPlane:
             BroadPass(logits[i], emb[i], fine[i], float(norm[i, 0])) for i in range(len(images))
         ]
 
-    async def _tiny_batch(self, items: list[TinyItem]) -> list[TinyScores]:
+    async def _tiny_batch(self, items: list[CategoriesItem]) -> list[CategoryScores]:
         """One tiny-service call for the categories of concurrent requests."""
         return await self.tiny.classify_batch(items, self.model_set.version)
+
+    async def _specialist_batch(self, items: list[CategoriesItem]) -> list[CategoryScores]:
+        """One specialist-service call for the specialist categories of concurrent requests."""
+        return await self.specialist.classify_batch(items, self.model_set.version)
 
     async def _write_back(self, key: str, value: bytes) -> None:
         assert self.cache is not None
@@ -426,92 +458,128 @@ class RouterDataPlane:
         taxonomy = self.model_set.taxonomy
         return {t: p for t, p in scores.items() if t in taxonomy}
 
-    async def _classify_categories(
+    def _start_classifiers(
         self,
         categories: Sequence[str],
         broad_probs: dict[str, float],
         emb: np.ndarray,
         img: DecodedImage,
-        degradations: list[Degradation],
-        timer: StageTimer,
         options: ClassifyOptions,
-    ) -> list[CategoryResult]:
-        """Specialist categories one call each, every tiny category in one call, in parallel."""
+    ) -> _ClassifierCalls:
+        """Queues the specialist categories in one specialist call and the others in one tiny
+        call (each call shared with other requests in flight)."""
         special = [
             c
             for c in categories
             if self._route(c) == SPECIALIST and broad_probs[c] >= self.specialist_min_p
         ]
         tiny = [c for c in categories if c not in special]
-        # Suggestions are the top_k leaves overall, so no group needs more than that, and an
-        # internal node can be the answer only if P(group) x P(node | group) clears the
-        # threshold. A group holding learned taxa gets every node: learned leaves add their
-        # probability to their ancestors here (`with_learned_leaves`).
-        floors = [
-            0.0 if c in self._learned_groups else options.threshold / broad_probs[c] * NODE_FLOOR
-            for c in tiny
-        ]
-        tiny_call = self._tiny_categories(
-            tiny, broad_probs, emb, degradations, timer, top_k=options.top_k, floors=floors
-        )
-        if not special:
-            return await tiny_call
-        found = await asyncio.gather(
-            tiny_call,
-            *(
-                self._specialist_category(c, broad_probs, emb, img, degradations, timer)
-                for c in special
-            ),
-        )
-        by_category = {r.category: r for r in [*found[0], *found[1:]]}
-        return [by_category[c] for c in categories]
+        calls = _ClassifierCalls(list(categories), tiny, special, time.perf_counter())
+        if tiny:
+            floors = self._floors(tiny, broad_probs, options)
+            calls.tiny_call = self._tiny.enqueue(
+                CategoriesItem(tiny, options.top_k, floors, embedding=emb)
+            )
+        if special:
+            floors = self._floors(special, broad_probs, options)
+            calls.special_call = self._specialists.enqueue(
+                CategoriesItem(special, options.top_k, floors, image=img.rgb)
+            )
+        return calls
 
-    async def _specialist_category(
+    async def _classified(
         self,
-        category: str,
+        calls: _ClassifierCalls,
         broad_probs: dict[str, float],
         emb: np.ndarray,
-        img: DecodedImage,
         degradations: list[Degradation],
         timer: StageTimer,
-    ) -> CategoryResult:
-        try:
-            with timer.stage("specialist"):
-                scores, served = await self.specialist.classify(
-                    category, emb, img.rgb, self.model_set.version
-                )
-            self.metrics.record_dispatch(category, SPECIALIST, False)
-            return CategoryResult(category, broad_probs[category], scores, served or SPECIALIST)
-        except Unavailable as exc:
-            logger.warning("specialist for %s unavailable, falling back to tiny: %s", category, exc)
-            degradations.append(Degradation(SPECIALIST_FALLBACK, str(exc), category))
-            self.metrics.record_degradation(SPECIALIST_FALLBACK)
-        (result,) = await self._tiny_categories(
-            [category], broad_probs, emb, degradations, timer, fell_back=True
+    ) -> list[CategoryResult]:
+        """The answers of `_start_classifiers`' calls, one per category in request order."""
+        found = await self._tiny_results(
+            calls.tiny, calls.tiny_call, broad_probs, degradations, timer, calls.started
         )
-        return result
+        if calls.special_call is not None:
+            found += await self._specialist_results(
+                calls.special,
+                calls.special_call,
+                broad_probs,
+                emb,
+                degradations,
+                timer,
+                calls.started,
+            )
+        by_category = {r.category: r for r in found}
+        return [by_category[c] for c in calls.categories]
 
-    async def _tiny_categories(
+    def _floors(
+        self, categories: Sequence[str], broad_probs: dict[str, float], options: ClassifyOptions
+    ) -> list[float]:
+        """Per category, the least P(node | category) of an internal node worth sending back.
+
+        Suggestions are the top_k leaves overall, so no group needs more leaves than that, and
+        an internal node can be the answer only if P(group) x P(node | group) clears the
+        threshold. A group holding learned taxa gets every node: learned leaves add their
+        probability to their ancestors here (`with_learned_leaves`).
+        """
+        return [
+            0.0 if c in self._learned_groups else options.threshold / broad_probs[c] * NODE_FLOOR
+            for c in categories
+        ]
+
+    async def _specialist_results(
         self,
         categories: list[str],
+        call: Awaitable[CategoryScores],
         broad_probs: dict[str, float],
         emb: np.ndarray,
         degradations: list[Degradation],
         timer: StageTimer,
-        fell_back: bool = False,
-        top_k: int = 0,
-        floors: list[float] | None = None,
+        started: float,
     ) -> list[CategoryResult]:
-        if not categories:
+        try:
+            got = await call
+        except Unavailable as exc:
+            timer.observe("specialist", started)
+            logger.warning(
+                "specialist for %s unavailable, falling back to tiny: %s", categories, exc
+            )
+            for c in categories:
+                degradations.append(Degradation(SPECIALIST_FALLBACK, str(exc), c))
+                self.metrics.record_degradation(SPECIALIST_FALLBACK)
+            fallback = self._tiny.enqueue(CategoriesItem(categories, 0, [], embedding=emb))
+            return await self._tiny_results(
+                categories, fallback, broad_probs, degradations, timer, time.perf_counter(), True
+            )
+        timer.observe("specialist", started)
+        results = []
+        for c in categories:
+            scores, served = got[c]
+            self.metrics.record_dispatch(c, SPECIALIST, False)
+            results.append(CategoryResult(c, broad_probs[c], scores, served or SPECIALIST))
+        return results
+
+    async def _tiny_results(
+        self,
+        categories: list[str],
+        call: Awaitable[CategoryScores] | None,
+        broad_probs: dict[str, float],
+        degradations: list[Degradation],
+        timer: StageTimer,
+        started: float,
+        fell_back: bool = False,
+    ) -> list[CategoryResult]:
+        if call is None:
             return []
         try:
-            with timer.stage("tiny"):
-                got = await self._tiny.submit((categories, emb, top_k, floors or []))
+            got = await call
         except Unavailable as exc:
             for c in categories:
                 degradations.append(Degradation(CLASSIFIER_UNAVAILABLE, str(exc), c))
                 self.metrics.record_degradation(CLASSIFIER_UNAVAILABLE)
             return [CategoryResult(c, broad_probs[c], {}, "", fell_back) for c in categories]
+        finally:
+            timer.observe("tiny", started)
         results = []
         for c in categories:
             scores, served = got[c]
@@ -589,6 +657,11 @@ def _attach_exemplars(
     for n in neighbours:  # already best first
         by_label.setdefault(n.label, []).append(n)
     return [
-        replace(s, exemplars=tuple(by_label.get(s.taxon_id, [])[:per_suggestion]))
+        Suggestion(
+            s.taxon_id,
+            s.probability,
+            s.served_by,
+            tuple(by_label.get(s.taxon_id, ())[:per_suggestion]),
+        )
         for s in suggestions
     ]

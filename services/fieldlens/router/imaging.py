@@ -8,12 +8,18 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fieldlens.common.errors import InvalidInput
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 MODEL_IMAGE_SIZE = 64
+# A JPEG the fast path decodes: its colour spaces (what libjpeg converts to RGB itself), and
+# markers whose presence sends it to Pillow instead (an orientation that must be applied).
+_FAST_JPEG_COLOURSPACES = ("YCbCr", "Gray")
+_ORIENTATION_MARKERS = (b"Exif\x00\x00", b"http://ns.adobe.com/xap/1.0/")
+_METADATA_SCAN_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,14 @@ def checked_hash(data: bytes, limits: ImageLimits) -> str:
 def decode(data: bytes, limits: ImageLimits, digest: str | None = None) -> DecodedImage:
     """Validates and decodes an encoded image, raising InvalidInput with a clear reason."""
     digest = digest or checked_hash(data, limits)
+    fast = _decode_model_sized_jpeg(data, limits, digest)
+    if fast is not None:
+        return fast
+    return decode_with_pillow(data, limits, digest)
+
+
+def decode_with_pillow(data: bytes, limits: ImageLimits, digest: str) -> DecodedImage:
+    """`decode` for every format and size, with Pillow."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (rather than raises) between 1x and 2x its own bomb limit; the header
@@ -97,3 +111,33 @@ def decode(data: bytes, limits: ImageLimits, digest: str | None = None) -> Decod
         # Truncated or corrupt data surfaces from the decoder as OSError/SyntaxError.
         raise InvalidInput(f"corrupt image data: {exc}") from None
     return DecodedImage(arr, digest, fmt, width, height)
+
+
+def _decode_model_sized_jpeg(
+    data: bytes, limits: ImageLimits, digest: str
+) -> DecodedImage | None:
+    """A plain JPEG already at the model's size, decoded by libjpeg-turbo straight to RGB.
+
+    The common case (a client that resizes before sending, like the dataset's photos) costs a
+    quarter of Pillow's path, pixel for pixel the same (the same library and methods: accurate
+    DCT, smooth upsampling). Anything else returns None and takes Pillow's path: another size
+    or format, an EXIF or XMP segment (it may carry an orientation), CMYK, or data libjpeg
+    finds wrong (so the client gets Pillow's message for it).
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    head = data[:_METADATA_SCAN_BYTES]
+    if any(marker in head for marker in _ORIENTATION_MARKERS):
+        return None
+    try:
+        height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+        if (
+            (width, height) != (limits.size, limits.size)
+            or colourspace not in _FAST_JPEG_COLOURSPACES
+            or width * height > limits.max_pixels
+        ):
+            return None
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+    except ValueError:
+        return None
+    return DecodedImage(rgb, digest, "JPEG", width, height)

@@ -73,7 +73,7 @@ def merge(
         Suggestion(taxon, r.probability * p, r.served_by)
         for r in results
         for taxon, p in r.scores.items()
-        if not taxonomy.children(taxon)
+        if taxonomy.is_leaf(taxon)
     ]
     leaves.sort(key=lambda s: -s.probability)
     return Merged(answer, cum.get(answer, 0.0), leaves[:top_k])

@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 import numpy as np
 
 from fieldlens.backends.triton_client import TritonClient
-from fieldlens.common.errors import FailedPrecondition, InvalidInput, Unimplemented
+from fieldlens.common.errors import FailedPrecondition, InvalidInput, NotFound, Unimplemented
 from fieldlens.common.model_set import ModelSet, SpecialistModel
 from fieldlens.common.taxonomy import Taxonomy
-from fieldlens.tiny.servicer import check_request, to_response
+from fieldlens.tiny.servicer import check_request, check_version, to_response
 from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
 
 LOGITS = "LOGITS"
 
 
-def rollup(
-    taxonomy: Taxonomy, category: str, labels: tuple[str, ...], probs: np.ndarray
-) -> list[tuple[str, float, bool]]:
-    """Leaf probabilities summed up to every taxon under `category`."""
-    leaf_p = dict(zip(labels, probs.tolist(), strict=True))
-    out = []
-    for t in taxonomy.under(category):
-        leaves = taxonomy.leaves_under(t)
-        out.append(
-            (t, float(sum(leaf_p.get(leaf, 0.0) for leaf in leaves)), not taxonomy.children(t))
-        )
-    return out
+class Rollup:
+    """Leaf probabilities of one specialist summed up to every taxon under its category, as
+    one matrix product (built once per category)."""
+
+    def __init__(self, taxonomy: Taxonomy, category: str, labels: tuple[str, ...]) -> None:
+        self.taxa = list(taxonomy.under(category))
+        self.leaf = [not taxonomy.children(t) for t in self.taxa]
+        column = {label: j for j, label in enumerate(labels)}
+        self.matrix = np.zeros((len(labels), len(self.taxa)), dtype=np.float64)
+        for i, t in enumerate(self.taxa):
+            for leaf in taxonomy.leaves_under(t):
+                if leaf in column:
+                    self.matrix[column[leaf], i] = 1.0
+
+    def scores(self, probs: np.ndarray) -> list[list[tuple[str, float, bool]]]:
+        """(taxon, probability, is_leaf) for each row of leaf probabilities."""
+        summed = probs.astype(np.float64) @ self.matrix
+        return [list(zip(self.taxa, row.tolist(), self.leaf, strict=True)) for row in summed]
 
 
 class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
@@ -36,6 +44,33 @@ class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
         self.model_set = model_set
         self.triton = triton
         self.tta = tta
+        self._rollups: dict[str, Rollup] = {}
+
+    def _rollup(self, category: str, spec: SpecialistModel) -> Rollup:
+        rollup = self._rollups.get(category)
+        if rollup is None:
+            rollup = self._rollups[category] = Rollup(
+                self.model_set.taxonomy, category, spec.labels
+            )
+        return rollup
+
+    def _pixels(self, image_rgb: bytes, image_size: int) -> np.ndarray:
+        size = self.model_set.image_size
+        if image_size != size or len(image_rgb) != size * size * 3:
+            raise InvalidInput(
+                f"image_rgb must be {size}x{size}x3 uint8 ({size * size * 3} bytes), got "
+                f"{len(image_rgb)} bytes at image_size {image_size}"
+            )
+        return np.frombuffer(image_rgb, dtype=np.uint8).reshape(size, size, 3)
+
+    async def _probabilities(self, spec: SpecialistModel, images: np.ndarray) -> np.ndarray:
+        """The net's leaf probabilities for each image (mean with its mirror image, TTA)."""
+        n = len(images)
+        batch = np.concatenate([images, images[:, :, ::-1]]) if self.tta else images
+        (logits,) = await self.triton.infer(spec.model, np.ascontiguousarray(batch), (LOGITS,))
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+        return (probs[:n] + probs[n:]) / 2 if self.tta else probs
 
     def _model(self, category: str) -> SpecialistModel:
         try:
@@ -48,21 +83,54 @@ class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
     ) -> classifier_pb2.CategoryResponse:
         check_request(self.model_set, request)
         spec = self._model(request.category)
-        size = self.model_set.image_size
-        if request.image_size != size or len(request.image_rgb) != size * size * 3:
-            raise InvalidInput(
-                f"image_rgb must be {size}x{size}x3 uint8 ({size * size * 3} bytes), got "
-                f"{len(request.image_rgb)} bytes at image_size {request.image_size}"
-            )
-        img = np.frombuffer(request.image_rgb, dtype=np.uint8).reshape(1, size, size, 3)
-        batch = np.concatenate([img, img[:, :, ::-1]]) if self.tta else img
-        (logits,) = await self.triton.infer(spec.model, np.ascontiguousarray(batch), (LOGITS,))
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = (e / e.sum(axis=1, keepdims=True)).mean(axis=0)
-        scores = rollup(self.model_set.taxonomy, request.category, spec.labels, probs)
+        img = self._pixels(request.image_rgb, request.image_size)
+        probs = await self._probabilities(spec, img[None])
+        (scores,) = self._rollup(request.category, spec).scores(probs)
         return to_response(
             request.category, scores, request.top_k, classifier_pb2.SPECIALIST, spec.model
         )
+
+    async def ClassifyBatch(
+        self, request: classifier_pb2.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ClassifyBatchResponse:
+        """Several images' categories: one net pass per category for all the images that ask
+        for it (the router coalesces concurrent requests' specialist calls)."""
+        items: Sequence[classifier_pb2.CategoriesRequest] = request.items
+        known = self.model_set.taxonomy.broad_ids
+        asks: dict[str, list[tuple[int, int, float]]] = {}
+        for i, item in enumerate(items):
+            check_version(self.model_set, item.model_set_version)
+            floors = item.min_node_probability
+            for j, category in enumerate(item.categories):
+                if category not in known:
+                    raise NotFound(f"unknown category {category!r}")
+                self._model(category)
+                floor = floors[j] if j < len(floors) else 0.0
+                asks.setdefault(category, []).append((i, j, floor))
+        images = [self._pixels(item.image_rgb, item.image_size) for item in items]
+        out = [
+            classifier_pb2.CategoriesResponse(
+                responses=[classifier_pb2.CategoryResponse() for _ in item.categories]
+            )
+            for item in items
+        ]
+        for category, who in asks.items():
+            spec = self._model(category)
+            probs = await self._probabilities(spec, np.stack([images[i] for i, _, _ in who]))
+            for (i, j, floor), scores in zip(
+                who, self._rollup(category, spec).scores(probs), strict=True
+            ):
+                out[i].responses[j].CopyFrom(
+                    to_response(
+                        category,
+                        scores,
+                        items[i].top_k,
+                        classifier_pb2.SPECIALIST,
+                        spec.model,
+                        floor,
+                    )
+                )
+        return classifier_pb2.ClassifyBatchResponse(items=out)
 
     async def Describe(
         self, request: classifier_pb2.DescribeRequest, context: grpc.aio.ServicerContext
