@@ -71,7 +71,9 @@ class ClassifierClient:
             items=[
                 classifier_pb2.CategoriesRequest(
                     categories=item.categories,
-                    embedding=[] if item.embedding is None else item.embedding.tolist(),
+                    embedding_f32=b""
+                    if item.embedding is None
+                    else item.embedding.astype("<f4", copy=False).tobytes(),
                     image_rgb=b"" if item.image is None else item.image.tobytes(),
                     image_size=0 if item.image is None else int(item.image.shape[0]),
                     model_set_version=model_set_version,

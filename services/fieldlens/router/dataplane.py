@@ -46,6 +46,8 @@ MIN_DISPATCH_PROBABILITY = 0.02  # below this a broad category is not worth a cl
 # Internal nodes a classifier sends start a little below the least probability that could make
 # one the answer: the request's numbers travel as float32.
 NODE_FLOOR = 1.0 - 1e-4
+# Turns of the event loop a call queued on an idle batcher takes to be sent (see classify).
+SEND_TURNS = 3
 NEIGHBOUR_POOL = 64  # candidates fetched once, then shared out to the suggestions
 MAX_TOP_K = 50
 MAX_NEIGHBOURS = 10
@@ -114,6 +116,7 @@ class _ClassifierCalls:
     started: float
     tiny_call: asyncio.Future[CategoryScores] | None = None
     special_call: asyncio.Future[CategoryScores] | None = None
+    leave_now: bool = False  # no batcher was busy: the calls go out at once
 
     def abandon(self) -> None:
         """The request is done (or gone): calls not answered yet are not worth sending."""
@@ -286,6 +289,13 @@ class RouterDataPlane:
             # The classifier calls are queued first; they travel while the search runs.
             calls = self._start_classifiers(categories, broad_probs, broad.embedding, img, options)
             try:
+                if calls.leave_now and self.store is not None and self.store.in_process:
+                    # Calls queued on idle batchers go out within three turns of the event
+                    # loop (the batcher's flush, its task, the gRPC call's own task); the
+                    # search runs on the loop, so it waits for them and then overlaps their
+                    # round trip instead of delaying it (0.25 ms off a lone request).
+                    for _ in range(SEND_TURNS):
+                        await asyncio.sleep(0)
                 neighbours = await self._neighbours(
                     broad.embedding, categories, degradations, timer
                 )
@@ -475,6 +485,9 @@ class RouterDataPlane:
         ]
         tiny = [c for c in categories if c not in special]
         calls = _ClassifierCalls(list(categories), tiny, special, time.perf_counter())
+        calls.leave_now = not (tiny and self._tiny.busy) and not (
+            special and self._specialists.busy
+        )
         if tiny:
             floors = self._floors(tiny, broad_probs, options)
             calls.tiny_call = self._tiny.enqueue(

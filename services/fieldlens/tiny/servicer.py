@@ -61,8 +61,7 @@ def to_response(
     return classifier_pb2.CategoryResponse(
         category=category,
         scores=[
-            classifier_pb2.ScoredTaxon(taxon_id=t, probability=p, leaf=leaf)
-            for t, p, leaf in kept
+            classifier_pb2.ScoredTaxon(taxon_id=t, probability=p, leaf=leaf) for t, p, leaf in kept
         ],
         served_by=served_by,
         model_version=model_version,
@@ -120,6 +119,21 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
         holds learned again, in order (ValueError or InvalidInput for a bad journal)."""
         return cls(model_set, replayed(base, journal.replay()), journal, base)
 
+    def _item_embedding(
+        self, item: classifier_pb2.CategoriesRequest, ensemble: TinyEnsemble
+    ) -> np.ndarray:
+        """An item's embedding, (1, dim): from its float32 bytes when it has them."""
+        if not item.embedding_f32:
+            return self._embedding(item.embedding, ensemble)
+        if len(item.embedding_f32) != 4 * ensemble.dim:
+            raise InvalidInput(
+                f"embedding_f32 has {len(item.embedding_f32)} bytes; expected {4 * ensemble.dim}"
+            )
+        emb = np.frombuffer(item.embedding_f32, dtype="<f4").astype(np.float32)
+        if not np.all(np.isfinite(emb)):
+            raise InvalidInput("embedding contains NaN or infinity")
+        return emb[None]
+
     def _embedding(self, values: Sequence[float], ensemble: TinyEnsemble) -> np.ndarray:
         if len(values) != ensemble.dim:
             raise InvalidInput(f"embedding has {len(values)} values; expected {ensemble.dim}")
@@ -168,7 +182,7 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
                     raise NotFound(f"unknown category {category!r}")
         if not items:
             return []
-        emb = np.concatenate([self._embedding(item.embedding, ensemble) for item in items])
+        emb = np.concatenate([self._item_embedding(item, ensemble) for item in items])
         # category -> (item, position in the item, floor) of every image that asks for it
         asks: dict[str, list[tuple[int, int, float]]] = {}
         for i, item in enumerate(items):
