@@ -350,29 +350,65 @@ def cmd_learn_eval(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     result = learn_eval.evaluate(args.data, cfg.models_dir, args.shots, args.held_out)
-    table = Table(title=f"Learn from {args.shots} photos: classes the models never saw")
-    for col in ("class", "learned under", "held-out photos", "recall@1", "recall@5"):
+    table = Table(title=f"Learned from {args.shots} photos: classes the models never saw")
+    for col in (
+        "class",
+        "learned under",
+        "held-out",
+        "recall@1",
+        "recall@5",
+        "precision",
+        "in its group",
+        "trained photos it took",
+    ):
         table.add_column(col)
-    for row in result["classes"]:  # type: ignore[attr-defined]
+
+    def pct(v: object) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    for row in result["classes"]:
         table.add_row(
             row["class"],
             row["parent"],
             str(row["held_out"]),
-            f"{row['recall_at_1']:.0%}",
-            f"{row['recall_at_5']:.0%}",
+            pct(row["recall_at_1"]),
+            pct(row["recall_at_5"]),
+            pct(row["precision"]),
+            pct(row["precision_in_group"]),
+            str(row["claimed_trained_photos"]),
         )
     console.print(table)
+    groups = Table(title="Trained classes' top-1 in the groups the new classes joined")
+    for col in ("broad group", "learned", "photos", "before", "after"):
+        groups.add_column(col)
+    for g in result["affected_groups"]:
+        groups.add_row(
+            g["broad"],
+            ", ".join(g["learned"]),
+            str(g["photos"]),
+            f"{g['top1_before']:.1%}",
+            f"{g['top1_after']:.1%}",
+        )
+    console.print(groups)
+    before, after = result["answer_before"], result["answer_after"]
     console.print(
-        f"mean recall@1 {result['mean_recall_at_1']:.1%}, recall@5 "
-        f"{result['mean_recall_at_5']:.1%}; Learn p50 {result['learn_p50_ms']:.1f} ms "
-        f"(durable), Classify p50 {result['classify_p50_ms']:.1f} ms (cache skipped)"
+        f"novel mean recall@1 {result['mean_recall_at_1']:.1%} (recall@5 "
+        f"{result['mean_recall_at_5']:.1%}); precision of answers naming a learned class "
+        f"{pct(result['learned_mean_precision'])} (trained classes "
+        f"{result['trained_mean_precision']:.0%}); trained top-1 over "
+        f"{result['trained_photos']} photos {result['trained_top1_before']:.1%} -> "
+        f"{result['trained_top1_after']:.1%} ({result['claimed_trained_photos']} taken by "
+        f"learned classes); harmonic mean {result['harmonic_mean']:.2f}"
     )
     console.print(
-        f"top-1 on {result['trained_photos']} photos of trained classes: "
-        f"{result['trained_top1_before']:.1%} before, {result['trained_top1_after']:.1%} after"
+        f"best-effort answer right {before['precision']:.1%} -> {after['precision']:.1%} "
+        f"(mean depth {before['mean_depth']:.2f} -> {after['mean_depth']:.2f}); Learn p50 "
+        f"{result['learn_p50_ms']:.1f} ms (durable), Classify p50 "
+        f"{result['classify_p50_ms']:.1f} ms (cache skipped)"
     )
     learn_eval.save(result, args.out)
-    console.print(f"written to {args.out}")
+    learn_eval.plot(result, args.out.with_suffix(".png"))
+    console.print(f"written to {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 

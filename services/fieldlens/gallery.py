@@ -90,6 +90,11 @@ def validation_samples(
     return out
 
 
+def validation_split(data_dir: Path, keys: set[str]) -> list[tuple[str, bytes, str]]:
+    """Every photo of the trainer's validation split, (key, bytes, class id), in data order."""
+    return [(key, data, wnid) for key, data, wnid in _samples(data_dir) if key in keys]
+
+
 def upload(
     stub: router_pb2_grpc.RouterStub,
     items: Iterable[tuple[str, bytes, str]],
