@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DATA ?= ../shared/data/tiny-imagenet
 
-.PHONY: setup demo up down status learn-eval test test-fast train train-smoke lint check clean
+.PHONY: setup demo up down status learn-eval test test-fast train train-smoke calibrate lint check clean
 
 include mk/proto.mk
 include mk/deploy.mk
@@ -43,6 +43,9 @@ test-fast: setup
 
 train: setup  ## reproduce the shipped model set from the shared shards (<= 90 min on 2 cores with bf16 kernels)
 	FIELDLENS_DATA_DIR=$(DATA) $(PY) -m fieldlens.trainer.train --profile full
+
+calibrate: setup  ## refit the shipped set's calibration: stated probabilities, default threshold, learned-class bias (make train runs it last)
+	$(PY) -m fieldlens.trainer.calibrate --data $(DATA)
 
 train-smoke: setup
 	FIELDLENS_DATA_DIR=$(DATA) $(PY) -m fieldlens.trainer.train --profile smoke \

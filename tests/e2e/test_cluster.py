@@ -161,6 +161,35 @@ def test_corrupt_image_is_rejected_and_server_keeps_serving(live_cluster, indexe
     assert _classify(live_cluster, data).suggestions
 
 
+def test_min_precision_is_read_off_the_served_precision_curve(live_cluster, indexed, manifest):
+    info = live_cluster.router.GetInfo(router_pb2.GetInfoRequest(), timeout=10)
+    cal = manifest["calibration"]
+    assert info.calibration_power == pytest.approx(cal["power"])
+    assert info.default_threshold == pytest.approx(cal["default_threshold"])
+    curve = [(p.threshold, p.precision) for p in info.precision_curve]
+    assert len(curve) == len(cal["precision_curve"]) > 10
+
+    def lowest(target: float) -> float:
+        ok = [t for i, (t, _) in enumerate(curve) if all(p >= target for _, p in curve[i:])]
+        return ok[0] if ok else curve[-1][0]
+
+    _, data, _ = indexed[0][7]
+    default = _classify(live_cluster, data, skip_cache=True)
+    assert default.threshold == pytest.approx(info.default_threshold)
+    depth = default.answer.taxon.depth
+    for target in (0.8, 0.95, 0.99):
+        r = _classify(live_cluster, data, min_precision=target, skip_cache=True)
+        assert r.threshold == pytest.approx(lowest(target))
+        assert r.answer.probability >= r.threshold - 1e-6
+        # A stricter target never answers deeper than a looser one.
+        if target > 0.9:
+            assert r.answer.taxon.depth <= depth
+    for options in ({"min_precision": 0.9, "threshold": 0.5}, {"min_precision": 1.5}):
+        with pytest.raises(grpc.RpcError) as err:
+            _classify(live_cluster, data, **options)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_stream_reports_bad_items_without_ending(live_cluster, indexed):
     good = [d for _, d, _ in indexed[0][10:13]]
     requests = [

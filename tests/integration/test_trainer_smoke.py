@@ -15,6 +15,7 @@ from fieldlens.backends.triton_python_model import load_torchscript
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.tiny.ensemble import TinyEnsemble
+from fieldlens.trainer.calibrate import POWERS, THRESHOLDS, calibrated_version
 from fieldlens.trainer.config import config_for
 from fieldlens.trainer.data import load_dataset, read_classes, split
 from fieldlens.trainer.loops import pick_device, training_precision
@@ -51,6 +52,8 @@ def test_artefacts_and_manifest(smoke: dict[str, Path]) -> None:
         "report/curation.csv",
         "report/curation.png",
         "report/precision_depth.png",
+        "report/reliability.png",
+        "report/imprint_bias.png",
     ):
         assert (models / f).stat().st_size > 0, f
     for m in ("broad", "specialist_insect", "specialist_other_invertebrate"):
@@ -69,6 +72,20 @@ def test_artefacts_and_manifest(smoke: dict[str, Path]) -> None:
     assert manifest["training_precision"] == training_precision(pick_device(), cfg.precision)
     assert manifest["training_precision"] in report and manifest["machine"] in report
     assert set(ms.routing) == set(ms.taxonomy.broad_ids)
+    # Calibrated last: its figures in the manifest and the report, and a version of its own.
+    cal = manifest["calibration"]
+    assert cal["power"] in POWERS and cal["default_threshold"] in THRESHOLDS
+    assert ms.version == calibrated_version(manifest) != manifest["export_version"]
+    assert ms.default_threshold == cal["default_threshold"]
+    assert f"| {cal['before']['nll']:.3f} | {cal['after']['nll']:.3f} |" in report
+    assert cal["after"]["nll"] <= cal["before"]["nll"] + 0.05  # fitted on the other half
+    assert len(cal["imprint_bias"]["hidden_classes"]) > 0
+    offsets = [r["bias_offset"] for r in cal["imprint_bias"]["sweep"]]
+    assert cal["imprint_bias"]["offset"] in offsets
+    imprint = manifest["broad"]["imprint"]
+    assert imprint["bias"] == pytest.approx(
+        imprint["trained_median_bias"] + cal["imprint_bias"]["offset"]
+    )
     assert set(val["specialists"]) == {"insect", "other_invertebrate"}
     split = json.loads((models / "split.json").read_text())
     assert len(split["val_keys"]) == len(set(split["val_keys"])) > 0

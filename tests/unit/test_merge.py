@@ -259,3 +259,71 @@ def test_learned_leaves_take_their_fine_share_and_trained_leaves_keep_proportion
     # Another group's result is untouched.
     fish = CategoryResult("broad/fish", 0.3, {"gold": 0.7, "carp": 0.3}, TINY)
     assert with_learned_leaves(tax, fish, {"learned/osprey": 0.25}) is fish
+
+
+# -- calibration ----------------------------------------------------------------------------
+def _tempered(result: CategoryResult, leaves: dict[str, float], power: float) -> CategoryResult:
+    """`result` with the tempered sums a classifier sends: sum of P(leaf | category)^power
+    over the leaves below each scored taxon, and over all the category's leaves."""
+    below = {
+        t: sum(q**power for leaf, q in leaves.items() if t in TAX.path(leaf)) for t in result.scores
+    }
+    return CategoryResult(
+        result.category,
+        result.probability,
+        result.scores,
+        result.served_by,
+        tempered=below,
+        tempered_total=sum(q**power for q in leaves.values()),
+    )
+
+
+BIRD_LEAVES = {"eagle": 0.625, "kite": 0.25, "heron": 0.125}
+FISH_LEAVES = {"gold": 0.75, "carp": 0.25}
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 1.5, 3.0])
+def test_calibrated_probabilities_are_the_tempered_leaf_distribution(power: float) -> None:
+    results = [_tempered(BIRD, BIRD_LEAVES, power), _tempered(FISH, FISH_LEAVES, power)]
+    cum = cumulative(TAX, BROAD, results, power)
+    # By brute force: every leaf's P = P(broad) x P(leaf | broad), raised to the power; the
+    # unscored tool group's two leaves as if they shared its 0.125 evenly.
+    leaf_p = {t: BROAD["broad/bird"] * q for t, q in BIRD_LEAVES.items()}
+    leaf_p |= {t: BROAD["broad/fish"] * q for t, q in FISH_LEAVES.items()}
+    leaf_p |= {"hammer": 0.0625, "saw": 0.0625}
+    z = sum(p**power for p in leaf_p.values())
+    expected = {
+        t: sum(p**power for leaf, p in leaf_p.items() if t in TAX.path(leaf)) / z
+        for t in EXPECTED_CUM
+    }
+    assert set(cum) == set(EXPECTED_CUM)
+    assert cum == pytest.approx(expected)
+    if power == 1.0:
+        assert cum == pytest.approx(EXPECTED_CUM)
+
+
+def test_calibration_keeps_the_ranking_and_moves_the_answer() -> None:
+    raw = merge(TAX, BROAD, RESULTS, threshold=0.4, top_k=5)
+    sharp = [_tempered(BIRD, BIRD_LEAVES, 2.0), _tempered(FISH, FISH_LEAVES, 2.0)]
+    cal = merge(TAX, BROAD, sharp, threshold=0.4, top_k=5, power=2.0)
+    assert [s.taxon_id for s in cal.suggestions] == [s.taxon_id for s in raw.suggestions]
+    # Sharper (power > 1): the leading branch holds more, so the same threshold goes deeper.
+    assert raw.answer_id == "node/bird/raptor"
+    assert cal.answer_id == "eagle"
+    assert cal.suggestions[0].probability > raw.suggestions[0].probability
+
+
+def test_learned_leaves_join_the_tempered_sums() -> None:
+    power = 2.0
+    bird = _tempered(BIRD, BIRD_LEAVES, power)
+    tax = TAX.with_learned([("learned/osprey", "osprey", "node/bird/raptor")])
+    # P(osprey) 0.1 of the bird group's 0.5: it holds 0.2 of the group; the trained leaves
+    # share the rest in their proportions.
+    added = with_learned_leaves(tax, bird, {"learned/osprey": 0.1}, power)
+    leaves = {t: q * 0.8 for t, q in BIRD_LEAVES.items()} | {"learned/osprey": 0.2}
+    assert added.tempered_total == pytest.approx(sum(q**power for q in leaves.values()))
+    raptor = ("eagle", "kite", "learned/osprey")
+    assert added.tempered["node/bird/raptor"] == pytest.approx(
+        sum(leaves[t] ** power for t in raptor)
+    )
+    assert added.tempered["learned/osprey"] == pytest.approx(0.2**power)

@@ -33,12 +33,8 @@ def test_router_defaults() -> None:
     assert router.redis_addr == "127.0.0.1:6379"
     assert router.qdrant_addr is None
     assert router.qdrant_path == s.REPO_ROOT / ".run" / "qdrant"
-    assert (router.cache_ttl_s, router.top_k, router.threshold, router.dispatch_top) == (
-        3600,
-        5,
-        0.5,
-        3,
-    )
+    assert (router.cache_ttl_s, router.top_k, router.dispatch_top) == (3600, 5, 3)
+    assert router.threshold is None, "unset: the model set's calibrated default threshold"
     assert router.max_image_bytes == 4 * 1024 * 1024
     assert router.max_pixels == 16_000_000
     assert router.stage_timeout_s == 1.0

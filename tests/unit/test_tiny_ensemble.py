@@ -287,7 +287,7 @@ def test_group_top_selects_and_orders_as_the_reference(tax, top_k, floor):
     x = rng.normal(size=(5, DIM)).astype(np.float32)
     for broad in tax.broad_ids:
         got = ens.group_top(x, broad, top_k, [floor] * len(x))
-        assert got == _reference_top(ens, x, broad, top_k, floor)
+        assert _plain(got) == _reference_top(ens, x, broad, top_k, floor)
 
 
 def test_group_top_keeps_the_layout_order_of_ties(tax):
@@ -299,6 +299,35 @@ def test_group_top_keeps_the_layout_order_of_ties(tax):
     x = np.ones((1, DIM), np.float32)
     for broad in tax.broad_ids:
         for top_k in (0, 1):
-            assert ens.group_top(x, broad, top_k, [0.0]) == _reference_top(ens, x, broad, top_k, 0)
-    (c,) = ens.group_top(x, "broad/c", 0, [0.0])
-    assert [t for t, _, _ in c] == ["c1"] and c[0][1] == 1.0
+            got = ens.group_top(x, broad, top_k, [0.0])
+            assert _plain(got) == _reference_top(ens, x, broad, top_k, 0)
+    ((c, _),) = ens.group_top(x, "broad/c", 0, [0.0])
+    assert [t for t, *_ in c] == ["c1"] and c[0][1] == 1.0
+
+
+def _plain(
+    got: list[tuple[list[tuple[str, float, bool, float]], float]],
+) -> list[list[tuple[str, float, bool]]]:
+    return [[(t, p, leaf) for t, p, leaf, _ in scores] for scores, _ in got]
+
+
+@pytest.mark.parametrize("power", [1.0, 1.6])
+def test_group_top_tempers_the_leaf_distribution_for_calibration(tax, power):
+    """Tempered: the sum of P(leaf | broad)^power over the leaves at or below each taxon, and
+    over the whole group; with power 1 nothing is computed."""
+    ens = _random_ensemble(tax, seed=5)
+    x = np.random.default_rng(6).normal(size=(3, DIM)).astype(np.float32)
+    for broad in tax.broad_ids:
+        full = {t: p for t, p, _ in ens.scores_for(x[:1], broad)}
+        ((scores, total),) = ens.group_top(x[:1], broad, 0, [0.0], power)
+        if power == 1.0:
+            assert total == 0.0 and all(q == 0.0 for *_, q in scores)
+            continue
+        leaves = [t for t in full if tax.is_leaf(t)]
+        assert total == pytest.approx(sum(full[t] ** power for t in leaves))
+        for t, _, _, q in scores:
+            below = [leaf for leaf in tax.leaves_under(t)]
+            assert q == pytest.approx(sum(full[leaf] ** power for leaf in below))
+        # The floor applies to a node's share of the tempered total.
+        ((kept, _),) = ens.group_top(x[:1], broad, 0, [0.5], power)
+        assert all(leaf or q >= 0.5 * total for _, _, leaf, q in kept)

@@ -708,3 +708,24 @@ def test_forgets_count_across_the_journals_of_older_model_sets(
     three.append([b])  # b learned again later, under ms-3
     assert list(still_learned_across([one, two, three])) == ["c", "b"]
     assert [j.model_set_version for j in three.others()] == ["ms-1", "ms-2"]
+
+
+def test_new_taxa_scored_upstream_leave_the_trained_classes_as_they_were(
+    base: TinyEnsemble, space: Space
+) -> None:
+    """When the router puts learned taxa into the broad net's softmax, the tiny ensemble's
+    trained classes answer exactly as if nothing was learned: the new row takes no probability
+    from its siblings, is not scored, and its examples nudge no trained row."""
+    x = space.sample(space.mean("a4"), 20, seed=7)
+    quiet = base.copy()
+    quiet.learned_scored_upstream = True
+    before = {b: quiet.group_top(x, b, 0, [0.0] * len(x)) for b in base.taxonomy.broad_ids}
+    quiet.learn(_examples(space.sample(space.mean(NEW, "node/a/z"), 5, seed=3)))
+    assert NEW in quiet.learned_taxa  # kept: Describe, Forget and replay know it
+    after = {b: quiet.group_top(x, b, 0, [0.0] * len(x)) for b in quiet.taxonomy.broad_ids}
+    assert after == before
+    loud = base.copy()  # the default: scored here, trained rows nudged
+    loud.learn(_examples(space.sample(space.mean(NEW, "node/a/z"), 5, seed=3)))
+    scored = loud.group_top(x, "broad/a", 0, [0.0] * len(x))
+    assert any(t == NEW for row, _ in scored for t, *_ in row)
+    assert scored != before["broad/a"]

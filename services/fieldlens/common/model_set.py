@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fieldlens.common.errors import FailedPrecondition
+from fieldlens.common.settings import DEFAULT_THRESHOLD
 from fieldlens.common.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,39 @@ class ModelSet:
     @property
     def tiny_path(self) -> Path:
         return Path(self.manifest["_dir"]) / TINY
+
+    @property
+    def calibration(self) -> Mapping[str, Any]:
+        """The trainer's calibration (trainer/calibrate.py); empty for an uncalibrated set."""
+        found: Mapping[str, Any] = self.manifest.get("calibration", {})
+        return found
+
+    @property
+    def default_threshold(self) -> float:
+        """The answer threshold a request gets by default: the calibrated one (targeting the
+        set's `default_min_precision`), else DEFAULT_THRESHOLD."""
+        return float(self.calibration.get("default_threshold", DEFAULT_THRESHOLD))
+
+    def threshold_for(self, min_precision: float) -> float:
+        """The threshold whose best-effort answers were right at least `min_precision` of the
+        time on validation (FailedPrecondition for a set without a measured curve)."""
+        curve = self.calibration.get("precision_curve")
+        if not curve:
+            raise FailedPrecondition(
+                f"model set {self.version} has no measured precision curve (not calibrated: "
+                "make calibrate); ask for a threshold instead"
+            )
+        return threshold_for(curve, min_precision)
+
+
+def threshold_for(curve: Sequence[Mapping[str, float]], min_precision: float) -> float:
+    """The lowest threshold from which the answer is right at least `min_precision` of the
+    time (every higher threshold too); the highest one when none reaches it."""
+    ok = [r["precision"] >= min_precision for r in curve]
+    for i in range(len(curve)):
+        if all(ok[i:]):
+            return float(curve[i]["threshold"])
+    return float(curve[-1]["threshold"])
 
 
 def load_model_set(

@@ -141,8 +141,9 @@ class RouterSettings:
     cache_ttl_s: int
     # Default number of suggestions when the request says 0.
     top_k: int
-    # Default cumulative-probability threshold for the best-effort answer, in (0, 1].
-    threshold: float
+    # Default cumulative-probability threshold for the best-effort answer, in (0, 1]; None =
+    # the model set's (its calibrated default, or DEFAULT_THRESHOLD for an uncalibrated set).
+    threshold: float | None
     # How many of the most probable broad categories are dispatched to classifiers.
     dispatch_top: int
     # P(broad) a specialist-routed category needs for the specialist pass; below, tiny.
@@ -177,7 +178,7 @@ class RouterSettings:
             qdrant_path=_read(env, "QDRANT_PATH", _repo_path(DEFAULT_QDRANT_PATH), _path),
             cache_ttl_s=_read(env, "FIELDLENS_CACHE_TTL_S", DEFAULT_CACHE_TTL_S, _positive_int),
             top_k=_read(env, "FIELDLENS_TOP_K", DEFAULT_TOP_K, _positive_int),
-            threshold=_read(env, "FIELDLENS_THRESHOLD", DEFAULT_THRESHOLD, _probability),
+            threshold=_read(env, "FIELDLENS_THRESHOLD", None, _probability),
             dispatch_top=_read(env, "FIELDLENS_DISPATCH_TOP", DEFAULT_DISPATCH_TOP, _positive_int),
             specialist_min_p=_read(
                 env, "FIELDLENS_SPECIALIST_MIN_P", DEFAULT_SPECIALIST_MIN_P, _unit_interval

@@ -75,6 +75,7 @@ class Taxonomy:
         for tid in self._all:
             self._paths[tid] = self._walk(tid)
         self._broad_of = {tid: self._find_broad(tid) for tid in self._all}
+        self._leaf_counts: dict[str, int] = {}
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -215,6 +216,13 @@ class Taxonomy:
             return list(self._paths[taxon_id])
         except KeyError:
             raise KeyError(f"unknown taxon {taxon_id!r}") from None
+
+    def leaf_count(self, taxon_id: str) -> int:
+        """How many leaves `taxon_id` has below it (itself, for a leaf)."""
+        n = self._leaf_counts.get(taxon_id)
+        if n is None:
+            n = self._leaf_counts[taxon_id] = len(self.leaves_under(taxon_id))
+        return n
 
     def is_leaf(self, taxon_id: str) -> bool:
         """True for a taxon without children (a retired one included)."""

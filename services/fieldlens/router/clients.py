@@ -25,6 +25,18 @@ FORGET_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
+class CategoryAnswer:
+    """What a Classifier said about one category of one image."""
+
+    scores: dict[str, float]  # P(taxon | category)
+    served_by: str
+    # Calibration (router/merge.py): sum of P(leaf | category)^power below each scored taxon,
+    # and over every leaf of the category; empty and 0 when no power was asked for.
+    tempered: dict[str, float]
+    tempered_total: float
+
+
+@dataclass(frozen=True)
 class CategoriesItem:
     """One image's categories for a Classifier: the tiny ensemble needs its embedding, a
     specialist its pixels (size x size x 3 uint8)."""
@@ -34,6 +46,7 @@ class CategoriesItem:
     floors: list[float]  # per category: internal nodes below this P(node | category) stay out
     embedding: np.ndarray | None = None
     image: np.ndarray | None = None
+    power: float = 1.0  # calibration: tempered sums come back when it is not 1
 
 
 class ClassifierClient:
@@ -64,7 +77,7 @@ class ClassifierClient:
 
     async def classify_batch(
         self, items: list[CategoriesItem], model_set_version: str
-    ) -> list[dict[str, tuple[dict[str, float], str]]]:
+    ) -> list[dict[str, CategoryAnswer]]:
         """Several images' categories in one call; one {category: (scores, served_by)} per
         image, in order."""
         request = classifier_pb2.ClassifyBatchRequest(
@@ -79,6 +92,7 @@ class ClassifierClient:
                     model_set_version=model_set_version,
                     top_k=item.top_k,
                     min_node_probability=item.floors,
+                    power=0.0 if item.power == 1.0 else item.power,
                 )
                 for item in items
             ]
@@ -87,7 +101,7 @@ class ClassifierClient:
             reply = await self._stub.ClassifyBatch(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
-        return [{r.category: _scores(r) for r in item.responses} for item in reply.items]
+        return [{r.category: _answer(r) for r in item.responses} for item in reply.items]
 
     async def learned_taxa(self, model_set_version: str = "") -> list[NewTaxonSpec]:
         """Taxa this classifier learned online (tiny) for a model set, in creation order."""
@@ -177,6 +191,8 @@ class ClassifierClient:
         await self._channel.close()
 
 
-def _scores(reply: classifier_pb2.CategoryResponse) -> tuple[dict[str, float], str]:
+def _answer(reply: classifier_pb2.CategoryResponse) -> CategoryAnswer:
     scores = {s.taxon_id: float(s.probability) for s in reply.scores}
-    return scores, SERVED_BY.get(reply.served_by, "")
+    total = reply.tempered_total
+    tempered = {s.taxon_id: s.tempered for s in reply.scores} if total > 0.0 else {}
+    return CategoryAnswer(scores, SERVED_BY.get(reply.served_by, ""), tempered, total)

@@ -22,7 +22,7 @@ from fieldlens.common.model_set import ModelSet
 from fieldlens.common.settings import DEFAULT_BATCH_IN_FLIGHT, DEFAULT_BATCH_MAX
 from fieldlens.common.taxonomy import LEARNED_PREFIX
 from fieldlens.common.telemetry import Metrics, StageTimer, get_metrics
-from fieldlens.router.clients import CategoriesItem, ClassifierClient
+from fieldlens.router.clients import CategoriesItem, CategoryAnswer, ClassifierClient
 from fieldlens.router.imaging import DecodedImage, ImageLimits, checked_hash, decode
 from fieldlens.router.merge import (
     SPECIALIST,
@@ -53,8 +53,8 @@ MAX_TOP_K = 50
 MAX_NEIGHBOURS = 10
 
 _T = TypeVar("_T")
-# A classifier's answer for one image: {category: (P(taxon | category), served_by)}.
-CategoryScores = dict[str, tuple[dict[str, float], str]]
+# A classifier's answers for one image, by category.
+CategoryScores = dict[str, CategoryAnswer]
 ALL_CATEGORIES = "*"  # the knowledge generation every cached answer depends on
 
 # Degradation kinds, as named in the protocol's DegradationKind.
@@ -197,6 +197,8 @@ class RouterDataPlane:
         self.stage_timeout_s = stage_timeout_s
         self.metrics = metrics or get_metrics()
         self.specialist_min_p = specialist_min_p
+        # Calibration of the stated probabilities (router/merge.py); 1 = as the nets say.
+        self.power = float(model_set.manifest.get("calibration", {}).get("power", 1.0))
         # Concurrent requests share backend calls (see common/batching.py).
         self._broad: MicroBatcher[np.ndarray, BroadPass] = MicroBatcher(
             self._broad_batch,
@@ -231,9 +233,15 @@ class RouterDataPlane:
 
     # -- Classify ------------------------------------------------------------------------------
     def resolve(
-        self, top_k: int, neighbours: int, threshold: float, skip_cache: bool
+        self,
+        top_k: int,
+        neighbours: int,
+        threshold: float,
+        skip_cache: bool,
+        min_precision: float = 0.0,
     ) -> ClassifyOptions:
-        """Request options with zero meaning 'server default', validated."""
+        """Request options with zero meaning 'server default', validated. A `min_precision`
+        becomes the threshold that reached it on the model set's validation photos."""
         if top_k < 0 or top_k > MAX_TOP_K:
             raise InvalidInput(f"top_k must be between 0 and {MAX_TOP_K}, got {top_k}")
         if neighbours < 0 or neighbours > MAX_NEIGHBOURS:
@@ -242,6 +250,12 @@ class RouterDataPlane:
             )
         if not (0.0 <= threshold <= 1.0) or np.isnan(threshold):
             raise InvalidInput(f"threshold must be in [0, 1], got {threshold}")
+        if not (0.0 <= min_precision <= 1.0) or np.isnan(min_precision):
+            raise InvalidInput(f"min_precision must be in [0, 1], got {min_precision}")
+        if min_precision:
+            if threshold:
+                raise InvalidInput("give threshold or min_precision, not both")
+            threshold = self.model_set.threshold_for(min_precision)
         return ClassifyOptions(
             top_k=top_k or self.defaults.top_k,
             neighbours=neighbours or self.defaults.neighbours,
@@ -307,8 +321,12 @@ class RouterDataPlane:
         with timer.stage("merge"):
             taxonomy = self.model_set.taxonomy
             if learned_probs:
-                results = [with_learned_leaves(taxonomy, r, learned_probs) for r in results]
-            merged = merge(taxonomy, broad_probs, results, options.threshold, options.top_k)
+                results = [
+                    with_learned_leaves(taxonomy, r, learned_probs, self.power) for r in results
+                ]
+            merged = merge(
+                taxonomy, broad_probs, results, options.threshold, options.top_k, self.power
+            )
             suggestions = _attach_exemplars(merged.suggestions, neighbours, options.neighbours)
         result = Classification(
             answer_id=merged.answer_id,
@@ -491,12 +509,12 @@ class RouterDataPlane:
         if tiny:
             floors = self._floors(tiny, broad_probs, options)
             calls.tiny_call = self._tiny.enqueue(
-                CategoriesItem(tiny, options.top_k, floors, embedding=emb)
+                CategoriesItem(tiny, options.top_k, floors, embedding=emb, power=self.power)
             )
         if special:
             floors = self._floors(special, broad_probs, options)
             calls.special_call = self._specialists.enqueue(
-                CategoriesItem(special, options.top_k, floors, image=img.rgb)
+                CategoriesItem(special, options.top_k, floors, image=img.rgb, power=self.power)
             )
         return calls
 
@@ -535,6 +553,11 @@ class RouterDataPlane:
         threshold. A group holding learned taxa gets every node: learned leaves add their
         probability to their ancestors here (`with_learned_leaves`).
         """
+        if self.power != 1.0:  # calibrated: the floor is a share of the tempered mass
+            return [
+                0.0 if c in self._learned_groups else options.threshold * NODE_FLOOR
+                for c in categories
+            ]
         return [
             0.0 if c in self._learned_groups else options.threshold / broad_probs[c] * NODE_FLOOR
             for c in categories
@@ -560,16 +583,27 @@ class RouterDataPlane:
             for c in categories:
                 degradations.append(Degradation(SPECIALIST_FALLBACK, str(exc), c))
                 self.metrics.record_degradation(SPECIALIST_FALLBACK)
-            fallback = self._tiny.enqueue(CategoriesItem(categories, 0, [], embedding=emb))
+            fallback = self._tiny.enqueue(
+                CategoriesItem(categories, 0, [], embedding=emb, power=self.power)
+            )
             return await self._tiny_results(
                 categories, fallback, broad_probs, degradations, timer, time.perf_counter(), True
             )
         timer.observe("specialist", started)
         results = []
         for c in categories:
-            scores, served = got[c]
+            a = got[c]
             self.metrics.record_dispatch(c, SPECIALIST, False)
-            results.append(CategoryResult(c, broad_probs[c], scores, served or SPECIALIST))
+            results.append(
+                CategoryResult(
+                    c,
+                    broad_probs[c],
+                    a.scores,
+                    a.served_by or SPECIALIST,
+                    tempered=a.tempered,
+                    tempered_total=a.tempered_total,
+                )
+            )
         return results
 
     async def _tiny_results(
@@ -595,11 +629,23 @@ class RouterDataPlane:
             timer.observe("tiny", started)
         results = []
         for c in categories:
-            scores, served = got[c]
+            a = got[c]
+            scores, tempered = a.scores, a.tempered
             if any(t not in self.model_set.taxonomy for t in scores):
                 scores = await self._with_known_taxa(scores)
+                tempered = {t: q for t, q in tempered.items() if t in scores}
             self.metrics.record_dispatch(c, TINY, fell_back)
-            results.append(CategoryResult(c, broad_probs[c], scores, served or TINY, fell_back))
+            results.append(
+                CategoryResult(
+                    c,
+                    broad_probs[c],
+                    scores,
+                    a.served_by or TINY,
+                    fell_back,
+                    tempered,
+                    a.tempered_total,
+                )
+            )
         return results
 
     async def _neighbours(

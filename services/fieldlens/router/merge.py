@@ -1,4 +1,15 @@
-"""Merging per-category answers: P(taxon) = P(broad) x P(taxon | broad), best-effort answer."""
+"""Merging per-category answers: P(taxon) = P(broad) x P(taxon | broad), best-effort answer.
+
+Calibration (the model set's `calibration.power`, a; temperature 1/a) reshapes the leaf
+distribution those products define: P*(leaf) = P(leaf)^a / Z, and a taxon's probability is the
+sum over the leaves below it. A power on each leaf keeps their order, so the suggestions rank as
+before; only the stated probabilities, and so the best-effort answer, change. The classifiers
+send, per taxon they score, the sum of P(leaf | category)^a over its leaves ("tempered"), and
+the sum over all their category's leaves, so the router has Z exactly for every dispatched
+category; a category nobody scored counts as if its leaves shared its probability evenly
+(n leaves: P(category)^a n^(1-a)), a small term when a > 1 since it was not among the most
+probable. The trainer fits a on validation with this same arithmetic (`calibrated`).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +35,10 @@ class CategoryResult:
     scores: Mapping[str, float]  # P(taxon | category) for taxa under the category
     served_by: str  # SPECIALIST or TINY; empty when no classifier answered
     fell_back: bool = False  # the specialist was routed to but unreachable
+    # Sum of P(leaf | category)^power over the leaves below each taxon of `scores`, and over
+    # all the category's leaves (see the module docstring); empty and 0 when not calibrated.
+    tempered: Mapping[str, float] = field(default_factory=dict)
+    tempered_total: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -42,9 +57,15 @@ class Merged:
 
 
 def cumulative(
-    taxonomy: Taxonomy, broad_probs: Mapping[str, float], results: Sequence[CategoryResult]
+    taxonomy: Taxonomy,
+    broad_probs: Mapping[str, float],
+    results: Sequence[CategoryResult],
+    power: float = 1.0,
 ) -> dict[str, float]:
-    """Cumulative probability of every taxon the answer can speak for."""
+    """Cumulative probability of every taxon the answer can speak for (calibrated by `power`,
+    see the module docstring)."""
+    if power != 1.0:
+        return calibrated(taxonomy, broad_probs, results, power)
     cum: dict[str, float] = {ROOT: 0.0}
     for broad, p in broad_probs.items():
         for t in taxonomy.path(broad):
@@ -55,26 +76,62 @@ def cumulative(
     return cum
 
 
+def calibrated(
+    taxonomy: Taxonomy,
+    broad_probs: Mapping[str, float],
+    results: Sequence[CategoryResult],
+    power: float,
+) -> dict[str, float]:
+    """`cumulative` of the calibrated leaf distribution P(leaf)^power / Z."""
+    scored = {r.category: r for r in results if r.tempered_total > 0.0}
+    mass: dict[str, float] = {}
+    for broad, p in broad_probs.items():
+        r = scored.get(broad)
+        spread = r.tempered_total if r is not None else taxonomy.leaf_count(broad) ** (1 - power)
+        mass[broad] = p**power * spread
+    z = sum(mass.values()) or 1.0
+    cum: dict[str, float] = {ROOT: 0.0}
+    for broad, m in mass.items():
+        for t in taxonomy.path(broad):
+            cum[t] = cum.get(t, 0.0) + m / z if t != broad else m / z
+    for r in scored.values():
+        scale = r.probability**power / z
+        for taxon, q in r.tempered.items():
+            cum[taxon] = scale * q
+    return cum
+
+
 def merge(
     taxonomy: Taxonomy,
     broad_probs: Mapping[str, float],
     results: Sequence[CategoryResult],
     threshold: float,
     top_k: int,
+    power: float = 1.0,
 ) -> Merged:
-    """The best-effort answer (deepest taxon clearing `threshold`) and ranked leaf suggestions."""
-    cum = cumulative(taxonomy, broad_probs, results)
+    """The best-effort answer (deepest taxon clearing `threshold`) and ranked leaf suggestions,
+    with probabilities calibrated by `power` (1: as the nets say)."""
+    cum = cumulative(taxonomy, broad_probs, results, power)
     answer = max(
         (t for t, p in cum.items() if p >= threshold),
         key=lambda t: (taxonomy.get(t).depth, cum[t]),
         default=ROOT,
     )
-    leaves = [
-        Suggestion(taxon, r.probability * p, r.served_by)
-        for r in results
-        for taxon, p in r.scores.items()
-        if taxonomy.is_leaf(taxon)
-    ]
+    if power == 1.0:
+        leaves = [
+            Suggestion(taxon, r.probability * p, r.served_by)
+            for r in results
+            for taxon, p in r.scores.items()
+            if taxonomy.is_leaf(taxon)
+        ]
+    else:
+        leaves = [
+            Suggestion(taxon, cum[taxon], r.served_by)
+            for r in results
+            if r.tempered_total > 0.0
+            for taxon in r.scores
+            if taxonomy.is_leaf(taxon) and taxon in cum
+        ]
     leaves.sort(key=lambda s: -s.probability)
     return Merged(answer, cum.get(answer, 0.0), leaves[:top_k])
 
@@ -142,13 +199,17 @@ MAX_LEARNED_SHARE = 0.999
 
 
 def with_learned_leaves(
-    taxonomy: Taxonomy, result: CategoryResult, learned: Mapping[str, float]
+    taxonomy: Taxonomy,
+    result: CategoryResult,
+    learned: Mapping[str, float],
+    power: float = 1.0,
 ) -> CategoryResult:
     """A category's scores with its learned taxa at their fine-softmax probability.
 
     A learned taxon is a class of the fine softmax, so its P(taxon | category) is its share of
     the category's mass there; the trained taxa keep the classifier's proportions of the rest,
-    and every ancestor inside the category gains what its learned descendants hold.
+    and every ancestor inside the category gains what its learned descendants hold. The
+    tempered sums (calibration) follow the same leaves.
     """
     mine = {t: p for t, p in learned.items() if taxonomy.broad_of(t) == result.category}
     if not mine or result.probability <= 0 or not result.scores:
@@ -159,9 +220,19 @@ def with_learned_leaves(
         q = {t: v * MAX_LEARNED_SHARE / total for t, v in q.items()}
         total = MAX_LEARNED_SHARE
     scores = {t: p * (1.0 - total) for t, p in result.scores.items() if t not in q}
+    shrink = (1.0 - total) ** power
+    tempered = {t: v * shrink for t, v in result.tempered.items() if t not in q}
+    tempered_total = result.tempered_total * shrink
     for t, v in q.items():
         scores[t] = v
         for ancestor in taxonomy.path(t)[:-1]:
             if ancestor in scores:
                 scores[ancestor] += v
-    return replace(result, scores=scores)
+        if result.tempered_total > 0.0:
+            vt = v**power
+            tempered[t] = vt
+            tempered_total += vt
+            for ancestor in taxonomy.path(t)[:-1]:
+                if ancestor in tempered:
+                    tempered[ancestor] += vt
+    return replace(result, scores=scores, tempered=tempered, tempered_total=tempered_total)

@@ -111,7 +111,11 @@ def new_plane(b: Backends, model_set: ModelSet, store: VectorStore | None) -> Ro
         b.cache,
         codec(taxonomy),
         ImageLimits(s.max_image_bytes, s.max_pixels, model_set.image_size),
-        ClassifyOptions(s.top_k, DEFAULT_NEIGHBOURS, s.threshold),
+        ClassifyOptions(
+            s.top_k,
+            DEFAULT_NEIGHBOURS,
+            model_set.default_threshold if s.threshold is None else s.threshold,
+        ),
         s.dispatch_top,
         s.cache_ttl_s,
         s.stage_timeout_s,

@@ -82,9 +82,7 @@ class _TaxonMessages:
 
 
 # Taxonomies are immutable (Learn makes a new one), so each keeps its messages while in use.
-_taxon_messages: weakref.WeakKeyDictionary[Taxonomy, _TaxonMessages] = (
-    weakref.WeakKeyDictionary()
-)
+_taxon_messages: weakref.WeakKeyDictionary[Taxonomy, _TaxonMessages] = weakref.WeakKeyDictionary()
 
 
 def _messages(taxonomy: Taxonomy) -> _TaxonMessages:
@@ -202,11 +200,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def _classify(self, request: router_pb2.ClassifyRequest) -> router_pb2.ClassifyResponse:
         plane = self.plane
         options = plane.resolve(
-            request.top_k, request.neighbours, request.threshold, request.skip_cache
+            request.top_k,
+            request.neighbours,
+            request.threshold,
+            request.skip_cache,
+            request.min_precision,
         )
         result = await plane.classify(request.image, options)
         response = response_of(result, plane.model_set.taxonomy)
         response.request_id = request.request_id
+        response.threshold = options.threshold
         return response
 
     async def Classify(
@@ -241,15 +244,26 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def GetInfo(
         self, request: router_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.GetInfoResponse:
-        ms, learner = self.plane.model_set, self.plane.learner
+        plane = self.plane
+        ms, learner = plane.model_set, plane.learner
         return router_pb2.GetInfoResponse(
             model_set_version=ms.version,
             embedding_version=ms.embedding_version,
-            exemplar_count=await self.plane.exemplar_count(),
+            exemplar_count=await plane.exemplar_count(),
             routing=dict(ms.routing),
             learned_examples=learner.learned_total if learner else 0,
-            writes_blocked=learner.writes_blocked if learner else (self.plane.reindexing or ""),
+            writes_blocked=learner.writes_blocked if learner else (plane.reindexing or ""),
             broad_model=ms.broad_model,
+            default_threshold=plane.defaults.threshold,
+            precision_curve=[
+                router_pb2.PrecisionPoint(
+                    threshold=r["threshold"],
+                    precision=r["precision"],
+                    mean_depth=r["mean_depth"],
+                )
+                for r in ms.calibration.get("precision_curve", ())
+            ],
+            calibration_power=float(ms.calibration.get("power", 1.0)),
         )
 
     @staticmethod

@@ -36,6 +36,10 @@ class Rollup:
         summed = probs.astype(np.float64) @ self.matrix
         return [list(zip(self.taxa, row.tolist(), self.leaf, strict=True)) for row in summed]
 
+    def tempered(self, probs: np.ndarray, power: float) -> np.ndarray:
+        """Per row, the sum of P(leaf)^power over the leaves below each taxon (calibration)."""
+        return (probs.astype(np.float64) ** power) @ self.matrix
+
 
 class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
     """fieldlens.v1.Classifier for the categories that have a fine-tuned net."""
@@ -114,11 +118,15 @@ class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
             )
             for item in items
         ]
+        # Every item of a batch comes from one router plane: one calibration power.
+        power = (items[0].power or 1.0) if items else 1.0
         for category, who in asks.items():
             spec = self._model(category)
             probs = await self._probabilities(spec, np.stack([images[i] for i, _, _ in who]))
-            for (i, j, floor), scores in zip(
-                who, self._rollup(category, spec).scores(probs), strict=True
+            rollup = self._rollup(category, spec)
+            tempered = rollup.tempered(probs, power) if power != 1.0 else None
+            for n, ((i, j, floor), scores) in enumerate(
+                zip(who, rollup.scores(probs), strict=True)
             ):
                 out[i].responses[j].CopyFrom(
                     to_response(
@@ -128,6 +136,7 @@ class SpecialistServicer(classifier_pb2_grpc.ClassifierServicer):
                         classifier_pb2.SPECIALIST,
                         spec.model,
                         floor,
+                        None if tempered is None else tempered[n].tolist(),
                     )
                 )
         return classifier_pb2.ClassifyBatchResponse(items=out)

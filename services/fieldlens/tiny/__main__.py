@@ -29,11 +29,14 @@ def build(settings: ClassifierSettings, model_set: ModelSet) -> TinyServicer:
             f"tiny ensemble is for {ensemble.embedding_version}, the model set "
             f"for {model_set.embedding_version}"
         )
+    # The router puts learned taxa into the broad net's softmax when the model set says how.
+    ensemble.learned_scored_upstream = bool(model_set.manifest.get("broad", {}).get("imprint"))
     logger.info(
-        "model set %s: tiny ensemble of %d edges over %d-d embeddings",
+        "model set %s: tiny ensemble of %d edges over %d-d embeddings (learned taxa scored %s)",
         model_set.version,
         len(ensemble.bias),
         ensemble.dim,
+        "by the router" if ensemble.learned_scored_upstream else "here",
     )
     journal = KnowledgeJournal.for_model_set(
         settings.common.state_dir, "tiny", model_set.version, model_set.embedding_version

@@ -63,6 +63,8 @@ class GroupSlice:
     leaf: tuple[bool, ...]
     leaf_rows: np.ndarray  # indices (relative to `start`) of the leaves, in row order
     node_rows: np.ndarray  # and of the internal nodes
+    # (rows, rows) 0/1: [l, x] = 1 when row l is a leaf at or below row x (sums over leaves).
+    leaves_below: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,11 @@ class TinyEnsemble:
         self._untrained_nodes = frozenset(
             str(n) for n, k in zip(layout.nodes, self._seg_len, strict=True) if k == 1
         )
+        # True when a learned taxon's probability comes from elsewhere (the router puts it in
+        # the broad net's fine softmax, see the manifest's "imprint"): its row then takes no
+        # probability from its trained siblings here, it is not scored, and its examples do
+        # not nudge trained rows by SGD. The trained classes answer as if it did not exist.
+        self.learned_scored_upstream = False
 
     def _set_layout(
         self, taxonomy: Taxonomy, layout: TreeLayout, weights: np.ndarray, bias: np.ndarray
@@ -239,6 +246,10 @@ class TinyEnsemble:
         g = self._groups[broad]
         x = np.atleast_2d(emb).astype(np.float32, copy=False)
         logits = x @ self.weights[g.start : g.stop].T + self.bias[g.start : g.stop]
+        if self.learned_scored_upstream and self._imprints:
+            learned = self._learned_rows(g)
+            if len(learned):
+                logits[:, learned] = -np.inf
         mx = np.maximum.reduceat(logits, g.seg_start, axis=1)
         e = np.exp(logits - np.repeat(mx, g.seg_len, axis=1))
         cond = e / np.repeat(np.add.reduceat(e, g.seg_start, axis=1), g.seg_len, axis=1)
@@ -247,6 +258,15 @@ class TinyEnsemble:
         for rows in g.levels[1:]:
             out[:, rows] = cond[:, rows] * out[:, g.parent_row[rows]]
         return out
+
+    def _learned_rows(self, g: GroupSlice) -> np.ndarray:
+        """Rows of a group (relative to its start) that score learned taxa."""
+        return np.asarray(
+            sorted(
+                r - g.start for t in self._imprints if g.start <= (r := self._row_of[t]) < g.stop
+            ),
+            dtype=np.int64,
+        )
 
     def group_scores(self, emb: np.ndarray, broad: str) -> list[tuple[str, float, bool]]:
         """`scores_for` of one image, evaluating only that group's classifiers."""
@@ -263,24 +283,52 @@ class TinyEnsemble:
         return self.group_scores(emb, broad)
 
     def group_top(
-        self, emb: np.ndarray, broad: str, top_k: int, floors: Sequence[float]
-    ) -> list[list[tuple[str, float, bool]]]:
+        self,
+        emb: np.ndarray,
+        broad: str,
+        top_k: int,
+        floors: Sequence[float],
+        power: float = 1.0,
+    ) -> list[tuple[list[tuple[str, float, bool, float]], float]]:
         """For each row of `emb` (several images, one matrix product): the `top_k` most
-        probable leaves under `broad` (0: all) and the internal nodes whose P(node | broad)
-        reaches the row's floor, as (taxon id, probability, is_leaf), best first; ties keep
-        the layout's order, internal nodes before leaves."""
+        probable leaves under `broad` (0: all) and the internal nodes that reach the row's
+        floor, as (taxon id, probability, is_leaf, tempered), best first (ties keep the
+        layout's order, internal nodes before leaves), with the group's tempered total.
+
+        Tempered (calibration, router/merge.py): the sum of P(leaf | broad)^power over the
+        leaves at or below a taxon; the total over all the group's leaves. With power 1 they
+        are not computed (0.0) and the floor applies to P(node | broad); otherwise it applies
+        to a node's share of the tempered total.
+        """
         if broad not in self._groups:
             raise KeyError(f"unknown broad group {broad!r}")
         g = self._groups[broad]
         probs = self.predict_group(emb, broad)
+        leaf_rows = g.leaf_rows
+        if self.learned_scored_upstream and self._imprints:
+            leaf_rows = np.setdiff1d(leaf_rows, self._learned_rows(g), assume_unique=True)
+        tempered = totals = None
+        if power != 1.0:
+            powered = np.zeros(probs.shape, dtype=np.float64)
+            powered[:, leaf_rows] = probs[:, leaf_rows].astype(np.float64) ** power
+            tempered = powered @ g.leaves_below
+            totals = powered.sum(axis=1)
         out = []
-        for p, floor in zip(probs, floors, strict=True):
-            leaves = g.leaf_rows
+        for i, (p, floor) in enumerate(zip(probs, floors, strict=True)):
+            leaves = leaf_rows
             if 0 < top_k < len(leaves):
                 leaves = np.sort(leaves[np.argsort(-p[leaves], kind="stable")[:top_k]])
-            rows = np.concatenate([g.node_rows[p[g.node_rows] >= floor], leaves])
+            if tempered is None:
+                nodes = g.node_rows[p[g.node_rows] >= floor]
+                q, total = np.zeros(len(p)), 0.0
+            else:
+                q, total = tempered[i], float(totals[i])  # type: ignore[index]
+                nodes = g.node_rows[q[g.node_rows] >= floor * total]
+            rows = np.concatenate([nodes, leaves])
             rows = rows[np.argsort(-p[rows], kind="stable")]
-            out.append([(g.taxa[r], float(p[r]), g.leaf[r]) for r in rows.tolist()])
+            out.append(
+                ([(g.taxa[r], float(p[r]), g.leaf[r], float(q[r])) for r in rows.tolist()], total)
+            )
         return out
 
     # -- training -----------------------------------------------------------------------------
@@ -383,6 +431,8 @@ class TinyEnsemble:
         if imprint is not None:
             imprint.add(ex.id, vec)
             self._imprint(ex.taxon_id)
+            if self.learned_scored_upstream:
+                return  # its row scores nothing here; SGD would only move trained rows
         self.partial_fit(vec[None], [ex.taxon_id], steps=steps)
         # SGD moved every row in the path's segments, learned rows among them: put their
         # imprints back so a few SGD steps cannot erode what the examples' mean says.
@@ -591,7 +641,21 @@ def _group_slices(
             leaf=leaf,
             leaf_rows=np.flatnonzero(np.asarray(leaf, dtype=bool)),
             node_rows=np.flatnonzero(~np.asarray(leaf, dtype=bool)),
+            leaves_below=_leaves_below(rel_parent, leaf),
         )
+    return out
+
+
+def _leaves_below(parent_row: np.ndarray, leaf: Sequence[bool]) -> np.ndarray:
+    """[l, x] = 1 when row l is a leaf and x is l or one of its ancestors (rows of one group)."""
+    n = len(leaf)
+    out = np.zeros((n, n), dtype=np.float64)
+    for r in range(n):
+        if leaf[r]:
+            q = r
+            while q >= 0:
+                out[r, q] = 1.0
+                q = int(parent_row[q])
     return out
 
 

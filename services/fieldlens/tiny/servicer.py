@@ -45,26 +45,40 @@ def check_request(model_set: ModelSet, request: classifier_pb2.CategoryRequest) 
 
 def to_response(
     category: str,
-    scores: list[tuple[str, float, bool]],
+    scores: Sequence[tuple[str, float, bool]],
     top_k: int,
     served_by: int,
     model_version: str,
     min_node_probability: float = 0.0,
+    tempered: Sequence[float] | None = None,
 ) -> classifier_pb2.CategoryResponse:
     """Scores sorted best first: `top_k` leaves (0: all) plus every internal node whose
-    probability reaches `min_node_probability`."""
-    leaves = sorted((s for s in scores if s[2]), key=lambda s: -s[1])
+    probability reaches `min_node_probability`.
+
+    With `tempered` (one per score: the sum of P(leaf)^power over its leaves, calibration) the
+    responses carry them and their total, and the floor applies to a node's share of it.
+    """
+    q = list(tempered) if tempered is not None else [0.0] * len(scores)
+    total = sum(qi for (_, _, leaf), qi in zip(scores, q, strict=True) if leaf)
+    rows = [(t, p, leaf, qi) for (t, p, leaf), qi in zip(scores, q, strict=True)]
+    leaves = sorted((r for r in rows if r[2]), key=lambda r: -r[1])
     if top_k > 0:
         leaves = leaves[:top_k]
-    kept = [s for s in scores if not s[2] and s[1] >= min_node_probability] + leaves
-    kept.sort(key=lambda s: -s[1])
+    if tempered is None:
+        nodes = [r for r in rows if not r[2] and r[1] >= min_node_probability]
+    else:
+        nodes = [r for r in rows if not r[2] and r[3] >= min_node_probability * total]
+    kept = nodes + leaves
+    kept.sort(key=lambda r: -r[1])
     return classifier_pb2.CategoryResponse(
         category=category,
         scores=[
-            classifier_pb2.ScoredTaxon(taxon_id=t, probability=p, leaf=leaf) for t, p, leaf in kept
+            classifier_pb2.ScoredTaxon(taxon_id=t, probability=p, leaf=leaf, tempered=qi)
+            for t, p, leaf, qi in kept
         ],
         served_by=served_by,
         model_version=model_version,
+        tempered_total=total if tempered is not None else 0.0,
     )
 
 
@@ -196,6 +210,8 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
             )
             for item in items
         ]
+        # Every item of a batch comes from one router plane: one calibration power.
+        power = (items[0].power or 1.0) if items else 1.0
         for category, who in asks.items():
             rows = [i for i, _, _ in who]
             # Every item of a batch asks for the same top_k (the router's request option).
@@ -203,16 +219,21 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
             for top_k in tops:
                 same = [(i, j, f) for i, j, f in who if items[i].top_k == top_k]
                 scored = ensemble.group_top(
-                    emb[[i for i, _, _ in same]], category, top_k, [f for _, _, f in same]
+                    emb[[i for i, _, _ in same]],
+                    category,
+                    top_k,
+                    [f for _, _, f in same],
+                    power,
                 )
-                for (i, j, _), scores in zip(same, scored, strict=True):
+                for (i, j, _), (scores, total) in zip(same, scored, strict=True):
                     response = out[i].responses[j]
                     response.category = category
                     response.served_by = classifier_pb2.TINY
                     response.model_version = ensemble.embedding_version
+                    response.tempered_total = total
                     response.scores.extend(
-                        classifier_pb2.ScoredTaxon(taxon_id=t, probability=p, leaf=leaf)
-                        for t, p, leaf in scores
+                        classifier_pb2.ScoredTaxon(taxon_id=t, probability=p, leaf=leaf, tempered=q)
+                        for t, p, leaf, q in scores
                     )
         return out
 

@@ -72,6 +72,45 @@ def precision_depth_png(path: Path, rows: Sequence[dict[str, float]]) -> None:
     plt.close(fig)
 
 
+def reliability_png(
+    path: Path, before: Sequence[dict[str, float]], after: Sequence[dict[str, float]], power: float
+) -> None:
+    """Reliability diagram of the top suggestion: stated probability against how often right."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for bins, style, label in (
+        (before, "o--", "as the nets say"),
+        (after, "s-", f"power {power:g}"),
+    ):
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, label=label)
+    ax.set_xlabel("stated probability of the top suggestion")
+    ax.set_ylabel("share of those suggestions that are right")
+    ax.set_title("Calibration (reported half of validation)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def imprint_bias_png(path: Path, sweep: Sequence[dict[str, float]], chosen: float) -> None:
+    """Learned-back classes against the imprint bias: found, precise, and what they cost."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    x = [r["bias_offset"] for r in sweep]
+    ax.plot(x, [r["recall"] for r in sweep], "o-", label="recall of learned classes")
+    ax.plot(x, [r["precision"] for r in sweep], "s-", label="precision of learned classes")
+    ax.plot(x, [r["worst_group_drop"] for r in sweep], "^--", label="worst group top-1 loss")
+    ax.axvline(chosen, color="grey", ls=":", label=f"chosen {chosen:+g}")
+    ax.set_xlabel("imprint bias offset (logit, vs trained rows' median)")
+    ax.set_ylabel("share")
+    ax.set_title("Learned classes: found vs photos taken from others")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_csv(path: Path, rows: Sequence[dict[str, object]]) -> None:
     with path.open("w", newline="") as f:
         if not rows:
@@ -147,8 +186,57 @@ def markdown(metrics: dict[str, object]) -> str:
         "",
         "![curation](curation.png)",
         "",
-        f"Training time: {metrics['training_seconds'] / 60:.1f} min on {metrics['machine']}, "
-        f"in {metrics['training_precision']}.",
+        f"Training time: {metrics['training_seconds'] / 60:.1f} min on {metrics['machine']}"
+        + (f", in {p}." if (p := metrics.get("training_precision")) else "."),
         "",
     ]
+    if isinstance(cal := metrics.get("calibration"), dict):
+        lines += calibration_markdown(cal)
     return "\n".join(lines)
+
+
+def calibration_markdown(cal: dict[str, object]) -> list[str]:
+    """The calibration section (trainer/calibrate.py): what the router's stated
+    probabilities, default threshold and learned-class bias rest on."""
+    before, after, bias = cal["before"], cal["after"], cal["imprint_bias"]
+    assert isinstance(before, dict) and isinstance(after, dict) and isinstance(bias, dict)
+    lines = [
+        "## Calibration",
+        "",
+        f"Fitted on {cal['fitted_on']}; reported on {cal['reported_on']}. The router states "
+        f"P(leaf)^{cal['power']:g}, renormalised; rankings are unchanged.",
+        "",
+        "| | as the nets say | calibrated |",
+        "| --- | --- | --- |",
+        f"| NLL of the true class | {before['nll']:.3f} | {after['nll']:.3f} |",
+        f"| ECE, top suggestion | {before['ece_top_suggestion']:.3f} |"
+        f" {after['ece_top_suggestion']:.3f} |",
+        f"| ECE, best-effort answer | {before['ece_answer']:.3f} | {after['ece_answer']:.3f} |",
+        f"| top-1 | {before['top1']:.2%} | {after['top1']:.2%} |",
+        f"| answer right (default threshold) | {before['answer_precision']:.2%} |"
+        f" {after['answer_precision']:.2%} |",
+        f"| answer mean depth | {before['answer_mean_depth']:.2f} |"
+        f" {after['answer_mean_depth']:.2f} |",
+        "",
+        f"Default threshold {cal['default_threshold']:.2f}: the lowest from which the answer "
+        f"was right at least {cal['default_min_precision']:.0%} of the time on the fitted half "
+        "(a request's `min_precision` is read off the same curve, `GetInfo.precision_curve`).",
+        "",
+        "![reliability](reliability.png)",
+        "",
+        "### Learned classes: imprint bias",
+        "",
+        f"Rule: {bias['rule']}. Chosen offset: {bias['offset']:+g}.",
+        "",
+        "| offset | recall | precision | base top-1 | worst group loss | photos taken |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    sweep = bias["sweep"]
+    assert isinstance(sweep, list)
+    for r in sweep:
+        lines.append(
+            f"| {r['bias_offset']:+g} | {r['recall']:.1%} | {r['precision']:.1%} |"
+            f" {r['base_top1']:.2%} | {r['worst_group_drop']:.1%} | {r['claimed']} |"
+        )
+    lines += ["", "![imprint bias](imprint_bias.png)", ""]
+    return lines

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from tqdm import trange
 
+from fieldlens.common.model_set import MANIFEST
 from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.common.threads import set_cpu_threads
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.tiny.ensemble import fit as tiny_fit
+from fieldlens.trainer import calibrate, evaluation, metrics, report
 from fieldlens.trainer import data as data_mod
-from fieldlens.trainer import evaluation, metrics, report
 from fieldlens.trainer.config import (
     DEFAULT_MODEL_REPOSITORY,
     DEFAULT_MODELS_DIR,
@@ -365,6 +366,10 @@ def run(
     )
     doc = {**manifest, "validation": val_metrics}
     (report_dir / "README.md").write_text(report.markdown(doc))
+    # Last: the stated probabilities, the default threshold and the learned-class bias, fitted
+    # on what the exported nets answer (rewrites the manifest, the version and the report).
+    calibrate.calibrate(models_dir, model_repository, data_dir)
+    manifest = json.loads((models_dir / MANIFEST).read_text())
     logger.info(
         "model set %s written: fine top-1 %.3f, broad top-1 %.3f",
         manifest["model_set_version"],
