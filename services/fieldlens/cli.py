@@ -239,20 +239,30 @@ def _demo_learn(
 
     before = stub.Classify(probe, timeout=30)
     label = router_pb2.NewTaxonLabel(name=c["name"], parent_id=c["parent"])
-    times = []
+    times, taxon_id = [], ""
     for img in photos[:DEMO_LEARN_SHOTS]:
         t0 = time.perf_counter()
-        stub.Learn(
+        reply = stub.Learn(
             router_pb2.LearnRequest(image=img, new_taxon=label, source="demo"),
             timeout=60,
             metadata=bearer(cfg.write_token()),
         )
         times.append((time.perf_counter() - t0) * 1e3)
+        taxon_id = reply.taxon.id
+    own = stub.Classify(router_pb2.ClassifyRequest(image=photos[0], skip_cache=True), timeout=30)
     after = stub.Classify(probe, timeout=30)
+    ranks = [s.taxon.id for s in after.suggestions]
+    where = (
+        f"'{c['name']}' is suggestion #{ranks.index(taxon_id) + 1}"
+        if taxon_id in ranks
+        else f"'{c['name']}' is not among its {len(ranks)} suggestions"
+    )
     console.print(
         f"learned '{c['name']}' (kept out of training) under {c['parent']} from "
         f"{DEMO_LEARN_SHOTS} photos, {sorted(times)[len(times) // 2]:.0f} ms per Learn; "
-        f"a sixth photo: before {top(before)} -> after {top(after)}"
+        f"a learned photo is now {top(own)}; a sixth photo: before {top(before)} -> after "
+        f"{top(after)}, {where} (a learned class claims only photos close to its examples: "
+        "README, What a learned class may claim)"
     )
 
 

@@ -86,6 +86,9 @@ def test_artefacts_and_manifest(smoke: dict[str, Path]) -> None:
     assert imprint["bias"] == pytest.approx(
         imprint["trained_median_bias"] + cal["imprint_bias"]["offset"]
     )
+    assert imprint["example_bias"] == pytest.approx(
+        imprint["trained_median_bias"] + cal["imprint_bias"]["example_offset"]
+    )
     assert set(val["specialists"]) == {"insect", "other_invertebrate"}
     split = json.loads((models / "split.json").read_text())
     assert len(split["val_keys"]) == len(set(split["val_keys"])) > 0

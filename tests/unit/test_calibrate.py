@@ -119,6 +119,12 @@ def test_bias_rule_takes_the_most_recall_within_the_group_loss_budget() -> None:
     assert calibrate.choose_bias(too_costly).bias_offset == -1
 
 
+def test_example_rows_take_the_most_careful_offset_that_wins_the_learned_photos_back() -> None:
+    sweep = {-8.0: 0.2, -7.0: 0.85, -6.0: 0.92, -5.0: 0.97}
+    assert calibrate.choose_example_offset(sweep) == -6.0
+    assert calibrate.choose_example_offset({-8.0: 0.1, -7.0: 0.5}) == -7.0
+
+
 def test_halves_split_every_class_in_two_disjoint_seeded_halves() -> None:
     labels = np.repeat(np.asarray(["a", "b", "c"]), [10, 7, 4])
     fit, report = calibrate.halves(labels, seed=5)

@@ -247,6 +247,35 @@ def test_learned_classes_move_broad_mass_only_for_photos_like_them():
     assert kept["broad/tool"] == pytest.approx(0.80, abs=0.01)
 
 
+def test_example_rows_claim_a_photo_like_one_example_that_the_mean_row_does_not():
+    rng = np.random.default_rng(4)
+    dim = 16
+    # Five examples spread around the taxon: their mean is close to none of them.
+    examples = rng.normal(size=(5, dim)).astype(np.float32)
+    examples /= np.linalg.norm(examples, axis=1, keepdims=True)
+    tax = TAX.with_learned([("learned/osprey", "osprey", "node/bird/raptor")])
+    imprint = {"row_norm": 4.0, "bias": -8.0, "embedding_mean": [0.0] * dim}
+    sums = {"learned/osprey": (examples.sum(0), 5)}
+    plain = imprint_rows(sums, imprint, tax, {"learned/osprey": list(examples)})
+    assert plain[3] == ["learned/osprey"], "no example_bias: the mean row alone"
+    strict = {**imprint, "example_bias": -10.0}
+    rows, bias, groups, taxa = imprint_rows(sums, strict, tax, {"learned/osprey": list(examples)})
+    assert taxa == ["learned/osprey"] * 6 and groups == ["broad/bird"] * 6
+    assert bias.tolist() == [-8.0] + [-10.0] * 5
+    broad = {"broad/bird": 0.05, "broad/fish": 0.15, "broad/tool": 0.80}
+    fine = np.zeros(7, dtype=np.float32)
+    photo = examples[2]  # one of the learned photos
+    _, by_mean = with_learned_classes(broad, fine, 4.0, photo, plain)
+    out, by_both = with_learned_classes(broad, fine, 4.0, photo, (rows, bias, groups, taxa))
+    assert by_mean["learned/osprey"] < 0.5 < by_both["learned/osprey"]
+    assert out["broad/bird"] == pytest.approx(
+        0.05 * (1 - by_both["learned/osprey"]) + by_both["learned/osprey"]
+    )
+    # A photo like none of them is claimed by neither.
+    _, unlike = with_learned_classes(broad, fine, 4.0, -photo, (rows, bias, groups, taxa))
+    assert unlike["learned/osprey"] < 0.01
+
+
 def test_learned_leaves_take_their_fine_share_and_trained_leaves_keep_proportions():
     tax = TAX.with_learned([("learned/osprey", "osprey", "node/bird/raptor")])
     scores = {"node/bird/raptor": 0.6, "eagle": 0.4, "kite": 0.2, "heron": 0.4}

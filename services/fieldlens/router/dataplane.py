@@ -441,14 +441,19 @@ class RouterDataPlane:
             taxonomy.broad_of(t.id) or "" for t in taxonomy if t.id.startswith(LEARNED_PREFIX)
         }
 
-    def set_imprints(self, sums: Mapping[str, tuple[np.ndarray, int]]) -> None:
+    def set_imprints(
+        self,
+        sums: Mapping[str, tuple[np.ndarray, int]],
+        examples: Mapping[str, Sequence[np.ndarray]] | None = None,
+    ) -> None:
         """Imprinted fine-softmax rows of the learned taxa, from each one's (embedding sum,
-        example count); none without the model set's imprint parameters."""
+        example count) and its examples' embeddings (merge.imprint_rows); none without the
+        model set's imprint parameters."""
         imprint = self.model_set.manifest.get("broad", {}).get("imprint")
         if not imprint or not sums:
             self._imprint_rows = None
             return
-        self._imprint_rows = imprint_rows(sums, imprint, self.model_set.taxonomy)
+        self._imprint_rows = imprint_rows(sums, imprint, self.model_set.taxonomy, examples)
 
     async def bump(self, categories: set[str]) -> None:
         """Makes cached answers of these categories stale; Redis down -> retried later."""

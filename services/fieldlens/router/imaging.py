@@ -113,9 +113,7 @@ def decode_with_pillow(data: bytes, limits: ImageLimits, digest: str) -> Decoded
     return DecodedImage(arr, digest, fmt, width, height)
 
 
-def _decode_model_sized_jpeg(
-    data: bytes, limits: ImageLimits, digest: str
-) -> DecodedImage | None:
+def _decode_model_sized_jpeg(data: bytes, limits: ImageLimits, digest: str) -> DecodedImage | None:
     """A plain JPEG already at the model's size, decoded by libjpeg-turbo straight to RGB.
 
     The common case (a client that resizes before sending, like the dataset's photos) costs a

@@ -368,7 +368,9 @@ class Learner:
             self._taxon_sums.pop(taxon, None)
 
     def _rebuild_imprints(self) -> None:
-        self.plane.set_imprints(self._taxon_sums)
+        self.plane.set_imprints(
+            self._taxon_sums, {t: list(m.values()) for t, m in self._members.items()}
+        )
 
     async def learn(self, items: Sequence[LearnItem]) -> list[LearnOutcome | FieldlensError]:
         """Learns labelled images; one outcome (or the item's error) per item, in order.

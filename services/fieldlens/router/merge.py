@@ -155,16 +155,31 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def imprint_rows(
-    sums: Mapping[str, tuple[np.ndarray, int]], imprint: Mapping[str, Any], taxonomy: Taxonomy
+    sums: Mapping[str, tuple[np.ndarray, int]],
+    imprint: Mapping[str, Any],
+    taxonomy: Taxonomy,
+    examples: Mapping[str, Sequence[np.ndarray]] | None = None,
 ) -> ImprintRows:
     """Fine-softmax rows for learned taxa by weight imprinting: the mean of a taxon's example
     embeddings, centred on the training embeddings' mean, scaled to the trained rows' median
-    norm; the trained rows' median bias."""
+    norm, with the imprint's `bias`.
+
+    With `examples` and an `example_bias` (a calibrated set's), each example also gets a row
+    of its own, with that stricter bias: a photo very like one of the examples (a learned photo
+    itself, another shot of the same specimen) is claimed by it even where the taxon's mean row
+    is too careful to claim it. A taxon's probability is the sum over its rows.
+    """
     mean = np.asarray(imprint["embedding_mean"], dtype=np.float32)
     taxa = sorted(sums)
-    rows = np.stack([sums[t][0] / sums[t][1] - mean for t in taxa]).astype(np.float32)
-    rows = unit_rows(rows) * float(imprint["row_norm"])
-    bias = np.full(len(taxa), float(imprint["bias"]), dtype=np.float32)
+    vectors = [sums[t][0] / sums[t][1] for t in taxa]
+    biases = [float(imprint["bias"])] * len(taxa)
+    if examples and "example_bias" in imprint:
+        for t in sorted(examples):
+            vectors.extend(examples[t])
+            taxa.extend([t] * len(examples[t]))
+            biases.extend([float(imprint["example_bias"])] * len(examples[t]))
+    rows = unit_rows(np.stack(vectors).astype(np.float32) - mean) * float(imprint["row_norm"])
+    bias = np.asarray(biases, dtype=np.float32)
     return rows, bias, [taxonomy.broad_of(t) or "" for t in taxa], taxa
 
 
@@ -176,7 +191,7 @@ def with_learned_classes(
     learned: ImprintRows,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(P(broad), P(learned taxon)) with learned taxa added to the fine softmax as imprinted
-    classes.
+    classes (a taxon with several rows holds their sum).
 
     A learned logit (feature norm x row . embedding + bias, the trained logits' form) competes
     with the trained ones; the mass it takes goes to its group and the rest keeps the net's
@@ -190,9 +205,11 @@ def with_learned_classes(
     p = np.exp(z - z.max())
     p_learned = p[len(fine_logits) :] / p.sum()
     out = {g: v * (1.0 - float(p_learned.sum())) for g, v in broad_probs.items()}
-    for g, v in zip(groups, p_learned, strict=True):
-        out[g] += float(v)
-    return out, {t: float(v) for t, v in zip(taxa, p_learned, strict=True)}
+    by_taxon: dict[str, float] = {}
+    for g, t, v in zip(groups, taxa, p_learned.tolist(), strict=True):
+        out[g] += v
+        by_taxon[t] = by_taxon.get(t, 0.0) + v
+    return out, by_taxon
 
 
 MAX_LEARNED_SHARE = 0.999

@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,8 @@ DEFAULT_MIN_PRECISION = 0.9
 POWERS = tuple(float(p) for p in np.round(np.arange(0.5, 3.001, 0.05), 2))
 THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.30, 0.995, 0.01), 2))
 BIAS_OFFSETS = tuple(float(b) for b in np.arange(-5.0, 1.01, 0.5))
+EXAMPLE_OFFSETS = tuple(float(b) for b in np.arange(-8.0, -2.99, 0.5))
+SELF_RECALL = 0.9  # share of the learned photos themselves their own rows must win back
 PSEUDO_NOVEL = 20  # trained classes hidden and learned back to choose the imprint bias
 DRAWS = 3  # independent draws of them: one group's loss is a few photos, so average
 SHOTS = 5  # photos each is learned from, as `make learn-eval` teaches the novel classes
@@ -361,6 +363,7 @@ class LearnOutcome:
     base_top1_before: float
     worst_group_drop: float  # largest loss of top-1 in a broad group a class joined
     claimed: int  # photos of other classes answered as a learned class
+    self_recall: float = 0.0  # the learned photos themselves answered as their taxon
 
 
 def _hidden_world(
@@ -441,90 +444,131 @@ def _serve_one(
     return merged.suggestions[0].taxon_id if merged.suggestions else ""
 
 
-def learn_back(
-    model_set: ModelSet,
-    ens: TinyEnsemble,
-    out: Outputs,
-    labels: np.ndarray,
-    vectors: dict[str, np.ndarray],
-    hidden: Sequence[str],
-    label: str = "",
-    offsets: Sequence[float] = BIAS_OFFSETS,
-) -> list[LearnOutcome]:
-    """For each bias offset: hide `hidden`, learn them back from `vectors` (what Learn stores
-    for their training photos), and measure the served top-1 on the validation photos."""
-    ms_h, tiny_h, out_h = _hidden_world(model_set, ens, out, hidden)
-    base_taxonomy = ms_h.taxonomy
-    learned_ids = {h: "learned/" + h for h in hidden}
-    # Each learned back under its deepest ancestor left in the taxonomy, as a user would.
-    parent = {
-        h: next(t for t in reversed(model_set.taxonomy.path(h)[:-1]) if t in base_taxonomy)
-        for h in hidden
-    }
-    taxonomy = base_taxonomy.with_learned([(learned_ids[h], h, parent[h]) for h in hidden])
-    tiny = tiny_h.copy()
-    tiny.learned_scored_upstream = True  # as the tiny service runs with an imprinting set
-    tiny.learn(
-        [
-            LearnedExample(
-                hashlib.sha256(f"{h}/{j}".encode()).hexdigest(),
-                learned_ids[h],
-                v.astype(np.float32),
-                NewTaxonSpec(learned_ids[h], h, parent[h]),
-            )
+class LearnBack:
+    """One draw of hidden classes: the model set without them, and them learned back from
+    `vectors` (what Learn stores for their training photos), served offline."""
+
+    def __init__(
+        self,
+        model_set: ModelSet,
+        ens: TinyEnsemble,
+        out: Outputs,
+        labels: np.ndarray,
+        own: Outputs,
+        vectors: dict[str, np.ndarray],
+        hidden: Sequence[str],
+        label: str = "",
+    ) -> None:
+        self.label = label
+        self.ms, tiny_h, self.out = _hidden_world(model_set, ens, out, hidden)
+        _, _, self.own = _hidden_world(model_set, ens, own, hidden)
+        base_taxonomy = self.ms.taxonomy
+        learned_ids = {h: "learned/" + h for h in hidden}
+        self.learned = list(learned_ids.values())
+        # Each learned back under its deepest ancestor left in the taxonomy, as a user would.
+        parent = {
+            h: next(t for t in reversed(model_set.taxonomy.path(h)[:-1]) if t in base_taxonomy)
             for h in hidden
-            for j, v in enumerate(vectors[h])
-        ]
-    )
-    rollups = {c: Rollup(model_set.taxonomy, c, s.labels) for c, s in model_set.specialists.items()}
-    truth = np.asarray([learned_ids.get(t, t) for t in labels])
-    novel = np.isin(labels, list(hidden))
-    groups = np.asarray([model_set.taxonomy.broad_of(t) for t in labels])
-    joined = {model_set.taxonomy.broad_of(h) for h in hidden}
-    before = np.asarray(
-        [
-            _serve_one(ms_h, base_taxonomy, tiny_h, rollups, None, set(), out_h, i)
-            for i in tqdm(range(len(labels)), desc=f"learn-back{label}: before", leave=False)
-        ]
-    )
-    imprint = model_set.manifest["broad"]["imprint"]
-    sums = {learned_ids[h]: (vectors[h].sum(axis=0), len(vectors[h])) for h in hidden}
-    outcomes = []
-    for offset in tqdm(offsets, desc=f"learn-back{label}: imprint bias", unit="bias"):
-        rows = served.imprint_rows(
-            sums, {**imprint, "bias": _trained_bias(imprint) + offset}, taxonomy
-        )
-        top = np.asarray(
+        }
+        self.taxonomy = base_taxonomy.with_learned([(learned_ids[h], h, parent[h]) for h in hidden])
+        self.tiny = tiny_h.copy()
+        self.tiny.learned_scored_upstream = True  # as the tiny service runs with an imprinting set
+        self.tiny.learn(
             [
-                _serve_one(ms_h, taxonomy, tiny, rollups, rows, joined, out_h, i)
-                for i in range(len(labels))
+                LearnedExample(
+                    hashlib.sha256(f"{h}/{j}".encode()).hexdigest(),
+                    learned_ids[h],
+                    v.astype(np.float32),
+                    NewTaxonSpec(learned_ids[h], h, parent[h]),
+                )
+                for h in hidden
+                for j, v in enumerate(vectors[h])
             ]
         )
-        named = Counter(top.tolist())
-        recall = [float(np.mean(top[truth == t] == t)) for t in learned_ids.values()]
-        precision = [
-            float(np.mean(truth[top == t] == t)) if named[t] else 0.0 for t in learned_ids.values()
-        ]
-        drops = [
-            float(np.mean(before[sel] == truth[sel]) - np.mean(top[sel] == truth[sel]))
-            for g in joined
-            if (sel := (groups == g) & ~novel).any()
-        ]
-        outcomes.append(
-            LearnOutcome(
-                bias_offset=float(offset),
-                recall=float(np.mean(recall)),
-                precision=float(np.mean(precision)),
-                base_top1=float(np.mean(top[~novel] == truth[~novel])),
-                base_top1_before=float(np.mean(before[~novel] == truth[~novel])),
-                worst_group_drop=max(drops, default=0.0),
-                claimed=int(
-                    sum(named[t] for t in learned_ids.values())
-                    - sum(np.sum(top[truth == t] == t) for t in learned_ids.values())
-                ),
-            )
+        self.rollups = {
+            c: Rollup(model_set.taxonomy, c, s.labels) for c, s in model_set.specialists.items()
+        }
+        self.truth = np.asarray([learned_ids.get(t, t) for t in labels])
+        self.own_truth = np.asarray([learned_ids[h] for h in hidden for _ in vectors[h]])
+        self.novel = np.isin(labels, list(hidden))
+        self.groups = np.asarray([model_set.taxonomy.broad_of(t) for t in labels])
+        self.joined = {str(model_set.taxonomy.broad_of(h)) for h in hidden}
+        self.before = np.asarray(
+            [
+                _serve_one(self.ms, base_taxonomy, tiny_h, self.rollups, None, set(), self.out, i)
+                for i in tqdm(range(len(labels)), desc=f"learn-back{label}: before", leave=False)
+            ]
         )
-    return outcomes
+        self.imprint = model_set.manifest["broad"]["imprint"]
+        self.sums = {learned_ids[h]: (vectors[h].sum(axis=0), len(vectors[h])) for h in hidden}
+        self.examples = {learned_ids[h]: list(vectors[h]) for h in hidden}
+
+    def _rows(self, offset: float, example_offset: float) -> served.ImprintRows:
+        trained = _trained_bias(self.imprint)
+        imprint = {
+            **self.imprint,
+            "bias": trained + offset,
+            "example_bias": trained + example_offset,
+        }
+        return served.imprint_rows(self.sums, imprint, self.taxonomy, self.examples)
+
+    def _top(self, rows: served.ImprintRows, out: Outputs) -> np.ndarray:
+        return np.asarray(
+            [
+                _serve_one(
+                    self.ms, self.taxonomy, self.tiny, self.rollups, rows, self.joined, out, i
+                )
+                for i in range(len(out.norm))
+            ]
+        )
+
+    def self_recall(self, example_offset: float, offset: float = -1e3) -> float:
+        """Share of the learned photos themselves answered as their taxon (by default with
+        the example rows alone: the taxa's mean rows out of reach)."""
+        top = self._top(self._rows(offset, example_offset), self.own)
+        return float(np.mean(top == self.own_truth))
+
+    def sweep(self, example_offset: float, offsets: Sequence[float]) -> list[LearnOutcome]:
+        """For each mean-row bias offset, with the example rows at `example_offset`: the
+        served top-1 on the validation photos, and on the learned photos themselves."""
+        outcomes = []
+        truth, novel, before = self.truth, self.novel, self.before
+        for offset in tqdm(offsets, desc=f"learn-back{self.label}: imprint bias", unit="bias"):
+            rows = self._rows(offset, example_offset)
+            top = self._top(rows, self.out)
+            named = Counter(top.tolist())
+            recall = [float(np.mean(top[truth == t] == t)) for t in self.learned]
+            precision = [
+                float(np.mean(truth[top == t] == t)) if named[t] else 0.0 for t in self.learned
+            ]
+            drops = [
+                float(np.mean(before[sel] == truth[sel]) - np.mean(top[sel] == truth[sel]))
+                for g in self.joined
+                if (sel := (self.groups == g) & ~novel).any()
+            ]
+            outcomes.append(
+                LearnOutcome(
+                    bias_offset=float(offset),
+                    recall=float(np.mean(recall)),
+                    precision=float(np.mean(precision)),
+                    base_top1=float(np.mean(top[~novel] == truth[~novel])),
+                    base_top1_before=float(np.mean(before[~novel] == truth[~novel])),
+                    worst_group_drop=max(drops, default=0.0),
+                    claimed=int(
+                        sum(named[t] for t in self.learned)
+                        - sum(np.sum(top[truth == t] == t) for t in self.learned)
+                    ),
+                    self_recall=float(np.mean(self._top(rows, self.own) == self.own_truth)),
+                )
+            )
+        return outcomes
+
+
+def choose_example_offset(self_recall: Mapping[float, float]) -> float:
+    """The most careful example-row offset at which at least SELF_RECALL of the learned photos
+    themselves are answered as their taxon; the least careful one when none reaches it."""
+    enough = [o for o, r in self_recall.items() if r >= SELF_RECALL]
+    return min(enough) if enough else max(self_recall)
 
 
 def _trained_bias(imprint: dict[str, Any]) -> float:
@@ -546,6 +590,7 @@ def mean_outcomes(draws: Sequence[Sequence[LearnOutcome]]) -> list[LearnOutcome]
                 base_top1_before=float(np.mean([o.base_top1_before for o in per_offset])),
                 worst_group_drop=float(np.mean([o.worst_group_drop for o in per_offset])),
                 claimed=sum(o.claimed for o in per_offset),
+                self_recall=float(np.mean([o.self_recall for o in per_offset])),
             )
         )
     return out
@@ -631,13 +676,27 @@ def calibrate(
         after["answer_mean_depth"],
     )
     draws = [pseudo_novel(model_set, train_photos, seed + d) for d in range(DRAWS)]
-    sweeps = []
+    worlds = []
     for d, hidden in enumerate(draws):
-        vectors = {h: nets.learn_vectors(train_photos[h]) for h in hidden}
-        sweeps.append(
-            learn_back(model_set, ens, out, photos.labels, vectors, hidden, f" {d + 1}/{DRAWS}")
+        own = np.concatenate([train_photos[h] for h in hidden])
+        worlds.append(
+            LearnBack(
+                model_set,
+                ens,
+                out,
+                photos.labels,
+                nets.outputs(own, f"served outputs, learning photos {d + 1}/{DRAWS}"),
+                {h: nets.learn_vectors(train_photos[h]) for h in hidden},
+                hidden,
+                f" {d + 1}/{DRAWS}",
+            )
         )
-    outcomes = mean_outcomes(sweeps)
+    example_sweep = {
+        o: float(np.mean([w.self_recall(o) for w in worlds]))
+        for o in tqdm(EXAMPLE_OFFSETS, desc="learn-back: example rows", unit="bias")
+    }
+    example_offset = choose_example_offset(example_sweep)
+    outcomes = mean_outcomes([w.sweep(example_offset, BIAS_OFFSETS) for w in worlds])
     chosen = choose_bias(outcomes)
     imprint = manifest["broad"]["imprint"]
     trained_bias = _trained_bias(imprint)
@@ -645,6 +704,7 @@ def calibrate(
         **imprint,
         "trained_median_bias": trained_bias,
         "bias": trained_bias + chosen.bias_offset,
+        "example_bias": trained_bias + example_offset,
     }
     calibration = {
         "power": power,
@@ -663,6 +723,12 @@ def calibrate(
             ),
             "hidden_classes": draws,
             "offset": chosen.bias_offset,
+            "example_rule": (
+                f"the most careful example-row offset at which >= {SELF_RECALL:.0%} of the "
+                "learned photos themselves are answered as their taxon by their own rows"
+            ),
+            "example_offset": example_offset,
+            "example_sweep": [{"offset": o, "self_recall": r} for o, r in example_sweep.items()],
             "sweep": [vars(o) for o in outcomes],
         },
     }
@@ -700,6 +766,7 @@ def calibrated_version(manifest: dict[str, Any]) -> str:
         "power": manifest["calibration"]["power"],
         "default_threshold": manifest["calibration"]["default_threshold"],
         "imprint_bias": manifest["broad"]["imprint"]["bias"],
+        "example_bias": manifest["broad"]["imprint"].get("example_bias"),
     }
     digest = hashlib.sha256(manifest["export_version"].encode())
     digest.update(json.dumps(arithmetic, sort_keys=True).encode())
@@ -711,6 +778,7 @@ def _uncalibrated(manifest: dict[str, Any]) -> dict[str, Any]:
     imprint = dict(out["broad"]["imprint"])
     if "trained_median_bias" in imprint:
         imprint["bias"] = imprint.pop("trained_median_bias")
+    imprint.pop("example_bias", None)
     out["broad"] = {**out["broad"], "imprint": imprint}
     out["model_set_version"] = out.pop("export_version", out["model_set_version"])
     return out

@@ -97,6 +97,7 @@ def imprint_bias_png(path: Path, sweep: Sequence[dict[str, float]], chosen: floa
     ax.plot(x, [r["recall"] for r in sweep], "o-", label="recall of learned classes")
     ax.plot(x, [r["precision"] for r in sweep], "s-", label="precision of learned classes")
     ax.plot(x, [r["worst_group_drop"] for r in sweep], "^--", label="worst group top-1 loss")
+    ax.plot(x, [r["self_recall"] for r in sweep], "d:", label="learned photos themselves")
     ax.axvline(chosen, color="grey", ls=":", label=f"chosen {chosen:+g}")
     ax.set_xlabel("imprint bias offset (logit, vs trained rows' median)")
     ax.set_ylabel("share")
@@ -226,10 +227,13 @@ def calibration_markdown(cal: dict[str, object]) -> list[str]:
         "",
         "### Learned classes: imprint bias",
         "",
-        f"Rule: {bias['rule']}. Chosen offset: {bias['offset']:+g}.",
+        f"Each example's own row: {bias['example_rule']}; chosen offset "
+        f"{bias['example_offset']:+g}. The taxon's mean row: {bias['rule']}; chosen offset "
+        f"{bias['offset']:+g}.",
         "",
-        "| offset | recall | precision | base top-1 | worst group loss | photos taken |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| offset | recall | precision | base top-1 | worst group loss | photos taken |"
+        " learned photos answered as their taxon |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     sweep = bias["sweep"]
     assert isinstance(sweep, list)
@@ -237,6 +241,7 @@ def calibration_markdown(cal: dict[str, object]) -> list[str]:
         lines.append(
             f"| {r['bias_offset']:+g} | {r['recall']:.1%} | {r['precision']:.1%} |"
             f" {r['base_top1']:.2%} | {r['worst_group_drop']:.1%} | {r['claimed']} |"
+            f" {r['self_recall']:.0%} |"
         )
     lines += ["", "![imprint bias](imprint_bias.png)", ""]
     return lines
