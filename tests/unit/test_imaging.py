@@ -124,12 +124,10 @@ def test_jpeg_with_multi_picture_segment_is_accepted() -> None:
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
 def test_other_formats_are_rejected_naming_the_allowed_ones(fmt: str) -> None:
     data = _encode(_solid((10, 20, 30)), fmt)
-    with pytest.raises(InvalidInput) as err:
+    with pytest.raises(
+        InvalidInput, match=f"unsupported image format {fmt}; send one of JPEG, PNG, WEBP"
+    ):
         decode(data, LIMITS)
-    msg = str(err.value)
-    assert fmt in msg
-    for allowed in ("JPEG", "PNG", "WEBP"):
-        assert allowed in msg
 
 
 def test_empty_bytes_are_rejected() -> None:
@@ -139,7 +137,7 @@ def test_empty_bytes_are_rejected() -> None:
 
 def test_random_bytes_are_rejected() -> None:
     data = np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match="not a decodable image; send one of JPEG, PNG, WEBP"):
         decode(data, LIMITS)
 
 
@@ -148,7 +146,7 @@ def test_random_bytes_are_rejected() -> None:
 def test_truncated_images_are_rejected(fmt: str, keep: float) -> None:
     data = _encode(_noise(), fmt)
     cut = data[: int(len(data) * keep)]
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match="corrupt image data: "):
         decode(cut, LIMITS)
 
 
@@ -159,18 +157,17 @@ def test_byte_limit() -> None:
         64,
         3,
     )
-    with pytest.raises(InvalidInput) as err:
+    with pytest.raises(
+        InvalidInput, match=f"image is {len(data)} bytes; the limit is {len(data) - 1} bytes"
+    ):
         decode(data, ImageLimits(max_bytes=len(data) - 1, max_pixels=10_000))
-    assert str(len(data) - 1) in str(err.value)
-    assert "limit" in str(err.value)
 
 
 def test_pixel_limit_is_inclusive() -> None:
     data = _encode(_solid((5, 5, 5), (40, 25)), "PNG")  # 1000 pixels
     assert decode(data, ImageLimits(max_bytes=10**6, max_pixels=1000)).width == 40
-    with pytest.raises(InvalidInput) as err:
+    with pytest.raises(InvalidInput, match=r"= 1000 pixels; the limit is 999 \(decompression"):
         decode(data, ImageLimits(max_bytes=10**6, max_pixels=999))
-    assert "999" in str(err.value)
 
 
 def test_declared_pixels_over_our_limit_are_rejected_before_decoding() -> None:
@@ -178,23 +175,18 @@ def test_declared_pixels_over_our_limit_are_rejected_before_decoding() -> None:
     assert len(data) < 200
     limits = ImageLimits(max_bytes=10**6, max_pixels=1_000_000)
     start = time.perf_counter()
-    with pytest.raises(InvalidInput) as err:
+    # Our header check, not Pillow's decoder (which would call the data corrupt).
+    with pytest.raises(InvalidInput, match=r"the limit is 1000000 \(decompression-bomb guard\)"):
         decode(data, limits)
     assert time.perf_counter() - start < 1.0
-    msg = str(err.value)
-    assert "1000000" in msg and "limit" in msg
-    assert "corrupt" not in msg  # decoding never started
 
 
 def test_decompression_bomb_is_rejected_fast() -> None:
     data = _png_header_only(20000, 20000)  # 400 M pixels declared in a tiny file
     start = time.perf_counter()
-    with pytest.raises(InvalidInput) as err:
+    with pytest.raises(InvalidInput, match="decompression-bomb guard"):
         decode(data, LIMITS)
     assert time.perf_counter() - start < 1.0
-    msg = str(err.value)
-    assert "limit" in msg
-    assert "corrupt" not in msg
 
 
 def test_exif_orientation_is_applied() -> None:

@@ -60,14 +60,22 @@ def test_learned_taxa_extend_the_tree_under_internal_nodes():
     assert ext.with_learned([(tid, "Snow Leopard", "broad/cat")]) is ext  # already there
 
 
-@pytest.mark.parametrize("parent", ["root", "domain/animal", "n1", "broad/nope"])
-def test_learned_taxa_need_an_internal_parent_below_a_broad_group(parent):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("parent", "match"),
+    [
+        ("root", "'root' is above the broad groups"),
+        ("domain/animal", "'domain/animal' is above the broad groups"),
+        ("n1", "'n1' is a leaf class"),
+        ("broad/nope", "unknown parent taxon 'broad/nope'"),
+    ],
+)
+def test_learned_taxa_need_an_internal_parent_below_a_broad_group(parent, match):
+    with pytest.raises(ValueError, match=match):
         _taxonomy().with_learned([("learned/x", "x", parent)])
 
 
 def test_learned_taxon_id_needs_letters_or_digits():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="has no letters or digits"):
         learned_taxon_id(" !? ")
 
 
@@ -78,11 +86,11 @@ def test_blob_store_is_content_addressed_and_verifies(tmp_path: Path):
     assert store.put(b"jpeg bytes") == key and key in store
     assert store.get(key) == b"jpeg bytes"
     (tmp_path / "blobs" / key[:2] / key).write_bytes(b"tampered")
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(FailedPrecondition, match=f"blob {key} in .* is corrupt"):
         store.get(key)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound, match=f"no blob {'0' * 64} in"):
         store.get("0" * 64)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be a lowercase SHA-256 hex digest"):
         store.get("../etc/passwd")
 
 
@@ -112,8 +120,12 @@ def test_write_token_check():
     token = "t" * 32
     check_write_token(_Context(bearer(token)), token)
     check_write_token(_Context((("authorization", f"bearer {token}"),)), token)
-    for metadata in ((), bearer("x" * 32), (("authorization", token),)):
-        with pytest.raises(Unauthenticated):
+    for metadata, match in (
+        ((), "need an 'authorization: Bearer <token>' header"),
+        (bearer("x" * 32), "invalid write credential"),
+        ((("authorization", token),), "invalid write credential"),  # no Bearer scheme
+    ):
+        with pytest.raises(Unauthenticated, match=match):
             check_write_token(_Context(metadata), token)
     with pytest.raises(FailedPrecondition, match="no write token"):
         check_write_token(_Context(bearer(token)), None)
@@ -309,7 +321,7 @@ def test_a_removed_learned_taxon_is_retired_not_forgotten_by_lookups():
     assert "learned/tabby" not in later and later.get("learned/tabby").parent == "broad/cat"
     with pytest.raises(ValueError, match="only learned taxa"):
         ext.without_learned(["n1"])
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="unknown taxon 'learned/never'"):
         less.children("learned/never")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 from fieldlens.backends.triton_repository import endpoints, load_request
 from fieldlens.common import model_store
-from fieldlens.common.errors import FailedPrecondition, FieldlensError, NotFound
+from fieldlens.common.errors import FailedPrecondition, InvalidInput, NotFound
 from fieldlens.common.loaded_sets import LoadedModelSets
 from fieldlens.common.settings import REPO_ROOT
 from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
@@ -65,9 +66,9 @@ def test_unpublished_or_malformed_versions_are_refused(tmp_path):
     with pytest.raises(NotFound, match="not published"):
         model_store.load(tmp_path, "ms-nope")
     for bad in ("", "../x", ".hidden"):
-        with pytest.raises(FailedPrecondition):
+        with pytest.raises(FailedPrecondition, match=re.escape(f"bad model-set version {bad!r}")):
             model_store.set_current(tmp_path, bad)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound, match="manifest.json is missing"):
         model_store.publish(tmp_path / "store", tmp_path, REPOSITORY)
 
 
@@ -122,7 +123,7 @@ def test_loaded_sets_dispatch_by_version_and_keep_the_newest():
         with pytest.raises(FailedPrecondition, match="truncated"):
             await sets.load("broken")
         assert sets.versions == ["c", "b"]
-        with pytest.raises(FieldlensError):
+        with pytest.raises(InvalidInput, match="version is required"):
             await sets.LoadModelSet(classifier_pb2.LoadModelSetRequest(), None)
 
     asyncio.run(scenario())

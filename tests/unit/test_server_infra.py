@@ -180,8 +180,10 @@ def test_domain_errors_map_to_status_codes_and_server_keeps_serving() -> None:
 def test_unexpected_error_is_logged_with_traceback(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
         async with _running() as r:
-            with pytest.raises(aio.AioRpcError):
+            with pytest.raises(aio.AioRpcError) as boom:
                 await _classify(r.channel, "boom")
+            assert boom.value.code() is grpc.StatusCode.INTERNAL
+            assert boom.value.details() == INTERNAL_ERROR_MESSAGE  # the secret stays in the log
 
     _run(body)
     logged = [rec for rec in caplog.records if rec.name == "fieldlens.common.interceptors"]
@@ -219,6 +221,7 @@ def test_streaming_handler_errors_are_mapped() -> None:
             with pytest.raises(aio.AioRpcError) as stream_unary:
                 await router.IndexExemplars(iter([router_pb2.IndexExemplarsRequest(label="x")]))
             assert stream_unary.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert stream_unary.value.details() == "vector store is down"
 
             for method, code, details in (
                 ("Gen", grpc.StatusCode.NOT_FOUND, "no such taxon"),
@@ -314,7 +317,7 @@ def test_second_server_on_same_port_fails_to_bind() -> None:
     async def body() -> None:
         async with _running() as r:
             clash = GrpcServer(r.target, [], [], interceptors=[])
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match=f"cannot bind {r.target}"):
                 await clash.start()
 
     _run(body)
@@ -349,7 +352,7 @@ def test_stage_timer_observes_histogram_and_records_durations() -> None:
     timer = StageTimer("router", metrics)
     with timer.stage("decode"):
         pass
-    with pytest.raises(ValueError), timer.stage("broad"):
+    with pytest.raises(ValueError, match="failed stages are timed too"), timer.stage("broad"):
         raise ValueError("failed stages are timed too")
 
     assert [d.stage for d in timer.durations] == ["decode", "broad"]

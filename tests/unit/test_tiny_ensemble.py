@@ -70,7 +70,7 @@ def test_rows_cover_every_edge_below_broad_groups(tax: Taxonomy) -> None:
     expected = {t for b in tax.broad_ids for t in tax.under(b)}
     assert len(ens.layout.row_taxon) == len(expected) == 11
     assert {str(t) for t in ens.layout.row_taxon} == expected
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="do not match the taxonomy's 11 edges"):
         TinyEnsemble(tax, np.zeros((10, DIM), np.float32), np.zeros(10, np.float32), "v")
 
 
@@ -124,9 +124,9 @@ def test_scores_for_lists_every_taxon_under_the_broad(tax: Taxonomy) -> None:
     for t, p, leaf in scores:
         assert p == pytest.approx(expected[t], rel=1e-4)
         assert leaf == (t in {"a1", "a2", "a3", "a4", "a5"})
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="unknown broad group 'broad/nope'"):
         ens.scores_for(x[None], "broad/nope")
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="unknown broad group 'node/a/x'"):
         ens.scores_for(x[None], "node/a/x")
 
 
@@ -249,7 +249,7 @@ def test_load_against_a_different_taxonomy_fails(tax: Taxonomy, tmp_path: Path) 
     # Same number of edges but a different tree still fails.
     renamed = Taxonomy.from_classes([*CLASSES[:-1], class_like("c9", "c", "e > c > c9")])
     assert _n_rows(renamed) == _n_rows(tax)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="was trained for taxonomy"):
         TinyEnsemble.load(f, renamed)
 
 

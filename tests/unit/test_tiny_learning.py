@@ -653,9 +653,9 @@ def test_the_specialist_answers_unimplemented_to_learn_and_forget() -> None:
     specialist = SpecialistServicer(None, None)  # type: ignore[arg-type]
 
     async def body() -> None:
-        with pytest.raises(Unimplemented):
+        with pytest.raises(Unimplemented, match="a specialist does not learn online"):
             await specialist.Learn(classifier_pb2.LearnExamplesRequest(), None)
-        with pytest.raises(Unimplemented):
+        with pytest.raises(Unimplemented, match="so it has nothing to forget"):
             await specialist.Forget(classifier_pb2.ForgetExamplesRequest(), None)
 
     asyncio.run(body())

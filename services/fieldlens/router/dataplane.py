@@ -270,10 +270,17 @@ class RouterDataPlane:
         digest = checked_hash(image, self.limits)
         key = cache_key(f"{digest}.{self._options_tag(options)}", self.model_set.version)
         generations: dict[str, int] | None = None
-        if self.cache is not None and await self._flush_bumps():
+        if self.cache is not None and not await self._flush_bumps():
+            self._degrade(
+                CACHE_UNAVAILABLE,
+                "cached answers not read: a generation bump is still waiting for Redis",
+                degradations,
+            )
+        elif self.cache is not None:
             with timer.stage("cache_get"):
                 got = await self._optional(
                     self.cache.get_with_generations(key, self._generations_key),
+                    "cache_get",
                     CACHE_UNAVAILABLE,
                     degradations,
                 )
@@ -376,7 +383,7 @@ class RouterDataPlane:
         assert self.cache is not None
         with StageTimer("router", self.metrics).stage("cache_set"):  # metrics only
             await self._optional(
-                self.cache.set(key, value, self.cache_ttl_s), CACHE_UNAVAILABLE, []
+                self.cache.set(key, value, self.cache_ttl_s), "cache_set", CACHE_UNAVAILABLE, []
             )
 
     def _background(self, aw: Awaitable[object]) -> None:
@@ -683,24 +690,32 @@ class RouterDataPlane:
         with timer.stage("neighbours"):
             found = await self._optional(
                 asyncio.to_thread(store.search, emb, NEIGHBOUR_POOL, list(categories)),
+                "neighbours",
                 NEIGHBOURS_UNAVAILABLE,
                 degradations,
             )
         return found or []
 
     async def _optional(
-        self, aw: Awaitable[_T], kind: str, degradations: list[Degradation]
+        self, aw: Awaitable[_T], stage: str, kind: str, degradations: list[Degradation]
     ) -> _T | None:
-        """Runs an optional stage under its time budget; failure degrades, never fails."""
+        """Runs an optional stage under its time budget; failure degrades, never fails. Past
+        the budget the degradation is STAGE_TIMEOUT; a backend that fails is `kind`."""
         try:
             async with asyncio.timeout(self.stage_timeout_s):
                 return await aw
-        except (TimeoutError, FieldlensError) as exc:
-            message = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-            logger.warning("%s: %s", kind, message)
-            degradations.append(Degradation(kind, message))
-            self.metrics.record_degradation(kind)
-            return None
+        except TimeoutError:  # the budget's: backends raise their own failures typed
+            kind = STAGE_TIMEOUT
+            message = f"{stage} ran past its {self.stage_timeout_s * 1e3:.0f} ms budget"
+        except FieldlensError as exc:
+            message = str(exc)
+        self._degrade(kind, message, degradations)
+        return None
+
+    def _degrade(self, kind: str, message: str, degradations: list[Degradation]) -> None:
+        logger.warning("%s: %s", kind, message)
+        degradations.append(Degradation(kind, message))
+        self.metrics.record_degradation(kind)
 
     async def exemplar_count(self) -> int:
         if self.store is None:
