@@ -22,7 +22,7 @@ deploy-tools:
 		echo "kubectl (with kustomize) is missing; install it from your Kubernetes vendor" >&2; exit 1; }
 
 # Render every overlay into build/k8s/<overlay>.yaml.
-deploy-render:
+deploy-render: deploy-tools
 	@mkdir -p build/k8s
 	@for o in $(DEPLOY_OVERLAYS); do \
 		kubectl kustomize $(DEPLOY_K8S)/overlays/$$o > build/k8s/$$o.yaml || exit 1; \

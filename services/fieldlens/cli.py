@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -17,7 +19,7 @@ from fieldlens import bench, cluster, gallery
 from fieldlens.common import model_store
 from fieldlens.common.credentials import bearer
 from fieldlens.common.errors import FieldlensError
-from fieldlens.common.settings import DEFAULT_DATA_DIR
+from fieldlens.common.settings import data_dir_from_env, model_store_from_env
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_ADDR = "127.0.0.1:50051"
@@ -422,10 +424,26 @@ def cmd_learn_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_store(args: argparse.Namespace, cfg: cluster.ClusterConfig) -> Path:
+    """The store `model-set` publishes into and lists: --store, else FIELDLENS_MODEL_STORE
+    (the services' own setting, so a Job or shell configured like them finds their store),
+    else the local cluster's."""
+    if args.store is not None:
+        return Path(args.store)
+    return model_store_from_env(cfg.model_store)
+
+
+def _validation_metric(manifest: Mapping[str, Any], name: str) -> str:
+    """One of a model set's validation metrics (manifest `metrics.validation`, written by the
+    trainer) as a percentage; "-" when the manifest has none."""
+    value = manifest.get("metrics", {}).get("validation", {}).get(name)
+    return "-" if value is None else f"{value:.1%}"
+
+
 def cmd_model_set(args: argparse.Namespace) -> int:
     """Publish a trained model set into the store, list the store, or switch the routers."""
     cfg = _config(args)
-    store = cfg.model_store
+    store = _model_store(args, cfg)
     if args.action == "publish":
         version = model_store.publish(
             store, args.models or cfg.models_dir, args.model_repository or cfg.model_repository
@@ -440,12 +458,11 @@ def cmd_model_set(args: argparse.Namespace) -> int:
             table.add_column(col)
         for version in model_store.published(store):
             ms = model_store.load(store, version)
-            metrics = ms.manifest.get("metrics", {})
             table.add_row(
                 version,
                 ms.embedding_version,
-                f"{metrics.get('fine_top1', 0):.1%}",
-                f"{metrics.get('broad_top1', 0):.1%}",
+                _validation_metric(ms.manifest, "fine_top1"),
+                _validation_metric(ms.manifest, "broad_top1"),
                 "yes" if version == current else "",
             )
         console.print(table)
@@ -510,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0)
     p.set_defaults(func=cmd_forget)
     p = sub.add_parser("learn-eval", help="recall of novel classes learned from a few photos")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--data", type=Path, default=data_dir_from_env())
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--held-out", type=int, default=50)
     p.add_argument("--out", type=Path, default=Path("build/learn-eval.json"))
@@ -523,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=Path, help="publish: manifest dir (deploy/models)")
     p.add_argument(
         "--model-repository", type=Path, help="publish: its Triton nets (deploy/triton/...)"
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        help="publish, list: the model store (default: FIELDLENS_MODEL_STORE, else the local "
+        "cluster's .run/state/model-sets)",
     )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds a switch may take")
     p.set_defaults(func=cmd_model_set)
@@ -537,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(
             "--data",
             type=Path,
-            default=DEFAULT_DATA_DIR,
+            default=data_dir_from_env(),
             help="Tiny ImageNet shards (or the official tiny-imagenet-200 folder)",
         )
         p.add_argument("--per-class", type=int, default=GALLERY_PER_CLASS)

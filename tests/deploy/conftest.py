@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_helpers import OVERLAYS, Rendered, kubectl, render, write_rules_file
+from k8s_helpers import OVERLAYS, Rendered, render, write_rules_file
 
 PROMETHEUS_READY_TIMEOUT_S = 60.0
 # The scrape and rule-evaluation interval of the test Prometheus.
@@ -27,18 +27,8 @@ DEGRADED_REQUESTS = 3
 
 
 @pytest.fixture(scope="session")
-def rendered() -> dict[str, Rendered]:
-    if kubectl() is None:
-        pytest.skip("kubectl (with kustomize) not found on PATH")
+def rendered(kubectl_binary: Path) -> dict[str, Rendered]:
     return {overlay: Rendered(overlay, render(overlay)) for overlay in OVERLAYS}
-
-
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not found; `make deploy-tools` installs Debian's prometheus")
-    return path
 
 
 # -- the live stack: local cluster, real Prometheus scraping it, traffic ------------------------
@@ -203,7 +193,8 @@ def _scrape(targets: dict[str, str]) -> dict[str, tuple[set[str], set[str]]]:
 @pytest.fixture(scope="session")
 def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     """The local cluster on free ports, scraped every second by the real Prometheus (when
-    the binary is installed), after Classify traffic that touches every metric."""
+    the binary is installed: the `prometheus` fixture requires it, the scrape tests do not),
+    after Classify traffic that touches every metric."""
     from fieldlens import cluster
 
     run_dir = tmp_path_factory.mktemp("deploy-cluster")
@@ -240,10 +231,8 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
 
 
 @pytest.fixture(scope="session")
-def prometheus(live_stack: LiveStack) -> LiveStack:
-    if live_stack.prometheus_url is None:
-        pytest.skip(
-            "the prometheus binary is not installed (/usr/bin/prometheus from Debian's "
-            "prometheus package; `make deploy-tools` installs it)"
-        )
+def prometheus(prometheus_binary: Path, live_stack: LiveStack) -> LiveStack:
+    """The live stack with its Prometheus (the tests/conftest.py prerequisite, checked before
+    the stack starts)."""
+    assert live_stack.prometheus_url is not None, "live_stack found no prometheus binary"
     return live_stack

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 from e2e_cluster import running
 
 from fieldlens import cluster, gallery
-from fieldlens.common.settings import DEFAULT_DATA_DIR as DATA_DIR
 from fieldlens.v1 import router_pb2_grpc
 
 
@@ -29,13 +27,6 @@ class LiveCluster:
     @property
     def router_addr(self) -> str:
         return self.cfg.addr(self.cfg.router_port)
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    if not (DATA_DIR / "classes.csv").exists():
-        pytest.skip(f"training data not found at {DATA_DIR}")
-    return DATA_DIR
 
 
 @pytest.fixture(scope="session")

@@ -106,8 +106,7 @@ def test_known_images_return_their_class(live_cluster, indexed):
 def test_specialists_run_only_for_likely_groups(live_cluster, indexed, manifest):
     """A specialist-routed group below FIELDLENS_SPECIALIST_MIN_P is scored by tiny instead."""
     routed = {c for c, route in manifest["routing"].items() if route == "specialist"}
-    if not routed:
-        pytest.skip("this model set routes no category to a specialist")
+    assert routed, "the shipped model set routes insect and other_invertebrate to specialists"
     seen = {"specialist": 0, "tiny": 0}
     for _, data, _ in indexed[0][:60]:
         r = _classify(live_cluster, data, skip_cache=True)
@@ -235,8 +234,7 @@ def test_redis_down_still_answers_flagged_degraded(live_cluster, indexed):
 
 def test_specialist_down_falls_back_to_tiny(live_cluster, indexed, manifest):
     routed = [c for c, route in manifest["routing"].items() if route == "specialist"]
-    if not routed:
-        pytest.skip("this model set routes no category to a specialist")
+    assert routed, "the shipped model set routes insect and other_invertebrate to specialists"
     items, _ = indexed
     labels = {t for b in routed for t in manifest["specialists"][b]["labels"]}
     for _, data, wnid in items:
@@ -249,7 +247,7 @@ def test_specialist_down_falls_back_to_tiny(live_cluster, indexed, manifest):
         ):
             break
     else:
-        pytest.skip("no gallery image was dispatched to a specialist")
+        pytest.fail("no gallery image of a specialist-routed class was dispatched to it")
     cluster.kill(live_cluster.cfg, "specialist")
     after = _classify(live_cluster, data, skip_cache=True)
     assert after.suggestions

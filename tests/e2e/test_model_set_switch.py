@@ -222,18 +222,17 @@ def test_a_forgotten_example_stays_forgotten_across_switches(switch_cluster):
 
 
 @pytest.fixture(scope="module")
-def new_space(switch_cluster, tmp_path_factory) -> str:
+def new_space(switch_cluster, tmp_path_factory, data_dir) -> str:
     """A model set with another backbone (the trainer's smoke profile), published."""
     import torch
 
-    from fieldlens.common.settings import DEFAULT_DATA_DIR
     from fieldlens.trainer.config import config_for
     from fieldlens.trainer.train import run
 
     cfg = switch_cluster[0]
     root = tmp_path_factory.mktemp("smoke")
     torch.set_num_threads(2)
-    run(config_for("smoke"), DEFAULT_DATA_DIR, root / "work", root / "models", root / "repo")
+    run(config_for("smoke"), data_dir, root / "work", root / "models", root / "repo")
     return model_store.publish(cfg.model_store, root / "models", root / "repo")
 
 

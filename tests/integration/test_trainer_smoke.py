@@ -13,7 +13,6 @@ import torch
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.backends.triton_python_model import load_torchscript
 from fieldlens.common.model_set import load_model_set
-from fieldlens.common.settings import DEFAULT_DATA_DIR
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.trainer.calibrate import POWERS, THRESHOLDS, calibrated_version
 from fieldlens.trainer.config import config_for
@@ -25,9 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if not (DEFAULT_DATA_DIR / "classes.csv").exists():
-        pytest.skip(f"training data not found at {DEFAULT_DATA_DIR}")
+def smoke(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("smoke")
     paths = {
         "work": root / "build" / "train",
@@ -35,7 +32,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "repo": root / "model_repository",
     }
     torch.set_num_threads(2)
-    run(config_for("smoke"), DEFAULT_DATA_DIR, paths["work"], paths["models"], paths["repo"])
+    run(config_for("smoke"), data_dir, paths["work"], paths["models"], paths["repo"])
     return paths
 
 
@@ -95,24 +92,22 @@ def test_artefacts_and_manifest(smoke: dict[str, Path]) -> None:
     TinyEnsemble.load(models / "tiny.npz", ms.taxonomy)
 
 
-def test_rerun_resumes_and_reproduces(smoke: dict[str, Path]) -> None:
+def test_rerun_resumes_and_reproduces(smoke: dict[str, Path], data_dir: Path) -> None:
     """A second run finds every stage's checkpoint and writes the same model set."""
     first = json.loads((smoke["models"] / "manifest.json").read_text())
-    again = run(
-        config_for("smoke"), DEFAULT_DATA_DIR, smoke["work"], smoke["models"], smoke["repo"]
-    )
+    again = run(config_for("smoke"), data_dir, smoke["work"], smoke["models"], smoke["repo"])
     assert again["model_set_version"] == first["model_set_version"]
     assert again["embedding_version"] == first["embedding_version"]
 
 
-def test_curation_finds_byte_identical_conflicts(smoke: dict[str, Path]) -> None:
+def test_curation_finds_byte_identical_conflicts(smoke: dict[str, Path], data_dir: Path) -> None:
     rows = (smoke["models"] / "report" / "curation.csv").read_text().splitlines()
     header = rows[0].split(",")
     conflicts = [r.split(",") for r in rows[1:] if r.startswith("duplicate_conflict")]
     # Verify independently over the same training split the trainer curated.
     cfg = config_for("smoke")
-    classes = read_classes(DEFAULT_DATA_DIR)
-    ds = load_dataset(DEFAULT_DATA_DIR, classes, smoke["work"].parent / "cache", cfg.shard_limit)
+    classes = read_classes(data_dir)
+    ds = load_dataset(data_dir, classes, smoke["work"].parent / "cache", cfg.shard_limit)
     train, _ = split(ds, cfg.val_per_class, cfg.seed)
     labels_by_hash: dict[str, set[int]] = {}
     for h, y in zip(train.sha256, train.labels, strict=True):

@@ -46,6 +46,22 @@ def test_repo_root_is_the_checkout() -> None:
     assert (s.REPO_ROOT / "services" / "fieldlens").is_dir()
 
 
+def test_fieldlens_data_dir_moves_the_default_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    beside_the_checkout = s.REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
+    assert s.data_dir_from_env({}) == s.DEFAULT_DATA_DIR == beside_the_checkout
+    assert s.data_dir_from_env({"FIELDLENS_DATA_DIR": str(tmp_path)}) == tmp_path
+    # Relative to the repository root, like the Makefile's DATA (make runs from there).
+    relative = {"FIELDLENS_DATA_DIR": "../elsewhere/tiny-imagenet"}
+    assert s.data_dir_from_env(relative) == s.REPO_ROOT / "../elsewhere/tiny-imagenet"
+    with pytest.raises(SettingsError, match="FIELDLENS_DATA_DIR"):
+        s.data_dir_from_env({"FIELDLENS_DATA_DIR": ""})
+    # Unset: the process environment, which `make test DATA=...` sets for the tests.
+    monkeypatch.setenv("FIELDLENS_DATA_DIR", str(tmp_path))
+    assert s.data_dir_from_env() == tmp_path
+
+
 @pytest.mark.parametrize(
     ("role", "addr", "metrics_port"),
     [("specialist", "127.0.0.1:50052", 9102), ("tiny", "127.0.0.1:50053", 9103)],
@@ -130,5 +146,5 @@ def test_malformed_value_fails_fast_naming_the_variable(name: str, value: str) -
 
 def test_settings_are_frozen() -> None:
     router = RouterSettings.from_env({})
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'top_k'"):
         router.top_k = 3  # type: ignore[misc]

@@ -1,15 +1,19 @@
-"""Vector-store semantics on qdrant-client's in-process mode, ids, validation and the factory."""
+"""Vector-store semantics on qdrant-client's in-process mode (and, for provenance, Qdrant
+Edge), ids, validation and the factory."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import socket
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fieldlens.backends.vector_store import (
+    EdgeVectorStore,
     Exemplar,
     QdrantClientVectorStore,
     VectorStore,
@@ -47,7 +51,7 @@ def test_point_uuid_is_deterministic_and_validated() -> None:
     digest = hashlib.sha256(b"x").hexdigest()
     assert point_uuid(digest) == point_uuid(digest.upper()) == uuid.UUID(hex=digest[:32])
     for bad in ("", "abc", "z" * 64):
-        with pytest.raises(InvalidInput):
+        with pytest.raises(InvalidInput, match="exemplar id must be a hex content hash"):
             point_uuid(bad)
 
 
@@ -72,17 +76,37 @@ def test_semantics(store: VectorStore) -> None:
         assert [r[0].id for r in batched] == [e.id for e in exemplars[:3]]
 
 
+def test_neighbours_carry_the_source_stored_with_them(tmp_path: Path) -> None:
+    """Both stores return each neighbour's provenance (ClassifyResponse's Exemplar.source);
+    Qdrant Edge also after a reopen, when it re-reads what it keeps in memory from disk."""
+    exemplars = [
+        dataclasses.replace(_exemplar(i, "broad/a"), source=f"gallery-{i % 2}") for i in range(6)
+    ]
+    reference = open_vector_store(":memory:", "exemplars_v0", DIM)
+    edge_root = str(tmp_path / "qdrant")
+    edge = open_vector_store(edge_root, "exemplars_v0", DIM)
+    assert isinstance(edge, EdgeVectorStore)
+    for opened in (reference, edge):
+        with opened:
+            opened.upsert(exemplars)
+            for e in exemplars:
+                assert opened.search(e.vector, k=1)[0].source == e.source
+    with open_vector_store(edge_root, "exemplars_v0", DIM) as reopened:
+        found = reopened.search_batch(np.stack([e.vector for e in exemplars]), 1, None)
+        assert [r[0].source for r in found] == [e.source for e in exemplars]
+
+
 def test_validation(store: VectorStore) -> None:
     with store:
-        with pytest.raises(InvalidInput):
+        with pytest.raises(InvalidInput, match=rf"vector must have shape \[{DIM}\], got"):
             store.search(np.zeros(DIM + 1, dtype=np.float32), 3)
-        with pytest.raises(InvalidInput):
+        with pytest.raises(InvalidInput, match="vector contains NaN or infinity"):
             store.upsert(
                 [Exemplar(id="ab" * 32, vector=np.full(DIM, np.nan), label="l", broad="b")]
             )
-        with pytest.raises(InvalidInput):
+        with pytest.raises(InvalidInput, match="broad_in has 1 entries for 2 queries"):
             store.search_batch(np.zeros((2, DIM), dtype=np.float32), 3, broad_in=[None])
-        with pytest.raises(FailedPrecondition):
+        with pytest.raises(FailedPrecondition, match=f"has vector size {DIM}, wanted {DIM * 2}"):
             store.ensure_collection(DIM * 2)
 
 
@@ -90,5 +114,5 @@ def test_unreachable_server_is_unavailable() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable, match="qdrant ensure_collection on exemplars_v0 failed"):
         open_vector_store(f"http://127.0.0.1:{port}", "exemplars_v0", DIM)

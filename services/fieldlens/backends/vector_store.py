@@ -79,6 +79,10 @@ class Exemplar:
     embedding_version: str = ""
 
 
+# What EdgeVectorStore keeps in memory about a point besides its id: label, broad, path, source.
+_PointInfo = tuple[str, str, list[str], str]
+
+
 class Neighbour(NamedTuple):
     """A stored exemplar found near a query; `similarity` is cosine similarity in [-1, 1].
 
@@ -91,6 +95,8 @@ class Neighbour(NamedTuple):
     broad: str
     similarity: float
     path: list[str]
+    # Where the exemplar came from, as stored with it (Exemplar.source).
+    source: str = ""
 
 
 def point_uuid(content_hash: str) -> uuid.UUID:
@@ -147,6 +153,7 @@ def _neighbour(point_id: Any, score: float, payload: dict[str, Any] | None) -> N
         broad=str(payload.get(BROAD_FIELD, "")),
         similarity=float(score),
         path=[str(p) for p in payload.get("path", [])],
+        source=str(payload.get("source", "")),
     )
 
 
@@ -302,10 +309,10 @@ class EdgeVectorStore(VectorStore):
         # engine's payloads cost more than the search itself (0.6 of 0.8 ms for 64 hits among
         # 1k points). Exact, because every write goes through this object: the process owns
         # the shard (see `_acquire_ownership`).
-        # point id (its UUID's int: hashed in C) -> (exemplar id, (label, broad, path)); the
-        # label's tuple is shared by every point that has it.
-        self._points: dict[int, tuple[str, tuple[str, str, list[str]]]] = {}
-        self._labels: dict[tuple[str, str, tuple[str, ...]], tuple[str, str, list[str]]] = {}
+        # point id (its UUID's int: hashed in C) -> (exemplar id, (label, broad, path,
+        # source)); that tuple is shared by every point with the same label and source.
+        self._points: dict[int, tuple[str, _PointInfo]] = {}
+        self._labels: dict[tuple[str, str, tuple[str, ...], str], _PointInfo] = {}
 
     @property
     def path(self) -> Path:
@@ -399,7 +406,7 @@ class EdgeVectorStore(VectorStore):
         with self._write_lock:
             self._require().update(qe.UpdateOperation.upsert_points(batch))
             for i, p in zip(ids, points, strict=True):
-                self._remember(i, p.id.lower(), p.label, p.broad, list(p.path))
+                self._remember(i, p.id.lower(), p.label, p.broad, list(p.path), p.source)
 
     def delete(self, ids: Sequence[str]) -> list[StoredExemplar]:
         import qdrant_edge as qe
@@ -417,12 +424,18 @@ class EdgeVectorStore(VectorStore):
         return [_stored(r.id, r.payload) for r in found]
 
     def _remember(
-        self, point_id: uuid.UUID, exemplar_id: str, label: str, broad: str, path: list[str]
+        self,
+        point_id: uuid.UUID,
+        exemplar_id: str,
+        label: str,
+        broad: str,
+        path: list[str],
+        source: str,
     ) -> None:
-        key = (label, broad, tuple(path))
+        key = (label, broad, tuple(path), source)
         info = self._labels.get(key)
         if info is None:
-            info = self._labels[key] = (label, broad, path)
+            info = self._labels[key] = (label, broad, path, source)
         self._points[point_id.int] = (exemplar_id, info)
 
     def _remember_all(self) -> None:
@@ -437,7 +450,7 @@ class EdgeVectorStore(VectorStore):
             )
             for r in records:
                 n = _neighbour(r.id, 0.0, r.payload)
-                self._remember(r.id, n.id, n.label, n.broad, n.path)
+                self._remember(r.id, n.id, n.label, n.broad, n.path, n.source)
             if offset is None or not records:
                 return
 
@@ -452,8 +465,8 @@ class EdgeVectorStore(VectorStore):
                 (r,) = self._require().retrieve([point_id], True, False)
                 out.append(_neighbour(point_id, h.score, r.payload))
                 continue
-            exemplar_id, (label, broad, path) = known
-            out.append(Neighbour(exemplar_id, label, broad, h.score, path))
+            exemplar_id, (label, broad, path, source) = known
+            out.append(Neighbour(exemplar_id, label, broad, h.score, path, source))
         return out
 
     def _request(self, vector: list[float], k: int, broad_in: Sequence[str] | None) -> Any:

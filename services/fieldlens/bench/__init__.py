@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         default=None,
-        help="Tiny ImageNet shards (default ../shared/data/tiny-imagenet)",
+        help="Tiny ImageNet shards (default: FIELDLENS_DATA_DIR, else "
+        "../shared/data/tiny-imagenet)",
     )
     parser.add_argument(
         "--no-micro", action="store_true", help="skip the micro-benchmarks (tiny, neighbours)"

@@ -39,7 +39,7 @@ from fieldlens.bench.plan import CPU_POINT, MIXED_HIT_FRACTION, OPEN_LOOP_LOAD, 
 from fieldlens.common import credentials
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.model_set import load_model_set
-from fieldlens.common.settings import DEFAULT_DATA_DIR
+from fieldlens.common.settings import data_dir_from_env
 from fieldlens.v1 import router_pb2, router_pb2_grpc
 
 DEFAULT_TRITON_PORT = 8001
@@ -520,7 +520,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except (BenchError, profiling.ProfileError, ValueError, OSError) as exc:
         console.print(f"[red]bench: {exc}[/red]")
         return 2
-    data_dir: Path = args.data or DEFAULT_DATA_DIR
+    data_dir: Path = args.data or data_dir_from_env()
     base = cluster.ClusterConfig()
     models_dir = base.models_dir
     started = time.time()

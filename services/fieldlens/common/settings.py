@@ -13,7 +13,9 @@ logger = logging.getLogger(__name__)
 
 # services/fieldlens/common/settings.py -> the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[3]
-# The training shards sit beside the checkout by default (FIELDLENS_DATA_DIR or --data).
+# The training shards sit beside the checkout unless FIELDLENS_DATA_DIR (or --data) says
+# otherwise; data_dir_from_env() applies the variable.
+DATA_DIR_ENV = "FIELDLENS_DATA_DIR"
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
 
 ServiceName = Literal["router", "specialist", "tiny"]
@@ -55,6 +57,7 @@ DEFAULT_BATCH_IN_FLIGHT = 1
 # a service scales by processes (replicas, Triton instances), not by pool threads.
 CPU_THREADS_ENV = "FIELDLENS_CPU_THREADS"
 DEFAULT_CPU_THREADS = 1
+MODEL_STORE_ENV = "FIELDLENS_MODEL_STORE"
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _T = TypeVar("_T")
@@ -120,7 +123,7 @@ class CommonSettings:
             log_level=_read(env, "FIELDLENS_LOG_LEVEL", DEFAULT_LOG_LEVEL, _log_level),
             models_dir=_read(env, "FIELDLENS_MODELS_DIR", _repo_path(DEFAULT_MODELS_DIR), _path),
             state_dir=state_dir,
-            model_store=_read(env, "FIELDLENS_MODEL_STORE", state_dir / "model-sets", _path),
+            model_store=model_store_from_env(state_dir / "model-sets", env),
             cpu_threads=cpu_threads_from_env(env),
         )
 
@@ -229,6 +232,27 @@ def cpu_threads_from_env(
     """
     env = os.environ if env is None else env
     return _read(env, CPU_THREADS_ENV, default, _positive_int)
+
+
+def model_store_from_env(default: Path, env: Mapping[str, str] | None = None) -> Path:
+    """FIELDLENS_MODEL_STORE: the model store (a relative path is taken from the repository
+    root); `default` when unset.
+
+    Also read on its own by the `fieldlens model-set` commands, which have no CommonSettings,
+    so that they publish into and list the store the services load from.
+    """
+    env = os.environ if env is None else env
+    return _read(env, MODEL_STORE_ENV, default, _path)
+
+
+def data_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
+    """FIELDLENS_DATA_DIR: the Tiny ImageNet shards; DEFAULT_DATA_DIR when unset.
+
+    The default of every `--data` option and of the tests; a relative path is taken from the
+    repository root, like the Makefile's DATA.
+    """
+    env = os.environ if env is None else env
+    return _read(env, DATA_DIR_ENV, DEFAULT_DATA_DIR, _path)
 
 
 def _read(env: Mapping[str, str], name: str, default: _T, parse: Callable[[str], _T]) -> _T:

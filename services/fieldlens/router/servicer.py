@@ -109,7 +109,11 @@ def to_proto(c: Classification, taxonomy: Taxonomy) -> router_pb2.ClassifyRespon
         sm.path.extend(m.path(s.taxon_id))
         for n in s.exemplars:
             sm.exemplars.add(
-                id=n.id, label_id=n.label, label_name=m.name(n.label), similarity=n.similarity
+                id=n.id,
+                label_id=n.label,
+                label_name=m.name(n.label),
+                similarity=n.similarity,
+                source=n.source,
             )
     for d in c.dispatch:
         r.dispatch.add(
@@ -148,7 +152,9 @@ def from_proto(r: router_pb2.ClassifyResponse) -> Classification:
                 s.taxon.id,
                 s.probability,
                 _SERVED_BY_NAME.get(s.served_by, ""),
-                tuple(Neighbour(e.id, e.label_id, "", e.similarity, []) for e in s.exemplars),
+                tuple(
+                    Neighbour(e.id, e.label_id, "", e.similarity, [], e.source) for e in s.exemplars
+                ),
             )
             for s in r.suggestions
         ],

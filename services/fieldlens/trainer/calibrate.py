@@ -42,9 +42,9 @@ from fieldlens.backends.triton_python_model import load_torchscript
 from fieldlens.common.knowledge import LearnedExample, NewTaxonSpec
 from fieldlens.common.model_set import MANIFEST, ModelSet, load_model_set, threshold_for
 from fieldlens.common.settings import (
-    DEFAULT_DATA_DIR,
     DEFAULT_DISPATCH_TOP,
     DEFAULT_SPECIALIST_MIN_P,
+    data_dir_from_env,
 )
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.router import merge as served
@@ -801,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         default=REPO_ROOT / "deploy" / "triton" / "model_repository",
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data", type=Path, default=data_dir_from_env())
     parser.add_argument(
         "--seed", type=int, default=None, help="default: the validation split's seed"
     )

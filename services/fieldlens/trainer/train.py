@@ -15,7 +15,7 @@ import torch
 from tqdm import trange
 
 from fieldlens.common.model_set import MANIFEST
-from fieldlens.common.settings import DEFAULT_DATA_DIR
+from fieldlens.common.settings import data_dir_from_env
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.common.threads import set_cpu_threads
 from fieldlens.tiny.ensemble import TinyEnsemble
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ.get("FIELDLENS_DATA_DIR", DEFAULT_DATA_DIR)),
+        default=data_dir_from_env(),
         help="Tiny ImageNet shards or the official folder",
     )
     parser.add_argument(
