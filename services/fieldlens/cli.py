@@ -103,7 +103,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> cluster.ClusterConfig:
-    return cluster.ClusterConfig()
+    return cluster.ClusterConfig(triton_replicas=getattr(args, "triton_replicas", 1))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -549,7 +549,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds a switch may take")
     p.set_defaults(func=cmd_model_set)
-    sub.add_parser("up", help="start the local cluster").set_defaults(func=cmd_up)
+    p = sub.add_parser("up", help="start the local cluster")
+    p.add_argument(
+        "--triton-replicas",
+        type=int,
+        default=1,
+        help="Triton servers, addressed as one target the way the router addresses Triton pods "
+        "on Kubernetes (default 1)",
+    )
+    p.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)
     sub.add_parser("status", help="local cluster state").set_defaults(func=cmd_status)
     for name, func, text in (

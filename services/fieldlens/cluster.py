@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ DEFAULT_READY_TIMEOUT_S = 300.0
 DEFAULT_STOP_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 40
 _POLL_S = 0.2
+REPLICA_PORT_STEP = 10  # between the ports of one component's replicas
 
 # What a live process of each component has in its command line; guards against a pidfile
 # whose pid was recycled by an unrelated process.
@@ -107,6 +109,9 @@ class ClusterConfig:
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
     # Extra environment for every component, e.g. log levels in tests.
     extra_env: tuple[tuple[str, str], ...] = ()
+    # Triton servers: the first is `triton`, the others `triton-2`, ... on ports REPLICA_PORT_STEP
+    # apart; services address them all as one target, as on Kubernetes (triton_target).
+    triton_replicas: int = 1
 
     def with_free_ports(self) -> ClusterConfig:
         """A copy with every port replaced by a currently free one (tests)."""
@@ -156,6 +161,27 @@ class ClusterConfig:
     def service_port(self, name: str) -> int:
         return int(getattr(self, f"{name}_port"))
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Every component of this cluster, in start order (Triton replicas after `triton`)."""
+        extra = tuple(replica_name("triton", i) for i in range(1, self.triton_replicas))
+        return ("redis", "triton", *extra, "tiny", "specialist", "router")
+
+    def triton_ports(self, replica: int = 0) -> tuple[int, int, int]:
+        """(gRPC, HTTP, metrics) ports of one Triton replica."""
+        step = replica * REPLICA_PORT_STEP
+        return (
+            self.triton_grpc_port + step,
+            self.triton_http_port + step,
+            self.triton_metrics_port + step,
+        )
+
+    @property
+    def triton_target(self) -> str:
+        """The gRPC target naming every Triton replica (one address when there is one)."""
+        addrs = [self.addr(self.triton_ports(i)[0]) for i in range(self.triton_replicas)]
+        return addrs[0] if len(addrs) == 1 else "ipv4:" + ",".join(addrs)
+
     def service_env(self, name: str) -> dict[str, str]:
         """Environment of one fieldlens service: its own endpoints plus its dependencies'."""
         env = dict(os.environ)
@@ -163,7 +189,7 @@ class ClusterConfig:
             {
                 "FIELDLENS_LISTEN_ADDR": self.addr(self.service_port(name)),
                 "FIELDLENS_METRICS_PORT": str(getattr(self, f"{name}_metrics_port")),
-                "TRITON_ADDR": self.addr(self.triton_grpc_port),
+                "TRITON_ADDR": self.triton_target,
                 "SPECIALIST_ADDR": self.addr(self.specialist_port),
                 "TINY_ADDR": self.addr(self.tiny_port),
                 "REDIS_ADDR": self.addr(self.redis_port),
@@ -187,19 +213,22 @@ def _redis_command(cfg: ClusterConfig) -> tuple[list[str], dict[str, str]]:
     return argv, {**os.environ, **dict(cfg.extra_env)}
 
 
-def _triton_command(cfg: ClusterConfig) -> tuple[list[str], dict[str, str]]:
+def _triton_command(cfg: ClusterConfig, replica: int = 0) -> tuple[list[str], dict[str, str]]:
     if not triton_server.repository_models(cfg.model_repository):
         raise ClusterError(
             f"triton: no models in {cfg.model_repository}; train and export them first "
             "(make train) or point model_repository at an exported repository"
         )
-    backends = triton_server.prepare_backend_directory(cfg.run_dir / "triton" / "backends")
+    backends = triton_server.prepare_backend_directory(
+        cfg.run_dir / "triton" / replica_name("backends", replica)
+    )
+    grpc_port, http_port, metrics_port = cfg.triton_ports(replica)
     argv, env = triton_server.build_command(
         cfg.model_repository,
         backends,
-        grpc_port=cfg.triton_grpc_port,
-        http_port=cfg.triton_http_port,
-        metrics_port=cfg.triton_metrics_port,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
         host=cfg.host,
     )
     env.update(dict(cfg.extra_env))
@@ -228,28 +257,47 @@ def grpc_serving(addr: str, timeout_s: float = 1.0) -> bool:
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def replica_name(base: str, replica: int) -> str:
+    """`base` for the first replica (0), `base-2`, `base-3`, ... for the others."""
+    return base if replica == 0 else f"{base}-{replica + 1}"
+
+
+def _replica_of(name: str) -> tuple[str, int]:
+    """(component, replica index) of a process name: `triton-2` -> ("triton", 1)."""
+    match = _REPLICA.fullmatch(name)
+    return (match[1], int(match[2]) - 1) if match else (name, 0)
+
+
+_REPLICA = re.compile(r"([a-z]+)-([2-9]|[1-9][0-9]+)")
+
+
 def _ready(cfg: ClusterConfig, name: str) -> bool:
-    if name == "redis":
+    base, replica = _replica_of(name)
+    if base == "redis":
         return redis_server.ping(cfg.host, cfg.redis_port)
-    if name == "triton":
+    if base == "triton":
         return triton_server.is_ready(
-            cfg.addr(cfg.triton_http_port), triton_server.repository_models(cfg.model_repository)
+            cfg.addr(cfg.triton_ports(replica)[1]),
+            triton_server.repository_models(cfg.model_repository),
         )
     return grpc_serving(cfg.addr(cfg.service_port(name)))
 
 
-_COMMANDS: Mapping[str, Callable[[ClusterConfig], tuple[list[str], dict[str, str]]]] = {
-    "redis": _redis_command,
-    "triton": _triton_command,
-    **{name: _service_command(name) for name in SERVICES},
-}
+def _command(cfg: ClusterConfig, name: str) -> tuple[list[str], dict[str, str]]:
+    base, replica = _replica_of(name)
+    if base == "redis":
+        return _redis_command(cfg)
+    if base == "triton":
+        return _triton_command(cfg, replica)
+    return _service_command(name)(cfg)
 
 
 def _own_ports(cfg: ClusterConfig, name: str) -> list[int]:
-    if name == "redis":
+    base, replica = _replica_of(name)
+    if base == "redis":
         return [cfg.redis_port]
-    if name == "triton":
-        return [cfg.triton_grpc_port, cfg.triton_http_port, cfg.triton_metrics_port]
+    if base == "triton":
+        return list(cfg.triton_ports(replica))
     return [cfg.service_port(name), int(getattr(cfg, f"{name}_metrics_port"))]
 
 
@@ -283,7 +331,7 @@ def _alive(pid: int, name: str) -> bool:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return _CMDLINE_MARKERS[name] in " ".join(proc.cmdline())
+        return _CMDLINE_MARKERS[_replica_of(name)[0]] in " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
@@ -354,7 +402,7 @@ def _start_one(cfg: ClusterConfig, name: str) -> None:
         raise ClusterError(
             f"{name}: port(s) {taken} on {cfg.host} already in use by another process"
         )
-    argv, env = _COMMANDS[name](cfg)
+    argv, env = _command(cfg, name)
     proc = spawn(argv, env, cfg.log_path(name))
     cfg.pid_path(name).write_text(f"{proc.pid}\n")
     logger.info("started %s (pid %d), log %s", name, proc.pid, cfg.log_path(name))
@@ -367,20 +415,39 @@ def _start_one(cfg: ClusterConfig, name: str) -> None:
     logger.info("%s ready after %.1fs", name, time.monotonic() - started)
 
 
-def start(cfg: ClusterConfig, components: Sequence[str] = COMPONENTS) -> None:
-    """Start (or adopt, when already running and healthy) `components`, in dependency order.
+def start(cfg: ClusterConfig, components: Sequence[str] | None = None) -> None:
+    """Start (or adopt, when already running and healthy) `components` (default: all), in
+    dependency order; `triton` stands for every Triton replica.
 
     Raises:
         ClusterError: a component could not start or become ready; already-started ones keep
             running (inspect them, then `stop`).
     """
-    unknown = set(components) - set(COMPONENTS)
-    if unknown:
-        raise ValueError(f"unknown components {sorted(unknown)}; known: {COMPONENTS}")
+    wanted = _expand(cfg, components)
     cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-    for name in COMPONENTS:
-        if name in components:
+    for name in cfg.components:
+        if name in wanted:
             _start_one(cfg, name)
+
+
+def _expand(cfg: ClusterConfig, components: Sequence[str] | None) -> set[str]:
+    """The process names `components` stand for (`triton`: every replica, running ones too)."""
+    if components is None:
+        return set(_all_processes(cfg))
+    unknown = set(components) - set(_all_processes(cfg))
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; known: {cfg.components}")
+    return {n for n in _all_processes(cfg) if n in components or _replica_of(n)[0] in components}
+
+
+def _all_processes(cfg: ClusterConfig) -> list[str]:
+    """This cluster's components plus replicas started earlier with more (their pidfiles)."""
+    names = list(cfg.components)
+    for pidfile in sorted(cfg.run_dir.glob("*.pid")):
+        base, replica = _replica_of(pidfile.stem)
+        if replica and base in COMPONENTS and pidfile.stem not in names:
+            names.insert(names.index(base) + replica, pidfile.stem)
+    return names
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -415,12 +482,14 @@ def _terminate(cfg: ClusterConfig, name: str, pid: int, timeout_s: float) -> Non
 
 def stop(
     cfg: ClusterConfig,
-    components: Sequence[str] = COMPONENTS,
+    components: Sequence[str] | None = None,
     timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
 ) -> None:
-    """SIGTERM running components in reverse dependency order, SIGKILL stragglers."""
-    for name in reversed(COMPONENTS):
-        if name not in components:
+    """SIGTERM running components (default: all, every replica) in reverse dependency order,
+    SIGKILL stragglers."""
+    wanted = _expand(cfg, components)
+    for name in reversed(_all_processes(cfg)):
+        if name not in wanted:
             continue
         pid = _live_pid(cfg, name)
         if pid is None:
@@ -432,8 +501,8 @@ def stop(
 
 def kill(cfg: ClusterConfig, name: str, sig: signal.Signals = signal.SIGKILL) -> bool:
     """Send `sig` to one component (default: kill it outright); True if it was running."""
-    if name not in COMPONENTS:
-        raise ValueError(f"unknown component {name!r}; known: {COMPONENTS}")
+    if name not in _all_processes(cfg):
+        raise ValueError(f"unknown component {name!r}; known: {cfg.components}")
     pid = _live_pid(cfg, name)
     if pid is None:
         return False
@@ -447,7 +516,7 @@ def kill(cfg: ClusterConfig, name: str, sig: signal.Signals = signal.SIGKILL) ->
 def status(cfg: ClusterConfig) -> dict[str, str]:
     """name -> "running" (alive and ready), "unhealthy" (alive, not ready) or "stopped"."""
     states: dict[str, str] = {}
-    for name in COMPONENTS:
+    for name in _all_processes(cfg):
         if _live_pid(cfg, name) is None:
             states[name] = "stopped"
         else:
@@ -464,12 +533,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), metavar="COMPONENT"
     )
+    parser.add_argument(
+        "--triton-replicas", type=int, default=1, help="Triton servers (one target for all)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = ClusterConfig(
         run_dir=args.run_dir.resolve(),
         model_repository=args.model_repository.resolve(),
         ready_timeout_s=args.timeout,
+        triton_replicas=args.triton_replicas,
     )
     if args.command == "up":
         try:
@@ -480,8 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "down":
         stop(cfg, args.only)
     states = status(cfg)
-    for name in COMPONENTS:
-        print(f"{name:<11} {states[name]}")
+    for name, state in states.items():
+        print(f"{name:<11} {state}")
     if args.command == "status":
         return 0 if all(s == "running" for s in states.values()) else 3
     return 0

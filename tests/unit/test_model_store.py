@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from fieldlens.backends.triton_repository import endpoints, load_request
+from fieldlens.backends.triton_repository import load_request
 from fieldlens.common import model_store
 from fieldlens.common.errors import FailedPrecondition, InvalidInput, NotFound
 from fieldlens.common.loaded_sets import LoadedModelSets
@@ -81,10 +81,34 @@ def test_load_request_renames_the_net_and_sends_its_files():
     assert files["file:1/model.pt"] == (REPOSITORY / "broad" / "1" / "model.pt").read_bytes()
 
 
-def test_endpoints_resolve_every_address_of_a_name():
-    assert endpoints("127.0.0.1:8001") == ["127.0.0.1:8001"]
-    assert endpoints("localhost:8001")[0].endswith(":8001")
-    assert endpoints("no-such-host.invalid:8001") == ["no-such-host.invalid:8001"]
+@pytest.mark.parametrize("kind", ["KIND_GPU", "KIND_CPU"])
+def test_load_request_gives_the_deployments_instance_kind(kind):
+    stored = text_format.Parse(
+        (REPOSITORY / "broad" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    config_json, _ = load_request(REPOSITORY / "broad", "broad__ms-x", kind)
+    config = json_format.Parse(config_json, model_config_pb2.ModelConfig())
+    assert config.instance_group
+    assert {
+        model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group
+    } == {kind}
+    # Only the kind changes: counts stay the stored config's.
+    assert [g.count for g in config.instance_group] == [g.count for g in stored.instance_group]
+
+
+def test_load_request_without_a_kind_keeps_the_stored_one():
+    stored = text_format.Parse(
+        (REPOSITORY / "broad" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    config = json_format.Parse(
+        load_request(REPOSITORY / "broad", "broad__ms-x")[0], model_config_pb2.ModelConfig()
+    )
+    assert list(config.instance_group) == list(stored.instance_group)
+
+
+def test_load_request_refuses_an_unknown_kind():
+    with pytest.raises(InvalidInput, match="instance kind 'KIND_TPU' is not one of"):
+        load_request(REPOSITORY / "broad", "broad__ms-x", "KIND_TPU")
 
 
 class _Describes(classifier_pb2_grpc.ClassifierServicer):

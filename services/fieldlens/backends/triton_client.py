@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -13,7 +14,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from fieldlens.common.errors import InvalidInput, Unavailable
+from fieldlens.common import targets
+from fieldlens.common.errors import FieldlensError, InvalidInput, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +29,20 @@ IMAGE_SHAPE = (64, 64, 3)
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_BATCH_SIZE = 64
 _INVALID_STATUSES = frozenset({"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE"})
+# A call another server may answer: this one is down, or lacks the net.
+_TRY_ANOTHER = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND"})
 
 
-def _map_error(model: str, exc: InferenceServerException | grpc.RpcError) -> Exception:
+def _status(exc: InferenceServerException | grpc.RpcError) -> str:
+    return str(exc.status()) if isinstance(exc, InferenceServerException) else str(exc.code())
+
+
+def _map_error(model: str, exc: InferenceServerException | grpc.RpcError) -> FieldlensError:
+    status = _status(exc)
     if isinstance(exc, InferenceServerException):
-        status, message = str(exc.status()), str(exc.message())
+        message = str(exc.message())
     else:
-        status, message = str(exc.code()), str(exc.details())
+        message = str(exc.details())
     if status in _INVALID_STATUSES:
         return InvalidInput(f"triton rejected input for {model}: {message}")
     return Unavailable(f"triton {model} unavailable ({status}): {message}")
@@ -49,14 +58,31 @@ def _check_images(images: np.ndarray) -> None:
         )
 
 
-class TritonClient:
-    """Thin async facade over `tritonclient.grpc.aio` for the fieldlens nets.
+@dataclass
+class _Server:
+    """One Triton server behind the target, and the nets it was last seen to lack."""
 
-    The underlying gRPC channel is created on first use, so the object may be built outside
-    the event loop that later uses it (but then must stay on that loop).
+    addr: str
+    client: InferenceServerClient
+    lacks: set[str] = field(default_factory=set)
+
+
+class TritonClient:
+    """Async facade over `tritonclient.grpc.aio` for the fieldlens nets, on every server behind
+    one target.
+
+    The target may stand for several servers (a headless Service's pods, a local list; see
+    common/targets.py). Calls go round the servers, skipping one that lacks the net asked for
+    (seen by `refresh`, or by a call it answered NOT_FOUND, as a restarted pod that came back
+    with only its image's nets does); a call a server cannot answer is tried once on another.
+    `refresh`, run periodically by the owner, re-resolves the target (pods come and go) and
+    re-reads which server serves which net.
+
+    Clients are created on first use, so the object may be built outside the event loop that
+    later uses it (but then must stay on that loop).
 
     Args:
-        addr: Triton gRPC endpoint, host:port.
+        addr: gRPC target of the Triton servers.
         timeout_s: default per-call deadline.
         max_batch_size: the models' max_batch_size; larger inputs are split into chunks
             sent concurrently (Triton's dynamic batcher regroups them).
@@ -72,39 +98,78 @@ class TritonClient:
         self._addr = addr
         self._timeout_s = timeout_s
         self._max_batch_size = max_batch_size
-        self._client: InferenceServerClient | None = None
+        self._servers: list[_Server] = []
+        self._next = 0
 
     @property
     def addr(self) -> str:
         return self._addr
 
-    def _get(self) -> InferenceServerClient:
-        if self._client is None:
-            # round_robin spreads calls over every address a headless Service resolves to.
-            self._client = InferenceServerClient(
-                url=self._addr, channel_args=[("grpc.lb_policy_name", "round_robin")]
-            )
-        return self._client
+    def servers(self) -> list[str]:
+        """The servers calls go to now (resolved on first use, then by `refresh`)."""
+        return [s.addr for s in self._known()]
+
+    def _known(self) -> list[_Server]:
+        if not self._servers:
+            self._adopt(targets.servers(self._addr))
+        return self._servers
+
+    def _adopt(self, addrs: Sequence[str]) -> list[InferenceServerClient]:
+        """Serves `addrs` from now on; returns the clients of servers no longer among them."""
+        old = {s.addr: s for s in self._servers}
+        self._servers = [old.pop(a, None) or _Server(a, InferenceServerClient(a)) for a in addrs]
+        return [s.client for s in old.values()]
+
+    def _pick(self, model: str, tried: Sequence[_Server] = ()) -> _Server | None:
+        """The next server, round the list, that is not known to lack `model` (else any)."""
+        servers = [s for s in self._known() if s not in tried]
+        if not servers:
+            return None
+        self._next += 1
+        ordered = servers[self._next % len(servers) :] + servers[: self._next % len(servers)]
+        return next((s for s in ordered if model not in s.lacks), ordered[0])
+
+    async def refresh(self, models: Sequence[str]) -> dict[str, list[str]]:
+        """Re-resolves the target and re-reads which of `models` each server serves; returns
+        {server: the models it lacks} (unreachable servers lack them all).
+
+        Raises:
+            Unavailable: the target does not resolve (the servers known so far are kept).
+        """
+        addrs = await asyncio.to_thread(targets.servers, self._addr)
+        for gone in self._adopt(addrs):
+            await gone.close()
+        lacking: dict[str, list[str]] = {}
+        for server in self._servers:
+            ready = await asyncio.gather(*(_ready(server.client, m) for m in models))
+            server.lacks = {m for m, ok in zip(models, ready, strict=True) if not ok}
+            if server.lacks:
+                lacking[server.addr] = sorted(server.lacks)
+        return lacking
 
     async def is_ready(self, timeout_s: float | None = None) -> bool:
-        """Server readiness; False (never an exception) when it cannot be reached."""
-        try:
-            return bool(
-                await self._get().is_server_ready(client_timeout=timeout_s or self._timeout_s)
-            )
-        except (InferenceServerException, grpc.RpcError) as exc:
-            logger.debug("triton %s not ready: %s", self._addr, exc)
-            return False
+        """Whether any server is ready; False (never an exception) when none can be reached."""
+        for server in self._known_or_none():
+            try:
+                if await server.client.is_server_ready(client_timeout=timeout_s or self._timeout_s):
+                    return True
+            except (InferenceServerException, grpc.RpcError) as exc:
+                logger.debug("triton %s not ready: %s", server.addr, exc)
+        return False
 
     async def model_ready(self, name: str, timeout_s: float | None = None) -> bool:
-        """Readiness of one model; False when it or the server cannot be reached."""
+        """Whether any server has `name` ready; False when none has or can be reached."""
+        for server in self._known_or_none():
+            if await _ready(server.client, name, timeout_s or self._timeout_s):
+                return True
+        return False
+
+    def _known_or_none(self) -> list[_Server]:
         try:
-            return bool(
-                await self._get().is_model_ready(name, client_timeout=timeout_s or self._timeout_s)
-            )
-        except (InferenceServerException, grpc.RpcError) as exc:
-            logger.debug("triton model %s at %s not ready: %s", name, self._addr, exc)
-            return False
+            return self._known()
+        except FieldlensError as exc:
+            logger.debug("triton %s: %s", self._addr, exc)
+            return []
 
     async def _infer_once(
         self, model: str, images: np.ndarray, output_names: Sequence[str], timeout_s: float
@@ -112,19 +177,24 @@ class TritonClient:
         infer_input = InferInput(INPUT_NAME, list(images.shape), "UINT8")
         infer_input.set_data_from_numpy(np.ascontiguousarray(images))
         outputs = [InferRequestedOutput(name) for name in output_names]
-        try:
-            result = await self._get().infer(
-                model, [infer_input], outputs=outputs, client_timeout=timeout_s
-            )
-        except (InferenceServerException, grpc.RpcError) as exc:
-            raise _map_error(model, exc) from exc
-        arrays: list[np.ndarray] = []
-        for name in output_names:
-            array = result.as_numpy(name)
-            if array is None:
-                raise Unavailable(f"triton {model} returned no output {name}")
-            arrays.append(array)
-        return arrays
+        tried: list[_Server] = []
+        error: FieldlensError = Unavailable(f"triton {model}: no server behind {self._addr}")
+        while len(tried) < 2 and (server := self._pick(model, tried)) is not None:
+            tried.append(server)
+            try:
+                result = await server.client.infer(
+                    model, [infer_input], outputs=outputs, client_timeout=timeout_s
+                )
+            except (InferenceServerException, grpc.RpcError) as exc:
+                error, status = _map_error(model, exc), _status(exc)
+                if status not in _TRY_ANOTHER:  # bad input, or a deadline already spent
+                    raise error from exc
+                if status == "StatusCode.NOT_FOUND":  # a server that lost the net (restarted)
+                    server.lacks.add(model)
+                logger.debug("triton %s: %s", server.addr, error)
+                continue
+            return _outputs(model, result, output_names)
+        raise error
 
     async def infer(
         self,
@@ -181,8 +251,7 @@ class TritonClient:
         return logits, embedding, fine, norm
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
+        for client in self._adopt([]):
             await client.close()
 
     async def __aenter__(self) -> TritonClient:
@@ -190,3 +259,21 @@ class TritonClient:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
+
+
+async def _ready(client: InferenceServerClient, name: str, timeout_s: float = 1.0) -> bool:
+    """Whether `name` is ready on that server; False when it is not or cannot be reached."""
+    try:
+        return bool(await client.is_model_ready(name, client_timeout=timeout_s))
+    except (InferenceServerException, grpc.RpcError):
+        return False
+
+
+def _outputs(model: str, result: Any, output_names: Sequence[str]) -> list[np.ndarray]:
+    arrays: list[np.ndarray] = []
+    for name in output_names:
+        array = result.as_numpy(name)
+        if array is None:
+            raise Unavailable(f"triton {model} returned no output {name}")
+        arrays.append(array)
+    return arrays

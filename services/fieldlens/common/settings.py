@@ -33,6 +33,8 @@ DEFAULT_GRACE_S = 5.0
 DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_MODELS_DIR = "deploy/models"
 DEFAULT_TRITON_ADDR = "127.0.0.1:8001"
+INSTANCE_KIND_ENV = "FIELDLENS_TRITON_INSTANCE_KIND"
+TRITON_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 DEFAULT_SPECIALIST_ADDR = DEFAULT_LISTEN_ADDRS["specialist"]
 DEFAULT_TINY_ADDR = DEFAULT_LISTEN_ADDRS["tiny"]
 DEFAULT_REDIS_ADDR = "127.0.0.1:6379"
@@ -167,6 +169,9 @@ class RouterSettings:
     batch_max: int = DEFAULT_BATCH_MAX
     # Most coalesced calls out to one backend at once; later requests queue and leave together.
     batch_in_flight: int = DEFAULT_BATCH_IN_FLIGHT
+    # Instance kind of the nets this router loads into Triton (a switched-in set): KIND_GPU on
+    # a GPU node pool; "" keeps the stored config's (KIND_CPU: sets are exported on CPU).
+    triton_instance_kind: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RouterSettings:
@@ -200,6 +205,7 @@ class RouterSettings:
             batch_in_flight=_read(
                 env, "FIELDLENS_BATCH_IN_FLIGHT", DEFAULT_BATCH_IN_FLIGHT, _positive_int
             ),
+            triton_instance_kind=_read(env, INSTANCE_KIND_ENV, "", _instance_kind),
         )
 
 
@@ -210,6 +216,8 @@ class ClassifierSettings:
     common: CommonSettings
     # Triton endpoint; the specialist runs its nets there, the tiny service does not use it.
     triton_addr: str
+    # As RouterSettings.triton_instance_kind, for the nets the specialist loads.
+    triton_instance_kind: str = ""
 
     @classmethod
     def from_env(
@@ -219,6 +227,7 @@ class ClassifierSettings:
         return cls(
             common=CommonSettings.from_env(role, env),
             triton_addr=_read(env, "TRITON_ADDR", DEFAULT_TRITON_ADDR, _address()),
+            triton_instance_kind=_read(env, INSTANCE_KIND_ENV, "", _instance_kind),
         )
 
 
@@ -312,6 +321,12 @@ def _address(allow_port_zero: bool = False) -> Callable[[str], str]:
         return raw
 
     return parse_address
+
+
+def _instance_kind(raw: str) -> str:
+    if raw not in ("", *TRITON_INSTANCE_KINDS):
+        raise ValueError(f"expected one of {', '.join(TRITON_INSTANCE_KINDS)} (or empty)")
+    return raw
 
 
 def _int(raw: str) -> int:

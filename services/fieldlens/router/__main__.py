@@ -61,7 +61,9 @@ async def serve(settings: RouterSettings) -> None:
     except FieldlensError as e:
         raise SystemExit(str(e)) from e
     try:  # a set from the store is not in Triton's repository: Triton may not have it yet
-        await ensure_model_set(settings.triton_addr, common.model_store, model_set)
+        await ensure_model_set(
+            settings.triton_addr, common.model_store, model_set, settings.triton_instance_kind
+        )
     except FieldlensError as e:
         logger.warning(
             "Triton does not serve model set %s yet (retrying): %s", model_set.version, e

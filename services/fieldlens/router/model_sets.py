@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from fieldlens.backends.blob_store import FolderBlobStore
 from fieldlens.backends.cache import RedisCache
 from fieldlens.backends.triton_client import TritonClient
-from fieldlens.backends.triton_repository import ensure_model_set, unload_nets
+from fieldlens.backends.triton_repository import ensure_model_set, nets_of, unload_nets
 from fieldlens.backends.vector_store import VectorStore, list_collections, open_vector_store
 from fieldlens.common import model_store
 from fieldlens.common.errors import FieldlensError
@@ -200,7 +200,7 @@ class ModelSets:
             s.routing_path,
         )
         logger.info("switching model set %s -> %s", old.model_set.version, version)
-        await ensure_model_set(s.triton_addr, self.store_dir, ms)
+        await ensure_model_set(s.triton_addr, self.store_dir, ms, s.triton_instance_kind)
         for client in (b.tiny, b.specialist):
             await client.load_model_set(version)
         learner = _learner(old)
@@ -255,9 +255,7 @@ class ModelSets:
             if old.store is not None and old.store is not new.store:
                 await asyncio.to_thread(old.store.close)
             if self.plane is new:  # not switched back meanwhile
-                ms = old.model_set
-                names = [ms.broad_model, *(sp.model for sp in ms.specialists.values())]
-                await unload_nets(self.backends.settings.triton_addr, names)
+                await unload_nets(self.backends.settings.triton_addr, nets_of(old.model_set))
 
         task = asyncio.create_task(retire())
         self._tasks.add(task)
@@ -265,19 +263,30 @@ class ModelSets:
 
     async def follow(self, interval_s: float = FOLLOW_S) -> None:
         """Forever: switch when the store names another current set (a switch made through
-        another replica), and reload this set's nets if Triton lost them (a restart)."""
-        s = self.backends.settings
+        another replica), and give every Triton server that lacks this set's nets (one that
+        restarted, or was added) its nets; until then calls skip it (TritonClient.refresh)."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 wanted = await asyncio.to_thread(model_store.current, self.store_dir)
                 if wanted and wanted != self.plane.model_set.version and not self._lock.locked():
                     await self.switch(wanted)
-                ms = self.plane.model_set
-                if not await self.backends.triton.model_ready(ms.broad_model, timeout_s=1.0):
-                    await ensure_model_set(s.triton_addr, self.store_dir, ms)
+                await self.catch_up_triton()
             except (FieldlensError, OSError) as exc:
                 logger.warning("model-set follow-up failed (retrying): %s", exc)
+
+    async def catch_up_triton(self) -> list[str]:
+        """Loads the serving set's nets on every Triton server that lacks them; returns those
+        servers."""
+        s, triton, ms = self.backends.settings, self.backends.triton, self.plane.model_set
+        lacking = await triton.refresh(nets_of(ms))
+        if lacking:
+            logger.warning("triton servers without model set %s: %s", ms.version, lacking)
+            await ensure_model_set(
+                s.triton_addr, self.store_dir, ms, s.triton_instance_kind, only=sorted(lacking)
+            )
+            await triton.refresh(nets_of(ms))
+        return sorted(lacking)
 
     def close(self) -> None:
         for task in self._tasks:

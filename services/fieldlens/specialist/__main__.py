@@ -10,6 +10,7 @@ from fieldlens.backends.triton_repository import ensure_model_set
 from fieldlens.common.bootstrap import main_with_settings, serve_grpc
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.loaded_sets import LoadedModelSets
+from fieldlens.common.model_set import ModelSet
 from fieldlens.common.model_store import load_served, load_version
 from fieldlens.common.settings import ClassifierSettings
 from fieldlens.specialist.servicer import SpecialistServicer
@@ -18,6 +19,7 @@ from fieldlens.v1 import classifier_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE = "fieldlens.v1.Classifier"
+FOLLOW_S = 5.0
 
 
 async def serve(settings: ClassifierSettings) -> None:
@@ -29,22 +31,44 @@ async def serve(settings: ClassifierSettings) -> None:
     triton = TritonClient(settings.triton_addr)
     logger.info("specialists: %s", [s.model for s in model_set.specialists.values()])
 
+    kind = settings.triton_instance_kind
     # A set from the store has its nets loaded into Triton by whichever of router and
     # specialist gets there first (idempotent); a restarted Triton only has the boot set's.
-    await ensure_model_set(settings.triton_addr, common.model_store, model_set)
+    await ensure_model_set(settings.triton_addr, common.model_store, model_set, kind)
 
     async def factory(version: str) -> SpecialistServicer:
         ms = await asyncio.to_thread(load_version, common.model_store, common.models_dir, version)
-        await ensure_model_set(settings.triton_addr, common.model_store, ms)
+        await ensure_model_set(settings.triton_addr, common.model_store, ms, kind)
         return SpecialistServicer(ms, triton)
 
     sets = LoadedModelSets(model_set.version, SpecialistServicer(model_set, triton), factory)
 
+    async def catch_up() -> None:
+        """Forever: every Triton server that lacks a loaded set's specialist nets (restarted,
+        or added) gets them; until then calls skip it (TritonClient.refresh)."""
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            loaded = [_servicer(sets, v).model_set for v in sets.versions]
+            try:
+                lacking = await triton.refresh([n for ms in loaded for n in _nets(ms)])
+                for ms in loaded:
+                    only = sorted(a for a, nets in lacking.items() if set(nets) & set(_nets(ms)))
+                    if only:
+                        await ensure_model_set(
+                            settings.triton_addr, common.model_store, ms, kind, only=only
+                        )
+            except FieldlensError as exc:
+                logger.warning("triton catch-up failed (retrying): %s", exc)
+
+    follower = asyncio.create_task(catch_up())
+
+    async def close() -> None:
+        follower.cancel()
+        await triton.close()
+
     async def ready() -> bool:
         # Honest readiness: every specialist net of the default set must be loaded on Triton.
-        default = sets.pick("")
-        assert isinstance(default, SpecialistServicer)
-        for spec in default.model_set.specialists.values():
+        for spec in _servicer(sets, "").model_set.specialists.values():
             if not await triton.model_ready(spec.model, timeout_s=1.0):
                 return False
         return True
@@ -57,8 +81,18 @@ async def serve(settings: ClassifierSettings) -> None:
         ),
         SERVICE,
         ready,
-        triton.close,
+        close,
     )
+
+
+def _servicer(sets: LoadedModelSets, version: str) -> SpecialistServicer:
+    servicer = sets.pick(version)
+    assert isinstance(servicer, SpecialistServicer)
+    return servicer
+
+
+def _nets(ms: ModelSet) -> list[str]:
+    return [s.model for s in ms.specialists.values()]
 
 
 def main() -> None:
