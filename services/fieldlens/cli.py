@@ -103,7 +103,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> cluster.ClusterConfig:
-    return cluster.ClusterConfig(triton_replicas=getattr(args, "triton_replicas", 1))
+    return cluster.ClusterConfig(
+        triton_replicas=getattr(args, "triton_replicas", 1),
+        tiny_replicas=getattr(args, "tiny_replicas", 1),
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -556,6 +559,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="Triton servers, addressed as one target the way the router addresses Triton pods "
         "on Kubernetes (default 1)",
+    )
+    p.add_argument(
+        "--tiny-replicas",
+        type=int,
+        default=1,
+        help="tiny-classifier replicas, each with its own journal, peers of each other and one "
+        "target for the router (default 1)",
     )
     p.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)

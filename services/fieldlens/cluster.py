@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,9 @@ class ClusterConfig:
     # Triton servers: the first is `triton`, the others `triton-2`, ... on ports REPLICA_PORT_STEP
     # apart; services address them all as one target, as on Kubernetes (triton_target).
     triton_replicas: int = 1
+    # Tiny replicas likewise (`tiny`, `tiny-2`, ...): each with its own state directory (its
+    # journal), peers of each other, all behind the router's TINY_ADDR (tiny_target).
+    tiny_replicas: int = 1
 
     def with_free_ports(self) -> ClusterConfig:
         """A copy with every port replaced by a currently free one (tests)."""
@@ -159,13 +162,20 @@ class ClusterConfig:
         return self.run_dir / f"{name}.pid"
 
     def service_port(self, name: str) -> int:
-        return int(getattr(self, f"{name}_port"))
+        """gRPC port of a service process (`tiny-2`: a replica's, REPLICA_PORT_STEP along)."""
+        base, replica = _replica_of(name)
+        return int(getattr(self, f"{base}_port")) + replica * REPLICA_PORT_STEP
+
+    def metrics_port(self, name: str) -> int:
+        base, replica = _replica_of(name)
+        return int(getattr(self, f"{base}_metrics_port")) + replica * REPLICA_PORT_STEP
 
     @property
     def components(self) -> tuple[str, ...]:
         """Every component of this cluster, in start order (Triton replicas after `triton`)."""
-        extra = tuple(replica_name("triton", i) for i in range(1, self.triton_replicas))
-        return ("redis", "triton", *extra, "tiny", "specialist", "router")
+        tritons = tuple(replica_name("triton", i) for i in range(1, self.triton_replicas))
+        tinies = tuple(replica_name("tiny", i) for i in range(1, self.tiny_replicas))
+        return ("redis", "triton", *tritons, "tiny", *tinies, "specialist", "router")
 
     def triton_ports(self, replica: int = 0) -> tuple[int, int, int]:
         """(gRPC, HTTP, metrics) ports of one Triton replica."""
@@ -177,10 +187,15 @@ class ClusterConfig:
         )
 
     @property
+    def tiny_target(self) -> str:
+        """The gRPC target naming every tiny replica (one address when there is one)."""
+        names = [replica_name("tiny", i) for i in range(self.tiny_replicas)]
+        return _target([self.addr(self.service_port(n)) for n in names])
+
+    @property
     def triton_target(self) -> str:
         """The gRPC target naming every Triton replica (one address when there is one)."""
-        addrs = [self.addr(self.triton_ports(i)[0]) for i in range(self.triton_replicas)]
-        return addrs[0] if len(addrs) == 1 else "ipv4:" + ",".join(addrs)
+        return _target([self.addr(self.triton_ports(i)[0]) for i in range(self.triton_replicas)])
 
     def service_env(self, name: str) -> dict[str, str]:
         """Environment of one fieldlens service: its own endpoints plus its dependencies'."""
@@ -188,10 +203,10 @@ class ClusterConfig:
         env.update(
             {
                 "FIELDLENS_LISTEN_ADDR": self.addr(self.service_port(name)),
-                "FIELDLENS_METRICS_PORT": str(getattr(self, f"{name}_metrics_port")),
+                "FIELDLENS_METRICS_PORT": str(self.metrics_port(name)),
                 "TRITON_ADDR": self.triton_target,
                 "SPECIALIST_ADDR": self.addr(self.specialist_port),
-                "TINY_ADDR": self.addr(self.tiny_port),
+                "TINY_ADDR": self.tiny_target,
                 "REDIS_ADDR": self.addr(self.redis_port),
                 "QDRANT_ADDR": self.qdrant_addr,
                 "QDRANT_PATH": str(self.qdrant_dir),
@@ -201,6 +216,11 @@ class ClusterConfig:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if _replica_of(name)[1]:  # a replica keeps its own journal; the model store is shared
+            env["FIELDLENS_STATE_DIR"] = str(self.run_dir / "replicas" / name / "state")
+            env["FIELDLENS_MODEL_STORE"] = str(self.model_store)
+        if name.startswith("tiny") and self.tiny_replicas > 1:
+            env["FIELDLENS_TINY_PEERS"] = self.tiny_target
         env.update(dict(self.extra_env))
         # Belt and braces: the service sizes its pools itself (common/threads.py); with these
         # its BLAS/OpenMP libraries do not even start a wider pool when they are loaded.
@@ -235,13 +255,6 @@ def _triton_command(cfg: ClusterConfig, replica: int = 0) -> tuple[list[str], di
     return argv, env
 
 
-def _service_command(name: str) -> Callable[[ClusterConfig], tuple[list[str], dict[str, str]]]:
-    def command(cfg: ClusterConfig) -> tuple[list[str], dict[str, str]]:
-        return [sys.executable, "-m", f"fieldlens.{name}"], cfg.service_env(name)
-
-    return command
-
-
 def grpc_serving(addr: str, timeout_s: float = 1.0) -> bool:
     """True when the grpc.health.v1 Check(service='') at `addr` answers SERVING."""
     import grpc
@@ -255,6 +268,11 @@ def grpc_serving(addr: str, timeout_s: float = 1.0) -> bool:
         except grpc.RpcError:
             return False
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _target(addrs: list[str]) -> str:
+    """One gRPC target for several servers: an `ipv4:` list (one address as itself)."""
+    return addrs[0] if len(addrs) == 1 else "ipv4:" + ",".join(addrs)
 
 
 def replica_name(base: str, replica: int) -> str:
@@ -289,7 +307,7 @@ def _command(cfg: ClusterConfig, name: str) -> tuple[list[str], dict[str, str]]:
         return _redis_command(cfg)
     if base == "triton":
         return _triton_command(cfg, replica)
-    return _service_command(name)(cfg)
+    return [sys.executable, "-m", f"fieldlens.{base}"], cfg.service_env(name)
 
 
 def _own_ports(cfg: ClusterConfig, name: str) -> list[int]:
@@ -298,7 +316,7 @@ def _own_ports(cfg: ClusterConfig, name: str) -> list[int]:
         return [cfg.redis_port]
     if base == "triton":
         return list(cfg.triton_ports(replica))
-    return [cfg.service_port(name), int(getattr(cfg, f"{name}_metrics_port"))]
+    return [cfg.service_port(name), cfg.metrics_port(name)]
 
 
 def _port_taken(host: str, port: int) -> bool:

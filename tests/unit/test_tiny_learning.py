@@ -18,6 +18,8 @@ from fieldlens.common.knowledge import (
     KnowledgeJournal,
     LearnedExample,
     NewTaxonSpec,
+    example_from_proto,
+    example_to_proto,
     forgotten_ids,
     still_learned,
     still_learned_across,
@@ -494,20 +496,7 @@ def _history(space: Space) -> list[LearnedExample]:
 
 def _learn_request(examples: list[LearnedExample]) -> classifier_pb2.LearnExamplesRequest:
     return classifier_pb2.LearnExamplesRequest(
-        examples=[
-            classifier_pb2.LearnedExample(
-                id=e.id,
-                taxon_id=e.taxon_id,
-                embedding=e.vector.tolist(),
-                new_taxon=None
-                if e.new_taxon is None
-                else classifier_pb2.NewTaxon(
-                    id=e.new_taxon.id, name=e.new_taxon.name, parent_id=e.new_taxon.parent
-                ),
-            )
-            for e in examples
-        ],
-        model_set_version=MODEL_SET,
+        examples=[example_to_proto(e) for e in examples], model_set_version=MODEL_SET
     )
 
 
@@ -729,3 +718,47 @@ def test_new_taxa_scored_upstream_leave_the_trained_classes_as_they_were(
     scored = loud.group_top(x, "broad/a", 0, [0.0] * len(x))
     assert any(t == NEW for row, _ in scored for t, *_ in row)
     assert scored != before["broad/a"]
+
+
+def test_a_replica_that_was_down_adopts_what_a_serving_peer_holds(
+    servicer: TinyServicer, tax: Taxonomy, base: TinyEnsemble, space: Space, tmp_path: Path
+) -> None:
+    history = _history(space)
+    stray = _examples(space.sample(space.mean("a4"), 1, seed=11), "a4", None, prefix="x")
+    peer = TinyServicer(
+        _model_set(tax),
+        base.copy(),
+        KnowledgeJournal.for_model_set(tmp_path / "peer", "tiny", MODEL_SET, EMB_VERSION),
+    )
+
+    async def body() -> tuple[int, int]:
+        await peer.Learn(_learn_request(history), None)
+        await peer.Forget(_forget(["n1"]), None)
+        # The replica that was down: it holds what the peer forgot since, and something the
+        # peer never held (a write acknowledged by nobody), and lacks the rest.
+        await servicer.Learn(_learn_request([history[1], *stray]), None)
+        export = await peer.ExportKnowledge(
+            classifier_pb2.ExportKnowledgeRequest(model_set_version=MODEL_SET), None
+        )
+        return await servicer.adopt([example_from_proto(e) for e in export.examples], True)
+
+    learned, forgotten = asyncio.run(body())
+    assert (learned, forgotten) == (len(history) - 1, 2)
+    held = {e.id: e.taxon_id for e in servicer.journal.replay()}
+    assert held == {e.id: e.taxon_id for e in peer.journal.replay()}
+    assert "n1" not in held and "x0" not in held
+    assert servicer.ensemble.learned_taxa == peer.ensemble.learned_taxa
+    # Adding only (the periodic catch-up): nothing is forgotten.
+    extra = _examples(space.sample(space.mean("a4"), 1, seed=12), "a4", None, prefix="y")
+    asyncio.run(servicer.Learn(_learn_request(extra), None))
+    assert asyncio.run(servicer.adopt(list(peer.journal.replay()), False)) == (0, 0)
+    assert servicer.ensemble.label_of("y0") == "a4"
+
+
+def test_export_needs_the_served_model_set(servicer: TinyServicer) -> None:
+    with pytest.raises(FailedPrecondition, match="this service learns for"):
+        asyncio.run(
+            servicer.ExportKnowledge(
+                classifier_pb2.ExportKnowledgeRequest(model_set_version="ms-other"), None
+            )
+        )

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fieldlens.common.taxonomy import LEARNED_PREFIX
+from fieldlens.v1 import classifier_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -248,3 +249,29 @@ class KnowledgeJournal:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def example_from_proto(example: classifier_pb2.LearnedExample) -> LearnedExample:
+    """The domain form of one LearnedExample message (checked later, by the ensemble)."""
+    nt = example.new_taxon
+    return LearnedExample(
+        id=example.id,
+        taxon_id=example.taxon_id,
+        vector=np.asarray(example.embedding, dtype=np.float32),
+        new_taxon=(
+            NewTaxonSpec(nt.id, nt.name, nt.parent_id) if example.HasField("new_taxon") else None
+        ),
+    )
+
+
+def example_to_proto(example: LearnedExample) -> classifier_pb2.LearnedExample:
+    """The LearnedExample message of one example (the router's Learn, a peer's export)."""
+    nt = example.new_taxon
+    return classifier_pb2.LearnedExample(
+        id=example.id,
+        taxon_id=example.taxon_id,
+        embedding=np.asarray(example.vector, dtype=np.float32).tolist(),
+        new_taxon=None
+        if nt is None
+        else classifier_pb2.NewTaxon(id=nt.id, name=nt.name, parent_id=nt.parent),
+    )

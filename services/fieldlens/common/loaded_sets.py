@@ -95,6 +95,11 @@ class LoadedModelSets(classifier_pb2_grpc.ClassifierServicer):
     ) -> classifier_pb2.ForgetExamplesResponse:
         return await self.pick(request.model_set_version).Forget(request, context)
 
+    async def ExportKnowledge(
+        self, request: classifier_pb2.ExportKnowledgeRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ExportKnowledgeResponse:
+        return await self.pick(request.model_set_version).ExportKnowledge(request, context)
+
     async def LoadModelSet(
         self, request: classifier_pb2.LoadModelSetRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.DescribeResponse:

@@ -34,6 +34,7 @@ DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_MODELS_DIR = "deploy/models"
 DEFAULT_TRITON_ADDR = "127.0.0.1:8001"
 INSTANCE_KIND_ENV = "FIELDLENS_TRITON_INSTANCE_KIND"
+PEERS_ENV = "FIELDLENS_TINY_PEERS"
 TRITON_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 DEFAULT_SPECIALIST_ADDR = DEFAULT_LISTEN_ADDRS["specialist"]
 DEFAULT_TINY_ADDR = DEFAULT_LISTEN_ADDRS["tiny"]
@@ -218,6 +219,9 @@ class ClassifierSettings:
     triton_addr: str
     # As RouterSettings.triton_instance_kind, for the nets the specialist loads.
     triton_instance_kind: str = ""
+    # Tiny only: gRPC target of every tiny replica (this one may be among them); a replica
+    # copies a serving peer's knowledge when it starts. "" = a lone replica.
+    peers: str = ""
 
     @classmethod
     def from_env(
@@ -228,6 +232,7 @@ class ClassifierSettings:
             common=CommonSettings.from_env(role, env),
             triton_addr=_read(env, "TRITON_ADDR", DEFAULT_TRITON_ADDR, _address()),
             triton_instance_kind=_read(env, INSTANCE_KIND_ENV, "", _instance_kind),
+            peers=(role == "tiny" and _read_optional(env, PEERS_ENV, None, _address())) or "",
         )
 
 

@@ -115,11 +115,11 @@ async def serve(settings: RouterSettings) -> None:
     )
 
     async def ready() -> bool:
-        # The parts the router cannot answer without: Triton's broad net and the tiny service.
+        # The part the router cannot answer without: Triton's broad net. Without the tiny
+        # service answers degrade (CLASSIFIER_UNAVAILABLE) rather than fail, so tiny replicas
+        # restarting do not take the router out of its Service.
         broad = servicer.plane.model_set.broad_model
-        return await backends.triton.model_ready(broad, timeout_s=1.0) and (
-            await backends.tiny.is_serving()
-        )
+        return await backends.triton.model_ready(broad, timeout_s=1.0)
 
     async def close() -> None:
         for task in background:

@@ -272,6 +272,8 @@ class ModelSets:
                 if wanted and wanted != self.plane.model_set.version and not self._lock.locked():
                     await self.switch(wanted)
                 await self.catch_up_triton()
+                for client in (self.backends.tiny, self.backends.specialist):
+                    await client.refresh()  # replicas come and go
             except (FieldlensError, OSError) as exc:
                 logger.warning("model-set follow-up failed (retrying): %s", exc)
 

@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
+
+from fieldlens.common import targets
 from fieldlens.common.bootstrap import main_with_settings, serve_grpc
 from fieldlens.common.errors import FailedPrecondition, FieldlensError
-from fieldlens.common.knowledge import KnowledgeJournal
+from fieldlens.common.knowledge import KnowledgeJournal, example_from_proto
 from fieldlens.common.loaded_sets import LoadedModelSets
 from fieldlens.common.model_set import ModelSet
 from fieldlens.common.model_store import load_served, load_version
 from fieldlens.common.settings import ClassifierSettings
 from fieldlens.tiny.ensemble import TinyEnsemble
-from fieldlens.tiny.servicer import TinyServicer
-from fieldlens.v1 import classifier_pb2_grpc
+from fieldlens.tiny.servicer import INSTANCE_ID, TinyServicer
+from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "fieldlens.v1.Classifier"
+EXPORT_TIMEOUT_S = 120.0
+KEEP_UP_S = 15.0
 
 
 def build(settings: ClassifierSettings, model_set: ModelSet) -> TinyServicer:
@@ -67,14 +72,90 @@ async def serve(settings: ClassifierSettings) -> None:
         ms = load_version(common.model_store, common.models_dir, version)
         return await asyncio.to_thread(build, settings, ms)
 
+    sets = LoadedModelSets(model_set.version, first, factory)
+    tasks: set[asyncio.Task[None]] = set()
+    if settings.peers:
+        # Before the port opens (so before SERVING): the writes this replica missed while it
+        # was down, copied from a peer that serves.
+        await catch_up(settings.peers, first, common.max_message_bytes, forget=True)
+        # Then now and again, adding only: a write fanned out while the router could not
+        # reach this replica (it was starting, or a connection dropped) reached its peers.
+        tasks.add(asyncio.create_task(keep_up(settings.peers, sets, common.max_message_bytes)))
+
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+
     await serve_grpc(
         common,
         (
             classifier_pb2_grpc.add_ClassifierServicer_to_server,
-            LoadedModelSets(model_set.version, first, factory),
+            sets,
         ),
         SERVICE,
+        on_close=close,
     )
+
+
+async def keep_up(peers: str, sets: LoadedModelSets, max_message_bytes: int) -> None:
+    """Forever: learns what a peer holds for the serving model set and this replica lacks
+    (never forgets: a forget reaches every serving replica, or is not acknowledged and the
+    caller retries it)."""
+    while True:
+        await asyncio.sleep(KEEP_UP_S)
+        servicer = sets.pick("")
+        assert isinstance(servicer, TinyServicer)
+        try:
+            await catch_up(peers, servicer, max_message_bytes, forget=False)
+        except FieldlensError as exc:
+            logger.warning("catching up with peers failed (retrying): %s", exc)
+
+
+async def catch_up(
+    peers: str, servicer: TinyServicer, max_message_bytes: int, forget: bool
+) -> bool:
+    """Makes `servicer` hold what the first peer that answers holds for its model set
+    (TinyServicer.adopt); False when no peer answered (a lone replica, or all restarting:
+    each then serves its own journal, which has every write acknowledged to it)."""
+    version = servicer.model_set.version
+    try:
+        addrs = await asyncio.to_thread(targets.servers, peers)
+    except FieldlensError as exc:
+        logger.warning("no peer to catch up from: %s", exc)
+        return False
+    options = [("grpc.max_receive_message_length", max_message_bytes)]
+    for addr in addrs:
+        async with grpc.aio.insecure_channel(addr, options=options) as channel:
+            stub = classifier_pb2_grpc.ClassifierStub(channel)
+            try:
+                info = await stub.Describe(
+                    classifier_pb2.DescribeRequest(model_set_version=version), timeout=2.0
+                )
+                if info.instance_id == INSTANCE_ID:
+                    continue
+                export = await stub.ExportKnowledge(
+                    classifier_pb2.ExportKnowledgeRequest(model_set_version=version),
+                    timeout=EXPORT_TIMEOUT_S,
+                )
+            except grpc.aio.AioRpcError as exc:
+                logger.info("peer %s cannot be caught up from: %s", addr, exc.code().name)
+                continue
+        theirs = [example_from_proto(e) for e in export.examples]
+        learned, forgotten = await servicer.adopt(theirs, forget)
+        if not (learned or forgotten or forget):
+            return True
+        logger.info(
+            "caught up with peer %s for model set %s: %d examples learned, %d forgotten "
+            "(%d held now)",
+            addr,
+            version,
+            learned,
+            forgotten,
+            servicer.ensemble.learned_examples,
+        )
+        return True
+    logger.warning("no peer of %s answered: serving this replica's own journal", peers)
+    return False
 
 
 def main() -> None:

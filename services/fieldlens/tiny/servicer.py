@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -16,7 +17,8 @@ from fieldlens.common.knowledge import (
     ForgetRecord,
     KnowledgeJournal,
     LearnedExample,
-    NewTaxonSpec,
+    example_from_proto,
+    example_to_proto,
 )
 from fieldlens.common.model_set import ModelSet
 from fieldlens.common.taxonomy import LEARNED_PREFIX
@@ -26,6 +28,9 @@ from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+# Random per process (Describe.instance_id): a replica tells itself apart from its peers.
+INSTANCE_ID = uuid.uuid4().hex
 
 
 def check_version(model_set: ModelSet, version: str) -> None:
@@ -79,19 +84,6 @@ def to_response(
         served_by=served_by,
         model_version=model_version,
         tempered_total=total if tempered is not None else 0.0,
-    )
-
-
-def from_proto(example: classifier_pb2.LearnedExample) -> LearnedExample:
-    """The domain form of one LearnedExample message (checked later, by the ensemble)."""
-    nt = example.new_taxon
-    return LearnedExample(
-        id=example.id,
-        taxon_id=example.taxon_id,
-        vector=np.asarray(example.embedding, dtype=np.float32),
-        new_taxon=(
-            NewTaxonSpec(nt.id, nt.name, nt.parent_id) if example.HasField("new_taxon") else None
-        ),
     )
 
 
@@ -254,7 +246,36 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
                 classifier_pb2.NewTaxon(id=t.id, name=t.name, parent_id=t.parent)
                 for t in ensemble.learned_taxa.values()
             ],
+            instance_id=INSTANCE_ID,
         )
+
+    async def ExportKnowledge(
+        self, request: classifier_pb2.ExportKnowledgeRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ExportKnowledgeResponse:
+        self._check_write_version(request.model_set_version)
+        async with self._learn_lock:  # a consistent cut: no write half-applied
+            examples = await asyncio.to_thread(self.journal.replay)
+        return classifier_pb2.ExportKnowledgeResponse(
+            model_set_version=self.model_set.version,
+            examples=[example_to_proto(e) for e in examples],
+        )
+
+    async def adopt(self, theirs: Sequence[LearnedExample], forget: bool) -> tuple[int, int]:
+        """Makes this replica hold what a peer holds: learns the examples it lacks (or holds
+        under another label) and, with `forget`, forgets those the peer does not hold; both
+        journaled like any Learn and Forget. Returns (learned, forgotten)."""
+        mine = {e.id: e.taxon_id for e in await asyncio.to_thread(self.journal.replay)}
+        held = {e.id for e in theirs}
+        stale = [i for i in mine if i not in held] if forget else []
+        relabelled = [e.id for e in theirs if e.id in mine and mine[e.id] != e.taxon_id]
+        forgotten = 0
+        if stale or relabelled:
+            forgotten, _, _ = await self._shielded(self._forget(stale + relabelled, ""))
+        missing = [e for e in theirs if mine.get(e.id) != e.taxon_id]
+        learned = 0
+        if missing:
+            learned, _, _ = await self._shielded(self._learn(list(missing)))
+        return learned, forgotten
 
     def _check_write_version(self, version: str) -> None:
         # Required, unlike Classify's: learned vectors are kept, and a vector from another
@@ -279,7 +300,7 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
         self, request: classifier_pb2.LearnExamplesRequest, context: grpc.aio.ServicerContext
     ) -> classifier_pb2.LearnExamplesResponse:
         self._check_write_version(request.model_set_version)
-        examples = [from_proto(e) for e in request.examples]
+        examples = [example_from_proto(e) for e in request.examples]
         applied, duplicates, total = await self._shielded(self._learn(examples))
         return classifier_pb2.LearnExamplesResponse(
             applied=applied, duplicates=duplicates, learned_total=total
