@@ -16,7 +16,17 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_helpers import OVERLAYS, Rendered, render, write_rules_file
+from k8s_helpers import (
+    JOBS_DIR,
+    MODEL_REPOSITORY,
+    MODELS_DIR,
+    OVERLAYS,
+    PUBLISH_JOB,
+    Rendered,
+    render,
+    render_dir,
+    write_rules_file,
+)
 
 PROMETHEUS_READY_TIMEOUT_S = 60.0
 # The scrape and rule-evaluation interval of the test Prometheus.
@@ -29,6 +39,24 @@ DEGRADED_REQUESTS = 3
 @pytest.fixture(scope="session")
 def rendered(kubectl_binary: Path) -> dict[str, Rendered]:
     return {overlay: Rendered(overlay, render(overlay)) for overlay in OVERLAYS}
+
+
+@pytest.fixture(scope="session")
+def publish_job(kubectl_binary: Path) -> Rendered:
+    """The rendered model-set publishing Job (deploy/k8s/jobs/publish-model-set)."""
+    return Rendered(PUBLISH_JOB, render_dir(JOBS_DIR / PUBLISH_JOB))
+
+
+@pytest.fixture(scope="session")
+def models_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The layout of the fieldlens-models image (docker/models.Dockerfile), without weights."""
+    root = tmp_path_factory.mktemp("models-image") / "models"
+    shutil.copytree(MODELS_DIR, root / "fieldlens", ignore=shutil.ignore_patterns("report"))
+    for config in MODEL_REPOSITORY.glob("*/config.pbtxt"):
+        dest = root / "triton" / config.parent.name / "config.pbtxt"
+        dest.parent.mkdir(parents=True)
+        shutil.copy(config, dest)
+    return root
 
 
 # -- the live stack: local cluster, real Prometheus scraping it, traffic ------------------------

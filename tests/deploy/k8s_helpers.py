@@ -21,6 +21,9 @@ DOCKER_DIR = REPO_ROOT / "docker"
 MODELS_DIR = REPO_ROOT / "deploy" / "models"
 MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 OVERLAYS = ("cpu", "gpu")
+# Kustomizations applied on demand, outside the overlays (one Job each).
+JOBS_DIR = K8S_DIR / "jobs"
+PUBLISH_JOB = "publish-model-set"
 # Prometheus Operator kinds: not in the Kubernetes JSON schemas, checked structurally.
 OPERATOR_KINDS = frozenset({"PodMonitor", "ServiceMonitor", "PrometheusRule"})
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet"})
@@ -35,11 +38,16 @@ def kubectl() -> str | None:
 
 def render(overlay: str) -> list[dict[str, Any]]:
     """`kubectl kustomize` of one overlay, as a list of objects."""
+    return render_dir(K8S_DIR / "overlays" / overlay)
+
+
+def render_dir(path: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` of one kustomization directory, as a list of objects."""
     binary = kubectl()
     if binary is None:
         raise FileNotFoundError("kubectl not found")
     out = subprocess.run(
-        [binary, "kustomize", str(K8S_DIR / "overlays" / overlay)],
+        [binary, "kustomize", str(path)],
         check=True,
         capture_output=True,
         text=True,
@@ -79,6 +87,14 @@ class Rendered:
             if doc["metadata"]["name"] == name:
                 return doc
         raise AssertionError(f"{self.overlay}: no workload {name}")
+
+    def min_replicas(self, name: str) -> int:
+        """The fewest pods a workload runs: its autoscaler's minimum, else its replicas."""
+        for hpa in self.kind("HorizontalPodAutoscaler").values():
+            target = hpa["spec"]["scaleTargetRef"]
+            if target["name"] == name:
+                return int(hpa["spec"].get("minReplicas", 1))
+        return int(self.workload(name)["spec"].get("replicas", 1))
 
     def config_map_data(self, name: str) -> Mapping[str, str]:
         return self.get("ConfigMap", name).get("data", {})

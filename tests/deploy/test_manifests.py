@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ from k8s_helpers import (
     MODELS_DIR,
     OPERATOR_KINDS,
     OVERLAYS,
+    PUBLISH_JOB,
+    WORKLOAD_KINDS,
     Rendered,
     all_containers,
     container,
@@ -36,6 +38,19 @@ EXTERNAL_SECRETS = {"gpu": {"fieldlens-write-token"}, "cpu": set()}
 CPU_ONLY_TRITON_FLAGS = {"--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"}
 # Read by OpenMP, OpenBLAS and MKL at load; they must follow FIELDLENS_CPU_THREADS.
 THREAD_LIBRARY_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# The label each workload controller puts on its pods, naming their revision.
+REVISION_LABELS = {"Deployment": "pod-template-hash", "StatefulSet": "controller-revision-hash"}
+# Replicated in every overlay, the laptop's included: the Learn fan-out to every tiny pod is
+# what changes with more than one.
+ALWAYS_REPLICATED = ("tiny",)
+# Services whose start replays a journal before the port opens, and the seconds their
+# startupProbe must allow at least.
+SLOW_STARTS = {"router": 300, "tiny": 300}
+# The router's and specialist's Triton address (today's name, and a prefixed one if it moves).
+TRITON_ADDR_ENVS = frozenset({"TRITON_ADDR", "FIELDLENS_TRITON_ADDR"})
+INSTANCE_KIND_ENV = "FIELDLENS_TRITON_INSTANCE_KIND"
+# fieldlens images named in the README's build and kind steps, with their tags.
+_LOCAL_IMAGE = re.compile(r"(?<![\w/.-])(fieldlens(?:-triton|-models)?):([\w.-]+)")
 # Kubernetes' dependent environment variables: $(NAME) of one defined before, $$ a literal $.
 _ENV_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
@@ -95,22 +110,27 @@ def test_everything_lives_in_the_restricted_fieldlens_namespace(rendered, overla
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_locked_down(rendered, overlay):
     for w in rendered[overlay].workloads():
-        name = w["metadata"]["name"]
-        spec = pod_spec(w)
-        assert spec["automountServiceAccountToken"] is False, name
-        assert spec["enableServiceLinks"] is False, name
-        pod_sc = spec["securityContext"]
-        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] > 0, name
-        assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        for c in all_containers(w):
-            sc = c["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
-            assert sc["readOnlyRootFilesystem"] is True, (name, c["name"])
-            assert sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
-            for kind in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(c["resources"][kind]), (name, c["name"], kind)
-            image = c["image"]
-            assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), image
+        _assert_locked_down(w)
+
+
+def _assert_locked_down(w: dict[str, Any]) -> None:
+    """The restricted Pod Security profile, resources and a pinned image everywhere."""
+    name = w["metadata"]["name"]
+    spec = pod_spec(w)
+    assert spec["automountServiceAccountToken"] is False, name
+    assert spec["enableServiceLinks"] is False, name
+    pod_sc = spec["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] > 0, name
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+    for c in all_containers(w):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+        assert sc["readOnlyRootFilesystem"] is True, (name, c["name"])
+        assert sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][kind]), (name, c["name"], kind)
+        image = c["image"]
+        assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), image
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -118,13 +138,71 @@ def test_replicated_components_spread_and_have_disruption_budgets(rendered, over
     r = rendered[overlay]
     budgets = r.kind("PodDisruptionBudget").values()
     for name in SCALED_OUT:
-        w = r.get("Deployment", name)
-        keys = {c["topologyKey"] for c in pod_spec(w)["topologySpreadConstraints"]}
+        w = r.workload(name)
+        constraints = pod_spec(w)["topologySpreadConstraints"]
+        keys = {c["topologyKey"] for c in constraints}
         assert keys == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}, name
+        # Spread within one revision, by the label the workload's controller sets on its pods.
+        for c in constraints:
+            assert c["matchLabelKeys"] == [REVISION_LABELS[w["kind"]]], name
         covering = [b for b in budgets if selector_matches(b["spec"]["selector"], pod_labels(w))]
         assert len(covering) == 1, name
-        # maxUnavailable, not minAvailable: a single replica (laptop) still drains.
+        # maxUnavailable, not minAvailable: as protective at two pods (one stays), more so
+        # above, and a single replica (laptop) still drains.
         assert covering[0]["spec"] == {**covering[0]["spec"], "maxUnavailable": 1}
+        assert "minAvailable" not in covering[0]["spec"], name
+        # The budget protects: a voluntary disruption always leaves a pod serving.
+        if overlay == "gpu" or name in ALWAYS_REPLICATED:
+            assert r.min_replicas(name) >= 2, name
+            assert r.min_replicas(name) > covering[0]["spec"]["maxUnavailable"], name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_replicated_components_roll_one_pod_at_a_time(rendered, overlay):
+    """A rollout never takes a replicated component to zero pods (no Recreate), and a new
+    tiny pod stays alone a while before its peer goes, for the routers to catch it up."""
+    r = rendered[overlay]
+    for name in SCALED_OUT:
+        spec = r.workload(name)["spec"]
+        strategy = spec.get("strategy") or spec.get("updateStrategy") or {}
+        assert strategy.get("type", "RollingUpdate") == "RollingUpdate", name
+    specialist = r.get("Deployment", "specialist")["spec"]["strategy"]["rollingUpdate"]
+    assert specialist["maxUnavailable"] == 0 and specialist["maxSurge"] >= 1
+    tiny = r.get("StatefulSet", "tiny")["spec"]
+    assert "partition" not in tiny["updateStrategy"].get("rollingUpdate", {})
+    assert tiny["minReadySeconds"] >= 10
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_tiny_pod_keeps_its_own_journal(rendered, overlay):
+    """tiny is a StatefulSet: a ReadWriteOnce journal volume per pod at its state dir, pods
+    named through a headless Service, which is also the routers' tiny target."""
+    r = rendered[overlay]
+    tiny = r.get("StatefulSet", "tiny")
+    assert "tiny" not in r.kind("Deployment")
+    templates = {t["metadata"]["name"]: t for t in tiny["spec"]["volumeClaimTemplates"]}
+    c = container(tiny, "tiny")
+    env = _container_env(r, tiny, c)
+    state = next(m for m in c["volumeMounts"] if m["mountPath"] == env["FIELDLENS_STATE_DIR"])
+    assert state["name"] in templates and not state.get("readOnly")
+    assert templates[state["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # A template's volume is per pod: no pod volume of that name (a shared claim) hides it.
+    assert state["name"] not in {v["name"] for v in pod_spec(tiny)["volumes"]}
+    assert not any(
+        pvc["metadata"]["labels"].get("app.kubernetes.io/name") == "tiny"
+        for pvc in r.kind("PersistentVolumeClaim").values()
+    )
+    service = r.get("Service", tiny["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels(tiny))
+    router = r.get("Deployment", "router")
+    tiny_addr = _container_env(r, router, container(router, "router"))["TINY_ADDR"]
+    assert tiny_addr.startswith("dns:///")
+    host, port = _target(tiny_addr)
+    assert host.split(".")[0] == service["metadata"]["name"]
+    assert port in {p["port"] for p in service["spec"]["ports"]}
+    # The pods' peers are every tiny pod: the routers' target.
+    assert env["FIELDLENS_TINY_PEERS"] == tiny_addr
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -169,12 +247,23 @@ def test_probes_use_grpc_health_and_shutdown_outlasts_the_grace(rendered, overla
     settings = r.config_map_data(_config_map_name(r, "fieldlens-settings"))
     grace_s = float(settings["FIELDLENS_GRACE_S"])
     for name in FIELDLENS_SERVICES:
-        w = r.get("Deployment", name)
+        w = r.workload(name)
         c = container(w, name)
         grpc_port = container_ports(c)["grpc"]
         # Readiness asks the overall "" status, which is honest about dependencies.
         assert c["readinessProbe"]["grpc"] == {"port": grpc_port}, name
         assert "livenessProbe" in c
+        if name in SLOW_STARTS:
+            # Start-up (a journal replay) gets its own generous probe; liveness and readiness
+            # begin after it, so they need no initial delay.
+            startup = c["startupProbe"]
+            budget_s = startup["periodSeconds"] * startup["failureThreshold"]
+            assert budget_s >= SLOW_STARTS[name], name
+            for probe in ("livenessProbe", "readinessProbe"):
+                assert "initialDelaySeconds" not in c[probe], (name, probe)
+            if name == "router":
+                # Not the health status: that waits for Triton, which a start must not.
+                assert "tcpSocket" in startup
         pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert pod_spec(w)["terminationGracePeriodSeconds"] > pre_stop + grace_s, name
     triton = container(r.get("Deployment", "triton"), "triton")
@@ -247,7 +336,7 @@ def test_service_environment_is_accepted_by_the_real_settings(rendered, overlay,
 
     r = rendered[overlay]
     for name in FIELDLENS_SERVICES:
-        w = r.get("Deployment", name)
+        w = r.workload(name)
         c = container(w, name)
         env = _container_env(r, w, c)
         if name == "router":
@@ -310,7 +399,7 @@ def test_thread_pools_are_set_and_fit_the_cpu_limit(rendered, overlay):
 
     r = rendered[overlay]
     for name in (*FIELDLENS_SERVICES, "triton"):
-        w = r.get("Deployment", name)
+        w = r.workload(name)
         c = container(w, name)
         env = _container_env(r, w, c)
         assert CPU_THREADS_ENV in env, name
@@ -341,18 +430,6 @@ def _run_sync(
     )
 
 
-@pytest.fixture(scope="module")
-def models_image(tmp_path_factory) -> Path:
-    """The layout of the fieldlens-models image (docker/models.Dockerfile), without weights."""
-    root = tmp_path_factory.mktemp("models-image") / "models"
-    shutil.copytree(MODELS_DIR, root / "fieldlens", ignore=shutil.ignore_patterns("report"))
-    for config in MODEL_REPOSITORY.glob("*/config.pbtxt"):
-        dest = root / "triton" / config.parent.name / "config.pbtxt"
-        dest.parent.mkdir(parents=True)
-        shutil.copy(config, dest)
-    return root
-
-
 @pytest.mark.parametrize(("overlay", "kind"), [("cpu", "KIND_CPU"), ("gpu", "KIND_GPU")])
 def test_model_set_init_container_delivers_the_repository(
     rendered, overlay, kind, models_image, tmp_path
@@ -361,7 +438,7 @@ def test_model_set_init_container_delivers_the_repository(
     r = rendered[overlay]
     script = r.config_map_data(_config_map_name(r, "fieldlens-model-sync"))["sync-models.sh"]
     for name in (*FIELDLENS_SERVICES, "triton"):
-        w = r.get("Deployment", name)
+        w = r.workload(name)
         init = next(c for c in pod_spec(w)["initContainers"] if c["name"] == "model-set")
         assert _image_name(init["image"]) == "fieldlens-models"
         target = tmp_path / name
@@ -429,6 +506,229 @@ def test_gpu_overlay_puts_triton_on_the_gpu_pool(rendered):
         for c in all_containers(w):
             assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
         assert "tolerations" not in pod_spec(w)
+
+
+@pytest.mark.parametrize(("overlay", "kind"), [("cpu", "KIND_CPU"), ("gpu", "KIND_GPU")])
+def test_switched_in_sets_load_with_the_overlays_instance_kind(rendered, overlay, kind):
+    """Every container that loads nets into Triton (it has a Triton address) loads a
+    switched-in set with the overlay's instance kind, the kind Triton's init container gives
+    the boot set: a switch on the GPU pool does not put the new nets on the CPU."""
+    r = rendered[overlay]
+    loaders = set()
+    for w in r.workloads():
+        for c in all_containers(w):
+            env = _container_env(r, w, c)
+            if TRITON_ADDR_ENVS & env.keys():
+                loaders.add(w["metadata"]["name"])
+                assert env.get(INSTANCE_KIND_ENV) == kind, (w["metadata"]["name"], c["name"])
+    assert loaders == {"router", "specialist"}
+    triton = r.workload("triton")
+    init = next(c for c in pod_spec(triton)["initContainers"] if c["name"] == "model-set")
+    assert _container_env(r, triton, init)["TRITON_INSTANCE_KIND"] == kind
+
+
+def _claims(r: Rendered) -> dict[str, list[str]]:
+    """Access modes of every claim an overlay makes: PVCs and StatefulSet claim templates."""
+    claims = {
+        name: pvc["spec"]["accessModes"] for name, pvc in r.kind("PersistentVolumeClaim").items()
+    }
+    for w in r.workloads():
+        for template in w["spec"].get("volumeClaimTemplates", []):
+            key = f"{w['metadata']['name']}/{template['metadata']['name']}"
+            claims[key] = template["spec"]["accessModes"]
+    return claims
+
+
+def test_laptop_overlay_needs_no_read_write_many(rendered, publish_job):
+    """kind's default provisioner (local-path) gives ReadWriteOnce volumes only: the cpu
+    overlay claims nothing else, and every claim its pods (and the publish Job) mount is one
+    it makes."""
+    r = rendered["cpu"]
+    claims = _claims(r)
+    assert claims
+    for name, modes in claims.items():
+        assert modes == ["ReadWriteOnce"], (name, modes)
+    for w in [*r.workloads(), publish_job.get("Job", PUBLISH_JOB)]:
+        for volume in pod_spec(w)["volumes"]:
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                assert claim in r.kind("PersistentVolumeClaim"), (w["metadata"]["name"], claim)
+
+
+def test_production_mounts_shared_claims_read_write_many(rendered):
+    """In the gpu overlay every claim a Deployment's or StatefulSet's pods mount (as opposed to
+    a per-pod claim template) is ReadWriteMany: its pods, a rollout's surge pod included, may
+    sit on different nodes."""
+    r = rendered["gpu"]
+    shared = {
+        volume["persistentVolumeClaim"]["claimName"]
+        for w in r.workloads()
+        for volume in pod_spec(w)["volumes"]
+        if "persistentVolumeClaim" in volume
+    }
+    assert shared
+    claims = _claims(r)
+    for claim in shared:
+        assert claims[claim] == ["ReadWriteMany"], claim
+
+
+def _readme_shell_lines() -> list[str]:
+    """The commands of deploy/k8s/README.md's shell code blocks, continuations joined."""
+    text = (K8S_DIR / "README.md").read_text()
+    blocks = re.findall(r"^```(?:sh|bash|shell)\n(.*?)^```", text, re.S | re.M)
+    assert blocks
+    return [ln for block in blocks for ln in block.replace("\\\n", " ").splitlines()]
+
+
+def _image_refs(line: str) -> set[tuple[str, str]]:
+    return {(m.group(1), m.group(2)) for m in _LOCAL_IMAGE.finditer(line)}
+
+
+def _overlay_images(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(name, tag) of the fieldlens images the objects run, registry left out."""
+    refs = set()
+    for doc in docs:
+        if doc["kind"] not in (*WORKLOAD_KINDS, "Job"):
+            continue
+        for c in all_containers(doc):
+            name, tag = _image_name(c["image"]), c["image"].rsplit(":", 1)[1]
+            if name in DOCKERFILES:
+                refs.add((name, tag))
+    return refs
+
+
+def test_readme_image_steps_match_the_pins(rendered, publish_job):
+    """The README builds every image tag the overlays and the publish Job run, and the kind
+    steps load exactly the ones the laptop overlay and the Job run."""
+    lines = _readme_shell_lines()
+    built = {ref for ln in lines if "docker build" in ln for ref in _image_refs(ln)}
+    loaded = {ref for ln in lines if "kind load docker-image" in ln for ref in _image_refs(ln)}
+    laptop = _overlay_images(rendered["cpu"].docs) | _overlay_images(publish_job.docs)
+    assert loaded == laptop
+    assert _overlay_images(rendered["gpu"].docs) <= built
+    assert loaded <= built
+    # Every Dockerfile the README builds exists.
+    for ln in lines:
+        m = re.search(r"docker build -f (\S+)", ln)
+        if m:
+            assert (K8S_DIR.parents[1] / m.group(1)).is_file(), ln
+
+
+# -- the model-set publishing Job --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_publish_job_validates_against_the_kubernetes_schemas(publish_job, version):
+    import kubernetes_validate
+
+    assert [doc["kind"] for doc in publish_job.docs] == ["Job"]
+    for doc in publish_job.docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def _mount_at(w: dict[str, Any], c: dict[str, Any], path: str) -> tuple[dict[str, Any], Any]:
+    """(mount, volume) of the container's mount at `path`."""
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == path)
+    volume = next(v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"])
+    return mount, volume
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_publish_job_runs_the_cli_on_the_routers_store(rendered, publish_job, overlay):
+    """The Job runs `fieldlens model-set publish` in the service image, on the volume and
+    at the path (FIELDLENS_MODEL_STORE) the routers use, as the routers' user."""
+    r = rendered[overlay]
+    job = publish_job.get("Job", PUBLISH_JOB)
+    _assert_locked_down(job)
+    assert pod_spec(job)["restartPolicy"] in ("Never", "OnFailure")
+    router = r.get("Deployment", "router")
+    router_c = container(router, "router")
+    (c,) = pod_spec(job)["containers"]
+    # The service image (Python and the CLI), not the models image (busybox).
+    assert _image_name(c["image"]) == _image_name(router_c["image"]) == "fieldlens"
+    if overlay == "cpu":  # the gpu overlay renames the images for its registry
+        assert c["image"] == router_c["image"]
+    assert c["command"][:3] == ["fieldlens", "model-set", "publish"]
+    # The image has that command: the package's console script, in the venv on its PATH.
+    import tomllib
+
+    pyproject = tomllib.loads((K8S_DIR.parents[1] / "pyproject.toml").read_text())
+    assert c["command"][0] in pyproject["project"]["scripts"]
+    _, lines = _stages(K8S_DIR.parents[1] / "docker" / DOCKERFILES["fieldlens"])
+    final = lines[max(i for i, ln in enumerate(lines) if ln.startswith("FROM ")) :]
+    assert any(re.match(r"ENV PATH=/opt/fieldlens/bin:", ln) for ln in final)
+    env = _container_env(publish_job, job, c)
+    store = env["FIELDLENS_MODEL_STORE"]
+    assert store == _container_env(r, router, router_c)["FIELDLENS_MODEL_STORE"]
+    mount, volume = _mount_at(job, c, store)
+    router_mount, router_volume = _mount_at(router, router_c, store)
+    assert not mount.get("readOnly") and not router_mount.get("readOnly")
+    claim, router_claim = volume["persistentVolumeClaim"], router_volume["persistentVolumeClaim"]
+    assert claim["claimName"] == router_claim["claimName"]
+    assert claim.get("readOnly") is not True
+    # Files it writes are the routers' to replace.
+    job_sc, router_sc = pod_spec(job)["securityContext"], pod_spec(router)["securityContext"]
+    for key in ("runAsUser", "fsGroup"):
+        assert job_sc[key] == router_sc[key], key
+    # The set comes from a models image.
+    (init,) = pod_spec(job)["initContainers"]
+    assert _image_name(init["image"]) == "fieldlens-models"
+
+
+def test_publish_job_publishes_the_set_into_the_store(publish_job, models_image, tmp_path):
+    """Runs the rendered Job: its init container's command, then `fieldlens model-set
+    publish` with its environment, each volume a local folder and the models image's /models
+    the image's layout; the store then holds the set under its version."""
+    import json
+
+    job = publish_job.get("Job", PUBLISH_JOB)
+    spec = pod_spec(job)
+    volumes = {v["name"]: tmp_path / v["name"] for v in spec["volumes"]}
+    for path in volumes.values():
+        path.mkdir()
+
+    def local(c: dict[str, Any], image_files: dict[str, Path]) -> Callable[[str], str]:
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
+        mapping = {**image_files, **mounts}
+
+        def remap(value: str) -> str:
+            for prefix in sorted(mapping, key=len, reverse=True):
+                if value == prefix or value.startswith(prefix.rstrip("/") + "/"):
+                    return str(mapping[prefix]) + value[len(prefix) :]
+            return value
+
+        return remap
+
+    (init,) = spec["initContainers"]
+    remap = local(init, {"/models": models_image})
+    done = subprocess.run(
+        [remap(a) for a in [*init["command"], *init.get("args", [])]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    (c,) = spec["containers"]
+    remap = local(c, {})
+    argv = [remap(a) for a in [*c["command"], *c.get("args", [])]]
+    # The image's console script; here the virtual environment's.
+    argv[0] = str(Path(sys.executable).with_name(argv[0]))
+    env = {k: remap(v) for k, v in _container_env(publish_job, job, c).items()}
+    done = subprocess.run(
+        argv,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    version = json.loads((MODELS_DIR / "manifest.json").read_text())["model_set_version"]
+    assert version in done.stdout
+    published = Path(env["FIELDLENS_MODEL_STORE"]) / version
+    assert (published / "models" / "manifest.json").is_file()
+    assert sorted(p.parent.name for p in published.glob("triton/*/config.pbtxt")) == sorted(
+        p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt")
+    )
 
 
 # -- NetworkPolicies -------------------------------------------------------------------------
@@ -521,6 +821,8 @@ def test_network_policies_allow_exactly_the_fieldlens_flows(rendered, overlay):
         ("router", "qdrant"),
         ("specialist", "triton"),
     }
+    # A tiny pod that starts copies a peer's knowledge (FIELDLENS_TINY_PEERS).
+    assert can("tiny", "tiny", grpc["tiny"])
     sources = (*pods.keys(),)
     for src in sources:
         for dst in grpc:
