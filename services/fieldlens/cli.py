@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -16,10 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fieldlens import bench, cluster, gallery
-from fieldlens.common import model_store
+from fieldlens.common import credentials, model_store, tls
 from fieldlens.common.credentials import bearer
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.settings import data_dir_from_env, model_store_from_env
+from fieldlens.common.tls import TlsFiles
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_ADDR = "127.0.0.1:50051"
@@ -32,8 +34,20 @@ NATURE_DOMAINS = ("domain/animal", "domain/plant", "domain/landscape")
 console = Console(width=None if sys.stdout.isatty() else 132)
 
 
-def _stub(addr: str) -> tuple[grpc.Channel, router_pb2_grpc.RouterStub]:
-    channel = grpc.insecure_channel(addr)
+def _client_tls(args: argparse.Namespace) -> TlsFiles | None:
+    """The TLS the client commands use: --tls (the local cluster's CA and client certificate),
+    or --ca with --cert/--key (mTLS); None = plaintext."""
+    if getattr(args, "tls", False):
+        return cluster.ClusterConfig().client_tls(mtls=True)
+    if getattr(args, "ca", None) is None:
+        if getattr(args, "cert", None) or getattr(args, "key", None):
+            raise SystemExit("--cert/--key need --ca (the CA the router's certificate chains to)")
+        return None
+    return TlsFiles(args.cert, args.key, ca=args.ca)
+
+
+def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, router_pb2_grpc.RouterStub]:
+    channel = tls.channel(args.addr, _client_tls(args))
     return channel, router_pb2_grpc.RouterStub(channel)
 
 
@@ -76,7 +90,7 @@ def render(results: list[tuple[str, router_pb2.ClassifyResponse]], title: str) -
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    channel, stub = _stub(args.addr)
+    channel, stub = _stub(args)
     results = []
     with channel:
         for path in args.images:
@@ -106,6 +120,8 @@ def _config(args: argparse.Namespace) -> cluster.ClusterConfig:
     return cluster.ClusterConfig(
         triton_replicas=getattr(args, "triton_replicas", 1),
         tiny_replicas=getattr(args, "tiny_replicas", 1),
+        tls=getattr(args, "serve_tls", False),
+        mtls=getattr(args, "serve_mtls", False),
     )
 
 
@@ -165,7 +181,7 @@ def _wait_for_writes(stub: router_pb2_grpc.RouterStub) -> router_pb2.GetInfoResp
 
 def cmd_index(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    channel, stub = _stub(args.addr)
+    channel, stub = _stub(args)
     with channel:
         info = _wait_for_writes(stub)
         if info.exemplar_count and not args.force:
@@ -179,7 +195,13 @@ def cmd_index(args: argparse.Namespace) -> int:
             if t.rank == "class"
         }
     summary = gallery.index_gallery(
-        args.addr, args.data, cfg.models_dir, args.per_class, classes, cfg.write_token()
+        args.addr,
+        args.data,
+        cfg.models_dir,
+        args.per_class,
+        classes,
+        cfg.write_token(),
+        _client_tls(args),
     )
     console.print(
         f"indexed {summary.indexed} of {summary.received} "
@@ -196,7 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.force = False
     cmd_index(args)
     cfg = _config(args)
-    channel, stub = _stub(args.addr)
+    channel, stub = _stub(args)
     with channel:
         taxa = {t.id: t for t in stub.GetTaxonomy(router_pb2.GetTaxonomyRequest()).taxa}
 
@@ -284,7 +306,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     data = args.image.read_bytes()
     with Image.open(args.image) as im:
         rgb = np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.uint8)
-    channel, stub = _stub(args.addr)
+    channel, stub = _stub(args)
     router_ms = []
     with channel:
         request = router_pb2.ClassifyRequest(image=data, skip_cache=True)
@@ -322,7 +344,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         console.print("[red]--new needs --parent (an internal taxon id; see GetTaxonomy)[/red]")
         return 2
     cfg = _config(args)
-    channel, stub = _stub(args.addr)
+    channel, stub = _stub(args)
     with channel:
         for path in args.images:
             request = router_pb2.LearnRequest(image=path.read_bytes(), source=args.source)
@@ -342,7 +364,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     """Forgets exemplars by id, or a learned taxon with every example of it."""
     cfg = _config(args)
-    channel, stub = _stub(args.addr)
+    channel, stub = _stub(args)
     with channel:
         r = stub.Forget(
             router_pb2.ForgetRequest(exemplar_ids=args.exemplar or [], taxon_id=args.taxon or ""),
@@ -475,7 +497,7 @@ def cmd_model_set(args: argparse.Namespace) -> int:
     if not args.version:
         console.print("[red]switch needs a VERSION (see `fieldlens model-set list`)[/red]")
         return 2
-    channel, stub = _stub(args.addr)
+    channel, stub = _stub(args)
     with channel, console.status(f"switching to {args.version} (the old set serves meanwhile)"):
         r = stub.SwitchModelSet(
             router_pb2.SwitchModelSetRequest(version=args.version),
@@ -493,9 +515,56 @@ def cmd_model_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokens_file(args: argparse.Namespace) -> Path:
+    """The tokens file `token` manages: --file, else FIELDLENS_TOKENS_FILE (the router's own
+    setting), else the local cluster's."""
+    if args.file is not None:
+        return Path(args.file)
+    from_env = os.environ.get(credentials.TOKENS_FILE_ENV, "").strip()
+    return Path(from_env) if from_env else cluster.ClusterConfig().tokens_path
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Add a named, scoped write token (shown once), revoke one, or list them."""
+    path = _tokens_file(args)
+    try:
+        if args.action == "add":
+            token = credentials.add_token(path, args.name, args.scopes.split(","))
+            console.print(
+                f"added client {args.name!r} ({args.scopes}) to {path}; its token, shown only "
+                "this once (the file keeps its SHA-256):"
+            )
+            print(token, flush=True)
+        elif args.action == "revoke":
+            credentials.revoke_token(path, args.name)
+            console.print(f"revoked {args.name!r} in {path}: its next write call is refused")
+        else:
+            table = Table(title=f"write tokens in {path}")
+            for col in ("name", "scopes", "created"):
+                table.add_column(col)
+            for t in credentials.read_tokens(path):
+                table.add_row(
+                    t.name, ",".join(s for s in credentials.SCOPES if s in t.scopes), t.created
+                )
+            console.print(table)
+    except ValueError as exc:  # TokensFileError included
+        console.print(f"[red]{exc}[/red]")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fieldlens", description=__doc__)
     parser.add_argument("--addr", default=DEFAULT_ADDR, help="router address (host:port)")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="call the local cluster over TLS (started with `fieldlens up --tls`: its CA and "
+        "client certificate)",
+    )
+    parser.add_argument("--ca", type=Path, help="TLS: the CA the router's certificate chains to")
+    parser.add_argument("--cert", type=Path, help="mTLS: this client's certificate chain")
+    parser.add_argument("--key", type=Path, help="mTLS: this client's private key")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("classify", help="classify image files through the router")
     p.add_argument("images", nargs="+", type=Path)
@@ -552,6 +621,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds a switch may take")
     p.set_defaults(func=cmd_model_set)
+    p = sub.add_parser(
+        "token", help="manage named write tokens and their scopes (the router's tokens file)"
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("add", "add a client; prints its new token once"),
+        ("revoke", "remove a client: its token stops working at once, no restart"),
+        ("list", "clients, their scopes and when they were added"),
+    ):
+        q = actions.add_parser(action, help=text)
+        if action != "list":
+            q.add_argument("name", help="the client's name (recorded with what it writes)")
+        if action == "add":
+            q.add_argument(
+                "--scopes",
+                required=True,
+                help=f"comma-separated, of {', '.join(credentials.SCOPES)} (learn: Learn, "
+                "LearnStream, Forget; index: IndexExemplars; admin: SwitchModelSet)",
+            )
+        q.add_argument(
+            "--file",
+            type=Path,
+            help="the tokens file (default: FIELDLENS_TOKENS_FILE, else the local cluster's "
+            ".run/tokens.jsonl)",
+        )
+        q.set_defaults(func=cmd_token)
     p = sub.add_parser("up", help="start the local cluster")
     p.add_argument(
         "--triton-replicas",
@@ -566,6 +661,19 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="tiny-classifier replicas, each with its own journal, peers of each other and one "
         "target for the router (default 1)",
+    )
+    p.add_argument(
+        "--tls",
+        dest="serve_tls",
+        action="store_true",
+        help="every gRPC hop over TLS, with a throwaway CA and certificates under .run/tls/ "
+        "(call it with `fieldlens --tls ...`)",
+    )
+    p.add_argument(
+        "--mtls",
+        dest="serve_mtls",
+        action="store_true",
+        help="--tls, and clients need a certificate",
     )
     p.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local cluster").set_defaults(func=cmd_down)

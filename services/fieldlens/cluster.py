@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from fieldlens.backends import redis_server, triton_server
-from fieldlens.common import credentials, threads
+from fieldlens.common import credentials, threads, tls
 from fieldlens.common.settings import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,10 @@ class ClusterConfig:
     # Tiny replicas likewise (`tiny`, `tiny-2`, ...): each with its own state directory (its
     # journal), peers of each other, all behind the router's TINY_ADDR (tiny_target).
     tiny_replicas: int = 1
+    # Every gRPC hop over TLS (a throwaway CA and certificates under <run_dir>/tls); with
+    # `mtls`, the services also ask their clients for certificates from that CA.
+    tls: bool = False
+    mtls: bool = False
 
     def with_free_ports(self) -> ClusterConfig:
         """A copy with every port replaced by a currently free one (tests)."""
@@ -140,6 +144,12 @@ class ClusterConfig:
         return self.run_dir / "write-token"
 
     @property
+    def tokens_path(self) -> Path:
+        """The router's tokens file (named, scoped tokens; `fieldlens token add`); it may be
+        missing, and is read again whenever it changes."""
+        return self.run_dir / "tokens.jsonl"
+
+    @property
     def state_dir(self) -> Path:
         return self.run_dir / "state"
 
@@ -147,6 +157,21 @@ class ClusterConfig:
     def model_store(self) -> Path:
         """Published model sets (the services' default FIELDLENS_MODEL_STORE)."""
         return self.state_dir / "model-sets"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.run_dir / "tls"
+
+    def pki(self) -> tls.LocalPki:
+        """This cluster's CA and certificates (made on first use)."""
+        return tls.local_pki(self.tls_dir)
+
+    def client_tls(self, mtls: bool | None = None) -> tls.TlsFiles | None:
+        """What a client of this cluster needs: None when it is plaintext; its CA, and its
+        client certificate when the cluster asks for one (or `mtls` says so)."""
+        if not (self.tls or self.mtls):
+            return None
+        return self.pki().client_files(with_certificate=self.mtls if mtls is None else mtls)
 
     def write_token(self) -> str:
         """The bearer token write RPCs need (FIELDLENS_WRITE_TOKEN, else this cluster's own)."""
@@ -213,12 +238,25 @@ class ClusterConfig:
                 "FIELDLENS_MODELS_DIR": str(self.models_dir),
                 "FIELDLENS_STATE_DIR": str(self.state_dir),
                 credentials.TOKEN_ENV: self.write_token(),
+                credentials.TOKENS_FILE_ENV: str(self.tokens_path),
                 "PYTHONUNBUFFERED": "1",
             }
         )
         if _replica_of(name)[1]:  # a replica keeps its own journal; the model store is shared
             env["FIELDLENS_STATE_DIR"] = str(self.run_dir / "replicas" / name / "state")
             env["FIELDLENS_MODEL_STORE"] = str(self.model_store)
+        if self.tls or self.mtls:
+            files = self.pki().server_files(mtls=self.mtls)
+            env.update(
+                {
+                    "FIELDLENS_TLS_CERT": str(files.cert),
+                    "FIELDLENS_TLS_KEY": str(files.key),
+                    "FIELDLENS_TLS_CA": str(files.ca),
+                    "FIELDLENS_TLS_CLIENT_CA": str(files.client_ca or ""),
+                }
+            )
+        else:  # plaintext on loopback: development only, so tokens may travel in clear
+            env["FIELDLENS_ALLOW_PLAINTEXT_TOKENS"] = "1"
         if name.startswith("tiny") and self.tiny_replicas > 1:
             env["FIELDLENS_TINY_PEERS"] = self.tiny_target
         env.update(dict(self.extra_env))
@@ -255,12 +293,12 @@ def _triton_command(cfg: ClusterConfig, replica: int = 0) -> tuple[list[str], di
     return argv, env
 
 
-def grpc_serving(addr: str, timeout_s: float = 1.0) -> bool:
+def grpc_serving(addr: str, timeout_s: float = 1.0, tls_files: tls.TlsFiles | None = None) -> bool:
     """True when the grpc.health.v1 Check(service='') at `addr` answers SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(addr) as channel:
+    with tls.channel(addr, tls_files) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
@@ -298,7 +336,7 @@ def _ready(cfg: ClusterConfig, name: str) -> bool:
             cfg.addr(cfg.triton_ports(replica)[1]),
             triton_server.repository_models(cfg.model_repository),
         )
-    return grpc_serving(cfg.addr(cfg.service_port(name)))
+    return grpc_serving(cfg.addr(cfg.service_port(name)), tls_files=cfg.client_tls(mtls=True))
 
 
 def _command(cfg: ClusterConfig, name: str) -> tuple[list[str], dict[str, str]]:

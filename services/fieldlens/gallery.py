@@ -8,10 +8,11 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 
+from fieldlens.common import tls
 from fieldlens.common.credentials import bearer
+from fieldlens.common.tls import TlsFiles
 from fieldlens.trainer.data import iter_folder_samples, iter_shard_samples, list_shards
 from fieldlens.v1 import router_pb2, router_pb2_grpc
 
@@ -126,9 +127,16 @@ def upload(
 
 
 def index_gallery(
-    addr: str, data_dir: Path, models_dir: Path, per_class: int, classes: set[str], token: str
+    addr: str,
+    data_dir: Path,
+    models_dir: Path,
+    per_class: int,
+    classes: set[str],
+    token: str,
+    tls_files: TlsFiles | None = None,
 ) -> router_pb2.IndexExemplarsResponse:
-    with grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with tls.channel(addr, tls_files, options) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         items = gallery_items(data_dir, per_class, validation_keys(models_dir), classes)
         total = per_class * len(classes)

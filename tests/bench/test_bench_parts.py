@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import math
 
+import grpc
 import pytest
 from PIL import Image
 
@@ -106,7 +108,7 @@ def test_cpu_figures_reach_the_goal_tables_and_markdown(tmp_path):
 
 def test_ratios_are_none_when_not_measured():
     r = report.ratios({"scenarios": {}, "micro": {}})
-    assert set(r) == {"P1", "P2", "P3", "P4a", "P4b", "P5", "P6", "C1"}
+    assert set(r) == {"P1", "P2", "P3", "P4a", "P4b", "P5", "P6", "C1", "F1", "F2"}
     assert all(v["value"] is None and v["pass"] is None for v in r.values())
 
 
@@ -150,3 +152,80 @@ def test_only_loopback_targets_are_accepted():
     assert suite._require_loopback("localhost:1")
     with pytest.raises(suite.BenchError):
         suite._require_loopback("192.0.2.10:50051")
+
+
+def _noisy_results(quiet_alone_p99: float, limited_p99: float, timeouts: int) -> dict:
+    noisy = {
+        "concurrency": 64,
+        "deadline_ms": 250.0,
+        "ok": 500,
+        "qps": 60.0,
+        "latency_ms": {"p99": 40.0},
+        "errors": {"RESOURCE_EXHAUSTED": 700, "DEADLINE_EXCEEDED": timeouts},
+    }
+    return {
+        "scenarios": {
+            "quiet_alone": {"latency_ms": {"p99": quiet_alone_p99}},
+            "noisy_neighbour_limited": {"latency_ms": {"p99": limited_p99}, "noisy": noisy},
+        },
+        "micro": {},
+    }
+
+
+def test_noisy_neighbour_goals_read_the_quiet_p99s_and_the_noisy_timeouts():
+    r = report.ratios(_noisy_results(30.0, 45.0, 0))
+    assert r["F1"]["value"] == pytest.approx(1.5) and r["F1"]["pass"] is True
+    assert r["F2"]["value"] == 0 and r["F2"]["pass"] is True
+    r = report.ratios(_noisy_results(30.0, 90.0, 3))
+    assert r["F1"]["pass"] is False and r["F2"] == {**r["F2"], "value": 3, "pass": False}
+    row = next(
+        row
+        for row in report._scenario_rows(_noisy_results(30.0, 45.0, 0))
+        if row[0] == "noisy_neighbour_limited"
+    )
+    assert "noisy client (64 in flight, 250 ms deadline): 500 ok" in row[-1]
+    assert "RESOURCE_EXHAUSTED 700" in row[-1]
+
+
+def _refused(hint_ms: str | None) -> grpc.aio.AioRpcError:
+    trailing = grpc.aio.Metadata(*([("retry-after-ms", hint_ms)] if hint_ms else []))
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailing, "client limit"
+    )
+
+
+def test_retry_hints_are_read_from_trailing_metadata():
+    assert runner.retry_after_s(_refused("250")) == 0.25
+    assert runner.retry_after_s(_refused(None)) is None
+    assert runner.retry_after_s(_refused("soon")) is None
+    assert runner.retry_after_s(TimeoutError()) is None
+
+
+def test_a_worker_honouring_hints_waits_as_told_and_others_do_not():
+    async def body() -> tuple[int, int]:
+        calls = {"hinted": 0, "plain": 0}
+
+        def refusing(key: str):
+            async def call():
+                calls[key] += 1
+                raise _refused("200")
+
+            return call
+
+        hinted, plain = runner.LoadStats(), runner.LoadStats()
+        await asyncio.gather(
+            runner.closed_loop(refusing("hinted"), hinted, 1, 0.5, 10_000, 5.0, honour_hints=True),
+            runner.closed_loop(refusing("plain"), plain, 1, 0.5, 500, 5.0),
+        )
+        assert hinted.errors == {"RESOURCE_EXHAUSTED": calls["hinted"]}
+        return calls["hinted"], calls["plain"]
+
+    hinted, plain = asyncio.run(body())
+    assert 1 <= hinted <= 4  # one call per 200 ms hint at most, in half a second
+    assert plain == 500  # no hint honoured: it spins until its request budget runs out
+
+
+def test_step_count_counts_the_noisy_neighbour_on_a_local_cluster():
+    p = plan.Plan.quick()
+    assert suite._step_count(p, True, False, False) == suite._step_count(p, False, False, False) + 6
+    assert suite._step_count(p, True, False, False, fair_share_only=True) == 7

@@ -25,7 +25,7 @@ OVERLAYS = ("cpu", "gpu")
 JOBS_DIR = K8S_DIR / "jobs"
 PUBLISH_JOB = "publish-model-set"
 # Prometheus Operator kinds: not in the Kubernetes JSON schemas, checked structurally.
-OPERATOR_KINDS = frozenset({"PodMonitor", "ServiceMonitor", "PrometheusRule"})
+OPERATOR_KINDS = frozenset({"PodMonitor", "ServiceMonitor", "PrometheusRule", "Certificate"})
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Grafana's variables, replaced by values PromQL accepts before parsing.

@@ -249,7 +249,14 @@ def test_probes_use_grpc_health_and_shutdown_outlasts_the_grace(rendered, overla
     for name in FIELDLENS_SERVICES:
         w = r.workload(name)
         c = container(w, name)
+        env = _container_env(r, w, c)
         grpc_port = container_ports(c)["grpc"]
+        if "FIELDLENS_TLS_CERT" in env:
+            # Kubelet's grpc probes cannot speak TLS: they ask the plaintext health-only port.
+            grpc_port = container_ports(c)["health"]
+            assert env["FIELDLENS_HEALTH_ADDR"] == f"0.0.0.0:{grpc_port}", name
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                assert c.get(probe, {}).get("grpc", {"port": grpc_port}) == {"port": grpc_port}
         # Readiness asks the overall "" status, which is honest about dependencies.
         assert c["readinessProbe"]["grpc"] == {"port": grpc_port}, name
         assert "livenessProbe" in c
@@ -273,6 +280,36 @@ def test_probes_use_grpc_health_and_shutdown_outlasts_the_grace(rendered, overla
     pre_stop = triton["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod_spec(r.get("Deployment", "triton"))["terminationGracePeriodSeconds"] > (
         timeout + pre_stop
+    )
+
+
+def test_production_serves_every_grpc_hop_over_tls(rendered):
+    """gpu: cert-manager's Certificate covers every Service a caller dials; the router serves
+    TLS, tiny and the specialist mTLS, and every caller trusts the CA."""
+    r = rendered["gpu"]
+    certificate = r.get("Certificate", "fieldlens-tls")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert {"server auth", "client auth"} <= set(certificate["spec"]["usages"])
+    names = set(certificate["spec"]["dnsNames"])
+    for name in FIELDLENS_SERVICES:
+        w = r.workload(name)
+        c = container(w, name)
+        env = _container_env(r, w, c)
+        assert {name, f"{name}.fieldlens.svc"} <= names
+        assert (
+            _secret_mounted_at(w, c, env["FIELDLENS_TLS_CERT"]) == certificate["spec"]["secretName"]
+        )
+        assert env["FIELDLENS_TLS_CA"].endswith("ca.crt")
+        assert ("FIELDLENS_TLS_CLIENT_CA" in env) == (name != "router"), name
+    # The laptop stays plaintext (no cert-manager there), so tokens must be allowed in clear.
+    laptop = rendered["cpu"]
+    router = laptop.workload("router")
+    env = _container_env(laptop, router, container(router, "router"))
+    assert "FIELDLENS_TLS_CERT" not in env
+    assert env["FIELDLENS_ALLOW_PLAINTEXT_TOKENS"] == "1"
+    router = r.workload("router")
+    assert "FIELDLENS_ALLOW_PLAINTEXT_TOKENS" not in _container_env(
+        r, router, container(router, "router")
     )
 
 
@@ -322,6 +359,15 @@ def _mounted_file(r: Rendered, w: dict[str, Any], c: dict[str, Any], path: str, 
     raise AssertionError(f"{path} is not mounted")
 
 
+def _secret_mounted_at(w: dict[str, Any], c: dict[str, Any], path: str) -> str:
+    """The name of the Secret whose files are mounted where `path` lies."""
+    volumes = {v["name"]: v for v in pod_spec(w)["volumes"]}
+    for mount in c["volumeMounts"]:
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            return str(volumes[mount["name"]]["secret"]["secretName"])
+    raise AssertionError(f"{path} is not mounted")
+
+
 def _target(addr: str) -> tuple[str, int]:
     host, _, port = addr.removeprefix("dns:///").removeprefix("grpc://").rpartition(":")
     return host, int(port)
@@ -332,13 +378,21 @@ def test_service_environment_is_accepted_by_the_real_settings(rendered, overlay,
     """Each container's env, as Kubernetes would assemble it, goes through the services' own
     settings parsers; addresses point at rendered Services and ports."""
     from fieldlens.common.model_set import load_model_set
-    from fieldlens.common.settings import ClassifierSettings, RouterSettings
+    from fieldlens.common.settings import TLS_ENV, ClassifierSettings, RouterSettings
+    from fieldlens.common.tls import local_pki
 
     r = rendered[overlay]
+    pki = local_pki(tmp_path / "pki")
+    issued = {"tls.crt": pki.server_cert, "tls.key": pki.server_key, "ca.crt": pki.ca}
     for name in FIELDLENS_SERVICES:
         w = r.workload(name)
         c = container(w, name)
         env = _container_env(r, w, c)
+        for variable in TLS_ENV.values():
+            if variable in env:  # cert-manager's Secret, mounted: stand-ins with its file names
+                path = env[variable]
+                assert _secret_mounted_at(w, c, path) == "fieldlens-tls", (name, variable)
+                env[variable] = str(issued[Path(path).name])
         if name == "router":
             env["FIELDLENS_ROUTING"] = str(
                 _mounted_file(r, w, c, env["FIELDLENS_ROUTING"], tmp_path)
@@ -901,3 +955,17 @@ def test_dockerfiles_are_multi_stage_pinned_and_non_root(image, rendered):
 def _image_name(ref: str) -> str:
     """ "registry/path/name:tag" -> "name"."""
     return ref.rsplit(":", 1)[0].rsplit("/", 1)[-1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_named_tokens_come_from_an_optional_secret_mounted_so_it_can_change(rendered, overlay):
+    """The router's tokens file is the Secret `fieldlens-tokens`, mounted as a directory: a
+    subPath mount never sees an updated Secret, so a revoked token would work until a restart.
+    Optional: without it FIELDLENS_WRITE_TOKEN alone still works."""
+    w = rendered[overlay].workload("router")
+    c = container(w, "router")
+    path = next(e["value"] for e in c["env"] if e["name"] == "FIELDLENS_TOKENS_FILE")
+    mount, volume = _mount_at(w, c, str(Path(path).parent))
+    assert "subPath" not in mount and mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == "fieldlens-tokens"
+    assert volume["secret"]["optional"] is True

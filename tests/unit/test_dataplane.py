@@ -30,7 +30,7 @@ from fieldlens.backends.vector_store import (
     open_vector_store,
 )
 from fieldlens.common.errors import Unavailable
-from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample
+from fieldlens.common.knowledge import ForgetRecord, KnowledgeJournal, LearnedExample
 from fieldlens.common.model_set import ModelSet
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.common.telemetry import Metrics, get_metrics
@@ -162,6 +162,12 @@ class FakeClassifier:
     ) -> tuple[int, int, int]:
         self.learned += examples
         return len(examples), 0, len(self.learned)
+
+    async def forget(
+        self, ids: list[str], taxon_id: str, model_set_version: str
+    ) -> tuple[int, list[str], int]:
+        self.learned = [e for e in self.learned if e.id not in ids]
+        return 0, [], len(self.learned)
 
 
 class FailingStore(QdrantClientVectorStore):
@@ -512,6 +518,35 @@ def test_writes_are_refused_while_the_model_set_switches_and_accepted_after(
         assert not isinstance(outcome, Exception) and outcome.taxon_id == "a2"
         assert len(list(learner.journal.records())) == 1
         assert (store.count(), len(rig.tiny.learned), rig.cache.bumps) == (2, 1, ["broad/a"])
+
+    asyncio.run(body())
+
+
+def test_exemplars_record_who_wrote_them_and_keep_it_through_a_reindex(tmp_path: Path) -> None:
+    async def body() -> None:
+        rig = _rig()
+        learner = _learner(rig, tmp_path)
+        store = rig.plane.store
+        assert store is not None and learner.journal is not None
+        learned, indexed = _png(11), _png(12)
+        indexed_id = hashlib.sha256(indexed).hexdigest()
+        (outcome,) = await learner.learn([LearnItem(learned, taxon_id="a2", client="alice")])
+        assert not isinstance(outcome, Exception)
+        report = await learner.index_exemplars([(indexed, "a3", "gallery")], client="bob")
+        assert report.indexed == 1
+        clients = {e.id: e.client for page in store.scroll() for e in page}
+        assert clients[outcome.exemplar_id] == "alice" and clients[indexed_id] == "bob"
+        (record,) = learner.journal.records()
+        assert isinstance(record, LearnedExample) and record.client == "alice"
+
+        await learner.forget([outcome.exemplar_id], client="ops")
+        assert list(learner.journal.records())[-1] == ForgetRecord(
+            (outcome.exemplar_id,), "", "ops"
+        )
+        staging = open_vector_store(":memory:", "exemplars_staging", DIM)
+        counts = await learner.reindex([store], staging, "exemplars_emb2")
+        assert counts["indexed"] == 1
+        assert {e.id: e.client for page in staging.scroll() for e in page} == {indexed_id: "bob"}
 
     asyncio.run(body())
 

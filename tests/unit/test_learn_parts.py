@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fieldlens.backends.blob_store import FolderBlobStore, open_blob_store
-from fieldlens.common.credentials import bearer, ensure_token
+from fieldlens.common.credentials import Credentials, bearer, ensure_token
 from fieldlens.common.errors import (
     FailedPrecondition,
     FieldlensError,
@@ -26,7 +26,6 @@ from fieldlens.common.errors import (
 from fieldlens.common.taxonomy import Taxonomy, check_taxon_name, learned_taxon_id
 from fieldlens.router.imaging import ImageLimits
 from fieldlens.router.learning import Learner, LearnItem, check_source, exemplar_ids
-from fieldlens.router.servicer import check_write_token
 
 
 def _taxonomy() -> Taxonomy:
@@ -108,27 +107,20 @@ def test_local_token_is_created_once_and_private(tmp_path: Path):
     assert path.stat().st_mode & 0o077 == 0
 
 
-class _Context:
-    def __init__(self, metadata):
-        self._metadata = metadata
-
-    def invocation_metadata(self):
-        return self._metadata
-
-
 def test_write_token_check():
     token = "t" * 32
-    check_write_token(_Context(bearer(token)), token)
-    check_write_token(_Context((("authorization", f"bearer {token}"),)), token)
+    shared = Credentials(None, token)
+    assert shared.authorize(bearer(token), "admin") == "write-token"
+    assert shared.authorize((("authorization", f"bearer {token}"),), "learn") == "write-token"
     for metadata, match in (
         ((), "need an 'authorization: Bearer <token>' header"),
         (bearer("x" * 32), "invalid write credential"),
         ((("authorization", token),), "invalid write credential"),  # no Bearer scheme
     ):
         with pytest.raises(Unauthenticated, match=match):
-            check_write_token(_Context(metadata), token)
+            shared.authorize(metadata, "learn")
     with pytest.raises(FailedPrecondition, match="no write token"):
-        check_write_token(_Context(bearer(token)), None)
+        Credentials(None, None).authorize(bearer(token), "learn")
 
 
 # -- Learn's input rules ------------------------------------------------------------------------

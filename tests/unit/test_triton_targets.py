@@ -22,7 +22,7 @@ from fieldlens.backends.triton_repository import load_nets
 from fieldlens.cluster import free_port
 from fieldlens.common.errors import InvalidInput, Unavailable
 from fieldlens.common.settings import REPO_ROOT
-from fieldlens.common.targets import servers
+from fieldlens.common.targets import dns_name, servers
 
 REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 IMAGES = np.zeros((1, 64, 64, 3), np.uint8)
@@ -223,3 +223,18 @@ def test_a_server_that_is_down_is_skipped_and_none_reached_is_unavailable():
                 await load_nets(target, [("broad__w", REPOSITORY / "broad")])
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize(
+    ("target", "name"),
+    [
+        ("dns:///tiny:50053", "tiny"),
+        ("tiny.fieldlens.svc:50053", "tiny.fieldlens.svc"),
+        ("dns://10.0.0.10:53/tiny:50053", "tiny"),
+        ("127.0.0.1:50053", None),
+        ("ipv4:127.0.0.1:1,127.0.0.1:2", None),
+        ("unix:/run/tiny.sock", None),
+    ],
+)
+def test_the_dns_name_a_target_resolves_is_what_tls_checks(target, name):
+    assert dns_name(target) == name

@@ -68,6 +68,8 @@ class Exemplar:
         path: taxon ids from the root to the leaf.
         source: where the example came from (e.g. "train", "learn", a gallery name).
         embedding_version: version of the backbone that produced `vector`.
+        client: who wrote it: the name of the write token of its Learn or IndexExemplars call
+            (common/credentials.py); empty when unknown.
     """
 
     id: str
@@ -77,6 +79,7 @@ class Exemplar:
     path: list[str] = field(default_factory=list)
     source: str = ""
     embedding_version: str = ""
+    client: str = ""
 
 
 # What EdgeVectorStore keeps in memory about a point besides its id: label, broad, path, source.
@@ -119,6 +122,7 @@ class StoredExemplar:
     source: str
     embedding_version: str
     broad: str = ""
+    client: str = ""
 
 
 def _stored(point_id: Any, payload: dict[str, Any] | None) -> StoredExemplar:
@@ -130,6 +134,7 @@ def _stored(point_id: Any, payload: dict[str, Any] | None) -> StoredExemplar:
         str(payload.get("source", "")),
         str(payload.get("embedding_version", "")),
         n.broad,
+        str(payload.get("client", "")),
     )
 
 
@@ -141,6 +146,7 @@ def _payload(ex: Exemplar) -> dict[str, Any]:
         "path": list(ex.path),
         "source": ex.source,
         "embedding_version": ex.embedding_version,
+        "client": ex.client,
     }
 
 

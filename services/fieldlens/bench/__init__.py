@@ -92,6 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-micro", action="store_true", help="skip the micro-benchmarks (tiny, neighbours)"
     )
     parser.add_argument(
+        "--only",
+        choices=("fair-share",),
+        default=None,
+        help="run one part alone: fair-share = the noisy-neighbour scenarios (quiet client "
+        "alone, next to a noisy one with default and with per-client limits), on the bench's "
+        "own cluster",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also record a py-spy profile of the router under cache misses at 16 in flight, "

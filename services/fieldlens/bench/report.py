@@ -37,11 +37,15 @@ SCENARIOS = (
     "learn",
 )
 SWEEP_TARGETS = ("router", "triton")
+# Noisy neighbour (fair share), on the bench's own cluster only: the quiet client's figures,
+# with the noisy client's under `noisy`.
+FAIR_SHARE_SCENARIOS = ("noisy_neighbour_defaults", "quiet_alone", "noisy_neighbour_limited")
+TIMEOUT_CODES = ("DEADLINE_EXCEEDED", "CLIENT_TIMEOUT")
 
 
 @dataclass(frozen=True)
 class Goal:
-    """One goal (P: issue 6, C: issue 16): `value op threshold` passes."""
+    """One goal (P: issue 6, C: issue 16, F: issue 20): `value op threshold` passes."""
 
     key: str
     what: str
@@ -70,6 +74,13 @@ def _ratio(a: Any, b: Any) -> float | None:
     if not isinstance(a, int | float) or not isinstance(b, int | float) or b == 0:
         return None
     return float(a) / float(b)
+
+
+def _noisy_timeouts(results: dict[str, Any], scenario: str) -> int | None:
+    errors = _get(results, "scenarios", scenario, "noisy", "errors")
+    if not isinstance(errors, dict):
+        return None
+    return sum(int(errors.get(code, 0)) for code in TIMEOUT_CODES)
 
 
 def _saturated(results: dict[str, Any], target: str) -> float | None:
@@ -149,6 +160,25 @@ GOALS: tuple[Goal, ...] = (
         lambda r: _get(
             r, "scenarios", f"sweep_router_c{CPU_POINT}", "cpu_ms_per_request", procs.SERVING
         ),
+    ),
+    Goal(
+        "F1",
+        "quiet client's p99 (1 in flight) next to a noisy one (64 in flight), per-client "
+        "limits on / its p99 alone (cache misses)",
+        "<=",
+        2.0,
+        lambda r: _ratio(
+            _get(r, "scenarios", "noisy_neighbour_limited", "latency_ms", "p99"),
+            _get(r, "scenarios", "quiet_alone", "latency_ms", "p99"),
+        ),
+    ),
+    Goal(
+        "F2",
+        "noisy client's calls past their 250 ms deadline, per-client limits on (it is refused "
+        "RESOURCE_EXHAUSTED instead)",
+        "<=",
+        0,
+        lambda r: _noisy_timeouts(r, "noisy_neighbour_limited"),
     ),
 )
 
@@ -328,6 +358,14 @@ def _scenario_rows(results: dict[str, Any]) -> list[list[str]]:
             notes.append(f"{fmt(s.get('images_per_s'), 1)} images/s, {s.get('indexed')} indexed")
         if "offered" in s:
             notes.append(f"dropped {s.get('dropped')}, late {s.get('late')}")
+        noisy = s.get("noisy")
+        if noisy:
+            notes.append(
+                f"noisy client ({noisy.get('concurrency')} in flight, "
+                f"{fmt(noisy.get('deadline_ms'), 0)} ms deadline): {noisy.get('ok')} ok, "
+                f"{fmt(noisy.get('qps'), 1)} QPS, p99 {fmt(_get(noisy, 'latency_ms', 'p99'))} ms"
+                f", errors {_errors(noisy)}"
+            )
         rows.append(
             [
                 name,

@@ -24,6 +24,7 @@ import numpy as np
 from fieldlens import gallery
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.common import settings
+from fieldlens.common.errors import RETRY_AFTER_KEY
 from fieldlens.router.imaging import ImageLimits, decode
 from fieldlens.v1 import router_pb2, router_pb2_grpc
 
@@ -50,6 +51,19 @@ def error_code(exc: BaseException) -> str:
         name = str(status())
         return name.rpartition(".")[2] or name
     return type(exc).__name__
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The server's retry hint of a failed call (trailing metadata `retry-after-ms`), seconds."""
+    if not isinstance(exc, grpc.aio.AioRpcError):
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value) / 1e3)
+            except ValueError:
+                return None
+    return None
 
 
 def percentiles(values_ms: Sequence[float]) -> dict[str, float | None]:
@@ -115,7 +129,12 @@ class LoadStats:
 
 
 async def _run_workers(
-    call: Call, stats: LoadStats | None, concurrency: int, duration_s: float, budget: list[int]
+    call: Call,
+    stats: LoadStats | None,
+    concurrency: int,
+    duration_s: float,
+    budget: list[int],
+    honour_hints: bool = False,
 ) -> None:
     stop_at = time.perf_counter() + duration_s
 
@@ -130,6 +149,9 @@ async def _run_workers(
             except Exception as exc:  # every failure is a figure: counted by status code
                 if stats is not None:
                     stats.errors[error_code(exc)] += 1
+                hint = retry_after_s(exc) if honour_hints else None
+                if hint:  # a refused call: wait as told (not past the end) before the next
+                    await asyncio.sleep(min(hint, max(0.0, stop_at - time.perf_counter())))
                 continue
             if stats is not None:
                 stats.latencies_ms.append((time.perf_counter() - t0) * 1e3)
@@ -145,22 +167,51 @@ async def closed_loop(
     duration_s: float,
     max_requests: int,
     call_timeout_s: float,
+    honour_hints: bool = False,
 ) -> LoadStats:
     """`concurrency` workers each sending its next request as soon as the last one answers.
 
     QPS counts successful calls over the wall time until the last call sent before
-    `duration_s` ran out has answered.
+    `duration_s` ran out has answered. With `honour_hints`, a worker whose call was refused
+    with a retry hint (`retry-after-ms`) waits that long first, as a well-behaved client does.
     """
     t0 = time.perf_counter()
     try:
         await asyncio.wait_for(
-            _run_workers(call, stats, concurrency, duration_s, [max_requests]),
+            _run_workers(call, stats, concurrency, duration_s, [max_requests], honour_hints),
             duration_s + call_timeout_s + _DRAIN_GRACE_S,
         )
     except TimeoutError:
         stats.errors["BENCH_TIME_LIMIT"] += 1
     stats.elapsed_s = time.perf_counter() - t0
     return stats
+
+
+async def neighbours(
+    quiet: Call,
+    noisy: Call,
+    quiet_stats: LoadStats,
+    noisy_stats: LoadStats,
+    noisy_concurrency: int,
+    duration_s: float,
+    max_requests: int,
+    call_timeout_s: float,
+) -> None:
+    """Two clients at once: `quiet` one call at a time, `noisy` at `noisy_concurrency` in
+    flight, each its own closed loop with its own request budget. The noisy one honours retry
+    hints (see `closed_loop`)."""
+    await asyncio.gather(
+        closed_loop(quiet, quiet_stats, 1, duration_s, max_requests, call_timeout_s),
+        closed_loop(
+            noisy,
+            noisy_stats,
+            noisy_concurrency,
+            duration_s,
+            max_requests,
+            call_timeout_s,
+            honour_hints=True,
+        ),
+    )
 
 
 async def warm_up(

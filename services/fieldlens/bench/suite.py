@@ -15,7 +15,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,15 @@ from rich.progress import (
 from fieldlens import cluster, gallery
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.bench import micro, procs, profiling, report, runner, scrape
-from fieldlens.bench.plan import CPU_POINT, MIXED_HIT_FRACTION, OPEN_LOOP_LOAD, Plan
+from fieldlens.bench.plan import (
+    CPU_POINT,
+    FAIR_SHARE_ENV,
+    MIXED_HIT_FRACTION,
+    NOISY_CONCURRENCY,
+    NOISY_DEADLINE_S,
+    OPEN_LOOP_LOAD,
+    Plan,
+)
 from fieldlens.common import credentials
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.model_set import load_model_set
@@ -57,6 +65,9 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
 )
+# A subchannel pool of its own: a channel opened with these has its own connection, so the
+# router sees it as a client of its own (peer address), not sharing the process's pool.
+_OWN_CONNECTION = (*_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1))
 
 
 class BenchError(RuntimeError):
@@ -186,9 +197,13 @@ class _LoadPhase:
         name: str,
         load: str,
         seconds: float,
-        run: Callable[[runner.LoadStats], Awaitable[runner.LoadStats]],
+        run: Callable[[runner.LoadStats], Awaitable[object]],
         warmup: Callable[[], Awaitable[object]] | None = None,
+        others: Sequence[runner.LoadStats] = (),
     ) -> dict[str, Any]:
+        """Runs one scenario point and keeps its figures under `name`. `stats` are the figures
+        reported; `others` are the calls of further clients of the same run, whose answers
+        share the CPU and the router's stage counts."""
         task = self.steps.start(name, seconds)
         stats = runner.LoadStats()
         stop = asyncio.Event()
@@ -208,9 +223,12 @@ class _LoadPhase:
             await ticker
         summary = stats.summary()
         summary["load"] = load
-        summary.update(self.meter.summary(cpu_before, cpu_after, summary["ok"]))
+        answers = summary["ok"] + sum(len(o.latencies_ms) for o in others)
+        summary.update(self.meter.summary(cpu_before, cpu_after, answers))
         stages = scrape.stage_breakdown(
-            router_before, scrape.fetch(self.target.router_metrics), summary["requests"]
+            router_before,
+            scrape.fetch(self.target.router_metrics),
+            summary["requests"] + sum(o.done for o in others),
         )
         if stages:
             summary["stages"] = stages
@@ -437,6 +455,78 @@ class _LoadPhase:
         )
         await self._closed("learn", learn, 1)
 
+    def _miss_call(self, channel: grpc.aio.Channel, nonce: str, timeout_s: float) -> runner.Call:
+        photos = runner.UniquePhotos(self.photos.pool, nonce)
+        return runner.router_call(router_pb2_grpc.RouterStub(channel), photos, timeout_s)
+
+    async def _neighbours(self, name: str, limits: str, nonce: str) -> None:
+        """The quiet client (1 in flight) next to the noisy one (NOISY_CONCURRENCY in flight,
+        NOISY_DEADLINE_S deadline, honouring retry hints), each on a connection of its own,
+        cache misses. The scenario's figures are the quiet client's; the noisy one's are under
+        `noisy`."""
+        plan = self.plan
+        router = self.target.router
+        async with (
+            grpc.aio.insecure_channel(router, options=_OWN_CONNECTION) as quiet_channel,
+            grpc.aio.insecure_channel(router, options=_OWN_CONNECTION) as noisy_channel,
+        ):
+            quiet = self._miss_call(quiet_channel, f"{nonce}-{name}-quiet", plan.request_timeout_s)
+            noisy = self._miss_call(noisy_channel, f"{nonce}-{name}-noisy", NOISY_DEADLINE_S)
+            noisy_stats = runner.LoadStats()
+
+            def both(
+                quiet_stats: runner.LoadStats, noisy_stats: runner.LoadStats, seconds: float
+            ) -> Awaitable[None]:
+                return runner.neighbours(
+                    quiet,
+                    noisy,
+                    quiet_stats,
+                    noisy_stats,
+                    NOISY_CONCURRENCY,
+                    seconds,
+                    plan.max_requests,
+                    plan.request_timeout_s,
+                )
+
+            def warmup() -> Awaitable[None]:
+                return both(runner.LoadStats(), runner.LoadStats(), plan.warmup_s)
+
+            summary = await self._measure(
+                name,
+                f"quiet 1 + noisy {NOISY_CONCURRENCY} in flight, misses; {limits}",
+                plan.warmup_s + plan.duration_s,
+                lambda stats: both(stats, noisy_stats, plan.duration_s),
+                warmup if plan.warmup_s > 0 else None,
+                others=(noisy_stats,),
+            )
+        noisy_summary = noisy_stats.summary()
+        summary["noisy"] = {
+            "concurrency": NOISY_CONCURRENCY,
+            "deadline_ms": NOISY_DEADLINE_S * 1e3,
+            **{k: noisy_summary[k] for k in ("requests", "ok", "errors", "qps", "latency_ms")},
+        }
+
+    async def fair_share(self, nonce: str, limit_router: Callable[[], None]) -> None:
+        """Noisy neighbour: next to each other on the router as it runs (default limits), then
+        the quiet client alone and next to the noisy one again on a router restarted with the
+        per-client limits of FAIR_SHARE_ENV (`limit_router`)."""
+        await self._neighbours("noisy_neighbour_defaults", "default limits", nonce)
+        limits = ", ".join(f"{k}={v}" for k, v in FAIR_SHARE_ENV)
+        task = self.steps.start("restart the router with per-client limits")
+        await asyncio.to_thread(limit_router)
+        self.steps.finish(task, limits)
+        async with grpc.aio.insecure_channel(self.target.router, options=_OWN_CONNECTION) as ch:
+            alone = self._miss_call(ch, f"{nonce}-quiet-alone", self.plan.request_timeout_s)
+            await self._closed("quiet_alone", alone, 1)
+        await self._neighbours("noisy_neighbour_limited", limits, nonce)
+
+
+def _limit_router(cfg: cluster.ClusterConfig) -> None:
+    """Restarts the local cluster's router with the per-client limits of FAIR_SHARE_ENV."""
+    cluster.stop(cfg, ["router"])
+    limited = dataclasses.replace(cfg, extra_env=(*cfg.extra_env, *FAIR_SHARE_ENV))
+    cluster.start(limited, ["router"])
+
 
 def _micro_phase(plan: Plan, models_dir: Path, steps: _Steps, results: dict[str, Any]) -> None:
     task = steps.start("micro: tiny ensemble")
@@ -457,12 +547,18 @@ def _micro_phase(plan: Plan, models_dir: Path, steps: _Steps, results: dict[str,
             )
 
 
-def _step_count(plan: Plan, local: bool, micro_on: bool, profile: bool) -> int:
+def _step_count(
+    plan: Plan, local: bool, micro_on: bool, profile: bool, fair_share_only: bool = False
+) -> int:
     # read photos, index, warm-up, two c=1 points, prime, hit, mixed, open loop, memory;
     # the sweep's other points for both targets; start and stop; tiny and two store sizes for
-    # each of two vector distributions; the profiled run.
+    # each of two vector distributions; the profiled run; on a local cluster the noisy
+    # neighbour: defaults, the router's restart, the quiet client alone, limited.
+    fair_share = 4 if local else 0
+    if fair_share_only:
+        return 1 + 2 + fair_share  # read photos, start and stop
     n = 10 + 2 * (len(plan.sweep_levels) - 1)
-    return n + (2 if local else 0) + (5 if micro_on else 0) + (1 if profile else 0)
+    return n + (2 if local else 0) + (5 if micro_on else 0) + (1 if profile else 0) + fair_share
 
 
 def _write_profile(phase: _LoadPhase, out: Path) -> dict[str, Any] | None:
@@ -517,6 +613,9 @@ def run_bench(args: argparse.Namespace) -> int:
         previous = report.load_json(args.compare) if args.compare else None
         external = args.router_addr is not None or args.triton_addr is not None
         target = _external_target(args) if external else None
+        fair_share_only = args.only == "fair-share"
+        if fair_share_only and external:
+            raise BenchError("--only fair-share restarts the router: only on its own cluster")
     except (BenchError, profiling.ProfileError, ValueError, OSError) as exc:
         console.print(f"[red]bench: {exc}[/red]")
         return 2
@@ -553,7 +652,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         with progress:
             steps = _Steps(
-                progress, _step_count(plan, target is None, not args.no_micro, args.profile)
+                progress,
+                _step_count(plan, target is None, not args.no_micro, args.profile, fair_share_only),
             )
             if target is None:
                 run_dir = Path(tempfile.mkdtemp(prefix="fieldlens-bench-"))
@@ -574,21 +674,35 @@ def run_bench(args: argparse.Namespace) -> int:
                 steps.finish(task, f"{len(photos.gallery)} gallery, {len(photos.pool)} pool")
                 results["cpu_accounting"] = procs.cpu_accounting(cfg)
                 phase = _LoadPhase(plan, target, steps, photos, procs.CpuMeter(cfg), args.profile)
-                asyncio.run(phase.run(data_dir, secrets.token_hex(6)))
+                nonce = secrets.token_hex(6)
                 results["scenarios"] = phase.scenarios
-                results["sweep"] = phase.sweep
-                profile = _write_profile(phase, args.out)
-                if profile is not None:
-                    results["profile"] = profile
-                task = steps.start("memory")
-                results["memory"] = procs.cluster_memory(cfg)
-                steps.finish(task, f"{report.fmt(results['memory']['rss_gib'])} GiB RSS")
+                if not fair_share_only:
+                    asyncio.run(phase.run(data_dir, nonce))
+                    results["sweep"] = phase.sweep
+                    profile = _write_profile(phase, args.out)
+                    if profile is not None:
+                        results["profile"] = profile
+                    task = steps.start("memory")
+                    results["memory"] = procs.cluster_memory(cfg)
+                    steps.finish(task, f"{report.fmt(results['memory']['rss_gib'])} GiB RSS")
+                # Last: it restarts the router. Only on the bench's own cluster.
+                if target.local:
+                    asyncio.run(phase.fair_share(nonce, lambda: _limit_router(cfg)))
+                    results["fair_share"] = {
+                        "limits": dict(FAIR_SHARE_ENV),
+                        "noisy_concurrency": NOISY_CONCURRENCY,
+                        "noisy_deadline_ms": NOISY_DEADLINE_S * 1e3,
+                    }
+                else:
+                    results["fair_share"] = {
+                        "skipped": "it restarts the router: only on the bench's own cluster"
+                    }
             finally:
                 if target.local:
                     task = steps.start("stop local cluster")
                     cluster.stop(cfg)
                     steps.finish(task)
-            if not args.no_micro:
+            if not args.no_micro and not fair_share_only:
                 _micro_phase(plan, models_dir, steps, results)
         failed = False
     except cluster.ClusterError as exc:

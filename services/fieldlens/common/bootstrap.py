@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
+
+from grpc import aio
 
 from fieldlens.common.server import GrpcServer, ServicerRegistration, serve_until_signal
 from fieldlens.common.settings import CommonSettings, SettingsError
@@ -24,6 +26,8 @@ async def serve_grpc(
     service_name: str,
     ready: Callable[[], Awaitable[bool]] | None = None,
     on_close: Callable[[], Awaitable[None]] | None = None,
+    *,
+    interceptors: Sequence[aio.ServerInterceptor] | None = None,
 ) -> None:
     """Runs one service until SIGTERM/SIGINT.
 
@@ -34,6 +38,8 @@ async def serve_grpc(
         ready: Polled every few seconds; health is SERVING only while it returns True (the
             dependencies the service cannot do without answer). None means always ready.
         on_close: Closes clients after the server has stopped.
+        interceptors: The server's interceptors; None = `default_interceptors()` (the router
+            passes its admission control, common/limits.py, to them).
     """
     metrics = start_metrics_server(common.metrics_port, common.metrics_addr)
     server = GrpcServer(
@@ -43,6 +49,9 @@ async def serve_grpc(
         max_message_bytes=common.max_message_bytes,
         grace_s=common.grace_s,
         serving_at_start=ready is None,
+        tls=common.tls,
+        health_addr=common.health_addr,
+        interceptors=interceptors,
     )
     port = await server.start()
     logger.info("%s listening on port %d", service_name, port)

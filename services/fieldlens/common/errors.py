@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import grpc
 
+# Trailing metadata keys of a retry hint, milliseconds the client should wait before retrying:
+# ours, for any client to read, and gRPC's own, which a client whose service config has a
+# retryPolicy for the status code honours by itself (gRFC A6 "server pushback").
+RETRY_AFTER_KEY = "retry-after-ms"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 
 class FieldlensError(Exception):
     """Base of all fieldlens domain errors; `code` is the gRPC status the client receives.
@@ -11,13 +17,24 @@ class FieldlensError(Exception):
     Args:
         message: Text sent to the client as the status details, so it must not leak secrets
             or internals.
+        retry_after_ms: A retry hint, sent as trailing metadata `retry-after-ms` and
+            `grpc-retry-pushback-ms`; None = none.
     """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.message = message or self.default_message()
+        self.retry_after_ms = retry_after_ms
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What the status carries besides code and message: the retry hint, if any."""
+        if self.retry_after_ms is None:
+            return ()
+        ms = str(self.retry_after_ms)
+        return ((RETRY_AFTER_KEY, ms), (RETRY_PUSHBACK_KEY, ms))
 
     @classmethod
     def default_message(cls) -> str:

@@ -23,6 +23,12 @@ INTERNAL_ERROR_MESSAGE = "internal error"
 _Context: TypeAlias = "aio.ServicerContext[Any, Any]"
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _Behaviour: TypeAlias = Callable[..., Any]
+# Admission control (common/limits.py): for one method, the function the interceptor calls with
+# each call's context before the handler runs; it raises a FieldlensError to refuse the call,
+# or returns what frees the call's place when it ends.
+Admit: TypeAlias = Callable[[_Context], Callable[[], None]]
+# Method ("/pkg.Service/Method") -> its Admit, or None for a method that is not admitted.
+Admission: TypeAlias = Callable[[str], Admit | None]
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -31,9 +37,11 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-def default_interceptors(metrics: Metrics | None = None) -> list[aio.ServerInterceptor]:
+def default_interceptors(
+    metrics: Metrics | None = None, admission: Admission | None = None
+) -> list[aio.ServerInterceptor]:
     """The standard chain: one ExceptionToStatusInterceptor."""
-    return [ExceptionToStatusInterceptor(metrics)]
+    return [ExceptionToStatusInterceptor(metrics, admission)]
 
 
 class ExceptionToStatusInterceptor(aio.ServerInterceptor):
@@ -48,14 +56,18 @@ class ExceptionToStatusInterceptor(aio.ServerInterceptor):
 
     One interceptor rather than one per concern: grpc.aio runs each interceptor's wrapper on
     every call, and the router answers hundreds a second on a shared core. Wrapped handlers are
-    built once per method and reused.
+    built once per method and reused. For the same reason admission control (per-client limits,
+    load shedding) is a hook of this interceptor rather than one of its own: a refused call is
+    mapped, counted and logged like any other failure.
 
     Args:
         metrics: Collectors to update; default `get_metrics()` (the global registry).
+        admission: Admits or refuses each call before its handler runs; None admits all.
     """
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, admission: Admission | None = None) -> None:
         self._metrics = metrics
+        self._admission = admission
         self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
 
     async def intercept_service(
@@ -70,7 +82,8 @@ class ExceptionToStatusInterceptor(aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _wrap_handler(handler, _Call(method, self._metrics or get_metrics()))
+        admit = self._admission(method) if self._admission is not None else None
+        wrapped = _wrap_handler(handler, _Call(method, self._metrics or get_metrics(), admit))
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -78,16 +91,17 @@ class ExceptionToStatusInterceptor(aio.ServerInterceptor):
 class _Call:
     """What the interceptor does around each call of one method."""
 
-    def __init__(self, method: str, metrics: Metrics) -> None:
+    def __init__(self, method: str, metrics: Metrics, admit: Admit | None = None) -> None:
         self.method = method
         self.service, self.name = split_method(method)
         self.metrics = metrics
+        self.admit = admit
 
     async def failed(self, exc: Exception, context: _Context) -> aio.AbortError:
         """Aborts the call with the status `exc` maps to; returns the abort to raise."""
         try:
             if isinstance(exc, FieldlensError):
-                await context.abort(exc.code, exc.message)
+                await context.abort(exc.code, exc.message, exc.trailing_metadata)
             else:
                 logger.exception("unhandled error in %s", self.method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
@@ -168,7 +182,10 @@ def _wrap_unary_response(behaviour: _Behaviour, call: _Call) -> _Behaviour:
     async def wrapped(request: Any, context: _Context) -> Any:
         started = time.perf_counter()
         outcome: BaseException | None = None
+        release = None
         try:
+            if call.admit is not None:
+                release = call.admit(context)
             result = behaviour(request, context)
             if inspect.isawaitable(result):
                 result = await result
@@ -180,6 +197,8 @@ def _wrap_unary_response(behaviour: _Behaviour, call: _Call) -> _Behaviour:
             outcome = await call.failed(exc, context)
             raise outcome from None
         finally:
+            if release is not None:
+                release()
             call.done(context, started, outcome)
 
     return wrapped
@@ -198,7 +217,10 @@ def _wrap_stream_response(behaviour: _Behaviour, call: _Call) -> _Behaviour:
     async def wrapped_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
         started = time.perf_counter()
         outcome: BaseException | None = None
+        release = None
         try:
+            if call.admit is not None:
+                release = call.admit(context)
             responses = behaviour(request, context)
             if inspect.isasyncgen(responses):
                 async for response in responses:
@@ -213,6 +235,8 @@ def _wrap_stream_response(behaviour: _Behaviour, call: _Call) -> _Behaviour:
             outcome = await call.failed(exc, context)
             raise outcome from None
         finally:
+            if release is not None:
+                release()
             call.done(context, started, outcome)
 
     return wrapped_stream

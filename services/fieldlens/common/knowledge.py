@@ -49,16 +49,22 @@ class LearnedExample:
     vector: np.ndarray  # float32, L2-normalised embedding
     new_taxon: NewTaxonSpec | None = None
     source: str = ""
+    # Who taught it: the name of the write token it came with (common/credentials.py); empty in
+    # records written before names were kept, and in the tiny service's journals.
+    client: str = ""
 
     def to_json(self) -> dict[str, object]:
         vec = np.ascontiguousarray(self.vector, dtype="<f4")
-        return {
+        out: dict[str, object] = {
             "id": self.id,
             "taxon_id": self.taxon_id,
             "vector": base64.b64encode(vec.tobytes()).decode(),
             "new_taxon": None if self.new_taxon is None else vars(self.new_taxon),
             "source": self.source,
         }
+        if self.client:
+            out["client"] = self.client
+        return out
 
     @classmethod
     def from_json(cls, raw: dict[str, object]) -> LearnedExample:
@@ -69,6 +75,7 @@ class LearnedExample:
             vector=np.frombuffer(base64.b64decode(str(raw["vector"])), dtype="<f4").copy(),
             new_taxon=NewTaxonSpec(**nt) if isinstance(nt, dict) else None,
             source=str(raw.get("source", "")),
+            client=str(raw.get("client", "")),
         )
 
 
@@ -78,15 +85,21 @@ class ForgetRecord:
 
     ids: tuple[str, ...]
     taxon_id: str = ""  # the learned taxon the Forget named, if it named one (for the record)
+    client: str = ""  # who asked (a write token's name), as LearnedExample.client
 
     def to_json(self) -> dict[str, object]:
-        return {"forget": list(self.ids), "taxon_id": self.taxon_id}
+        out: dict[str, object] = {"forget": list(self.ids), "taxon_id": self.taxon_id}
+        if self.client:
+            out["client"] = self.client
+        return out
 
     @classmethod
     def from_json(cls, raw: dict[str, object]) -> ForgetRecord:
         ids = raw["forget"]
         assert isinstance(ids, list)
-        return cls(tuple(str(i) for i in ids), str(raw.get("taxon_id", "")))
+        return cls(
+            tuple(str(i) for i in ids), str(raw.get("taxon_id", "")), str(raw.get("client", ""))
+        )
 
 
 Record = LearnedExample | ForgetRecord

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from fieldlens.common.interceptors import default_interceptors
 from fieldlens.common.settings import DEFAULT_GRACE_S, DEFAULT_MAX_MESSAGE_BYTES
 from fieldlens.common.telemetry import configure_logging
+from fieldlens.common.tls import TlsFiles, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class GrpcServer:
         grace_s: Default seconds in-flight RPCs get to finish in `stop`.
         serving_at_start: Initial health of the named services. Pass False when the service
             must first check its dependencies, then call `set_serving(name, True)`.
+        tls: The port serves TLS (mTLS with a client CA) when these name a certificate.
+        health_addr: host:port of a second, plaintext port that answers only grpc.health
+            (Kubernetes' grpc probes cannot speak TLS); None = none.
     """
 
     def __init__(
@@ -57,6 +61,8 @@ class GrpcServer:
         interceptors: Sequence[aio.ServerInterceptor] | None = None,
         grace_s: float = DEFAULT_GRACE_S,
         serving_at_start: bool = True,
+        tls: TlsFiles | None = None,
+        health_addr: str | None = None,
     ) -> None:
         self.listen_addr = listen_addr
         self._servicers = list(servicers)
@@ -68,6 +74,9 @@ class GrpcServer:
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self._port: int | None = None
+        self._tls = tls or TlsFiles()
+        self.health_addr = health_addr
+        self._health_server: aio.Server | None = None
 
     @property
     def port(self) -> int:
@@ -103,17 +112,21 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        try:
-            port = server.add_insecure_port(self.listen_addr)
-        except RuntimeError as exc:
-            raise OSError(f"cannot bind {self.listen_addr}: {exc}") from exc
-        if port == 0:
-            raise OSError(f"cannot bind {self.listen_addr}")
+        port = _bind(server, self.listen_addr, self._tls)
         await self._publish_health()
+        if self.health_addr is not None:
+            self._health_server = aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            _bind(self._health_server, self.health_addr, None)
+            await self._health_server.start()
         await server.start()
         self._server, self._port = server, port
         logger.info(
-            "serving %s on %s (port %d)", ", ".join(self.service_names), self.listen_addr, port
+            "serving %s on %s (port %d, %s)",
+            ", ".join(self.service_names),
+            self.listen_addr,
+            port,
+            ("mTLS" if self._tls.client_ca else "TLS") if self._tls.serves else "plaintext",
         )
         return port
 
@@ -142,6 +155,9 @@ class GrpcServer:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
         self._server = None
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+            self._health_server = None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -152,6 +168,19 @@ class GrpcServer:
             await self._health.set(service, _SERVING if serving else _NOT_SERVING)
         overall = all(self._serving.values())
         await self._health.set(health.OVERALL_HEALTH, _SERVING if overall else _NOT_SERVING)
+
+
+def _bind(server: aio.Server, addr: str, tls: TlsFiles | None) -> int:
+    try:
+        if tls is not None and tls.serves:
+            port = server.add_secure_port(addr, server_credentials(tls))
+        else:
+            port = server.add_insecure_port(addr)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind {addr}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"cannot bind {addr}")
+    return port
 
 
 async def serve_until_signal(

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from fieldlens.common.tls import TlsFiles
+
 logger = logging.getLogger(__name__)
 
 # services/fieldlens/common/settings.py -> the repository root.
@@ -55,6 +57,14 @@ DEFAULT_STAGE_TIMEOUT_S = 1.0
 # most such calls out at once. One request per call turns coalescing off.
 DEFAULT_BATCH_MAX = 32
 DEFAULT_BATCH_IN_FLIGHT = 1
+# Fair share (common/limits.py; 0 turns a limit off). The defaults leave one well-behaved
+# client alone (the bench drives up to 64 calls in flight over one connection) and are a
+# backstop, not a tuning: per-client calls in flight, per-client calls per second and burst
+# (0 = one second's worth), and the calls in flight from which the router sheds reads.
+DEFAULT_CLIENT_IN_FLIGHT = 64
+DEFAULT_CLIENT_RATE = 0.0
+DEFAULT_CLIENT_BURST = 0
+DEFAULT_SHED_IN_FLIGHT = 256
 # Threads of each BLAS/OpenMP/torch pool in a serving process (common/threads.py). One: the
 # maths per request is a fraction of a millisecond, and a second pool thread only spins;
 # a service scales by processes (replicas, Triton instances), not by pool threads.
@@ -101,6 +111,11 @@ class CommonSettings:
     model_store: Path
     # Threads of each BLAS/OpenMP/torch pool of the process (FIELDLENS_CPU_THREADS).
     cpu_threads: int = DEFAULT_CPU_THREADS
+    # TLS of the port this service serves and of the hops it calls (common/tls.py).
+    tls: TlsFiles = TlsFiles()
+    # A second, plaintext port answering only grpc.health (Kubernetes' grpc probes cannot do
+    # TLS); None = none.
+    health_addr: str | None = None
 
     @classmethod
     def from_env(cls, service: ServiceName, env: Mapping[str, str] | None = None) -> CommonSettings:
@@ -128,6 +143,8 @@ class CommonSettings:
             state_dir=state_dir,
             model_store=model_store_from_env(state_dir / "model-sets", env),
             cpu_threads=cpu_threads_from_env(env),
+            tls=tls_from_env(env),
+            health_addr=_read_optional(env, "FIELDLENS_HEALTH_ADDR", None, _address()),
         )
 
 
@@ -162,7 +179,8 @@ class RouterSettings:
     stage_timeout_s: float
     # JSON file {category: "specialist" | "tiny"} overriding the manifest's routing; None = none.
     routing_path: Path | None
-    # Bearer token that write RPCs (Learn, IndexExemplars) must present; None = writes refused.
+    # The shared bearer token of write RPCs, every scope (common/credentials.py); None = none.
+    # With neither it nor tokens_file, writes are refused.
     write_token: str | None
     # Where exemplar image bytes are kept for re-indexing: a folder (or file:// URL).
     blob_store: str
@@ -170,9 +188,23 @@ class RouterSettings:
     batch_max: int = DEFAULT_BATCH_MAX
     # Most coalesced calls out to one backend at once; later requests queue and leave together.
     batch_in_flight: int = DEFAULT_BATCH_IN_FLIGHT
+    # Whether write tokens may come over a plaintext connection (local development only: a
+    # token sent in clear can be read off the wire).
+    allow_plaintext_tokens: bool = False
     # Instance kind of the nets this router loads into Triton (a switched-in set): KIND_GPU on
     # a GPU node pool; "" keeps the stored config's (KIND_CPU: sets are exported on CPU).
     triton_instance_kind: str = ""
+    # JSON-lines file of named, scoped write tokens (hashes only; common/credentials.py), read
+    # again when it changes; None = none. A missing file holds no tokens.
+    tokens_file: Path | None = None
+    # Most calls of one client in flight at once; more answer RESOURCE_EXHAUSTED. 0 = no limit.
+    client_in_flight: int = DEFAULT_CLIENT_IN_FLIGHT
+    # Calls per second one client may start on average (token bucket); 0 = no limit.
+    client_rate: float = DEFAULT_CLIENT_RATE
+    # Calls a client may start at once after a pause (the bucket's size); 0 = one second's worth.
+    client_burst: int = DEFAULT_CLIENT_BURST
+    # Calls in flight (all clients) from which reads answer UNAVAILABLE at once; 0 = never.
+    shed_in_flight: int = DEFAULT_SHED_IN_FLIGHT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RouterSettings:
@@ -201,12 +233,26 @@ class RouterSettings:
             ),
             routing_path=_read_optional(env, "FIELDLENS_ROUTING", None, _existing_file),
             write_token=_read_optional(env, "FIELDLENS_WRITE_TOKEN", None, _token),
+            tokens_file=_read_optional(env, "FIELDLENS_TOKENS_FILE", None, _path),
             blob_store=_read(env, "FIELDLENS_BLOB_STORE", "", str),
             batch_max=_read(env, "FIELDLENS_BATCH_MAX", DEFAULT_BATCH_MAX, _positive_int),
             batch_in_flight=_read(
                 env, "FIELDLENS_BATCH_IN_FLIGHT", DEFAULT_BATCH_IN_FLIGHT, _positive_int
             ),
             triton_instance_kind=_read(env, INSTANCE_KIND_ENV, "", _instance_kind),
+            allow_plaintext_tokens=_read(env, "FIELDLENS_ALLOW_PLAINTEXT_TOKENS", False, _flag),
+            client_in_flight=_read(
+                env, "FIELDLENS_CLIENT_IN_FLIGHT", DEFAULT_CLIENT_IN_FLIGHT, _non_negative_int
+            ),
+            client_rate=_read(
+                env, "FIELDLENS_CLIENT_RATE", DEFAULT_CLIENT_RATE, _non_negative_float
+            ),
+            client_burst=_read(
+                env, "FIELDLENS_CLIENT_BURST", DEFAULT_CLIENT_BURST, _non_negative_int
+            ),
+            shed_in_flight=_read(
+                env, "FIELDLENS_SHED_IN_FLIGHT", DEFAULT_SHED_IN_FLIGHT, _non_negative_int
+            ),
         )
 
 
@@ -246,6 +292,29 @@ def cpu_threads_from_env(
     """
     env = os.environ if env is None else env
     return _read(env, CPU_THREADS_ENV, default, _positive_int)
+
+
+TLS_ENV = {
+    "cert": "FIELDLENS_TLS_CERT",
+    "key": "FIELDLENS_TLS_KEY",
+    "client_ca": "FIELDLENS_TLS_CLIENT_CA",
+    "ca": "FIELDLENS_TLS_CA",
+}
+
+
+def tls_from_env(env: Mapping[str, str] | None = None) -> TlsFiles:
+    """The TLS files named by FIELDLENS_TLS_CERT/_KEY (this service's certificate and key),
+    FIELDLENS_TLS_CLIENT_CA (mTLS: its clients' CA) and FIELDLENS_TLS_CA (the CA of the
+    services it calls); unset, plaintext."""
+    env = os.environ if env is None else env
+    paths = {f: _read_optional(env, name, None, _existing_file) for f, name in TLS_ENV.items()}
+    try:
+        return TlsFiles(**paths)
+    except ValueError as exc:
+        named = ", ".join(n for f, n in TLS_ENV.items() if paths[f] is not None) or "none"
+        raise SettingsError(
+            TLS_ENV["cert"], env.get(TLS_ENV["cert"]), f"{exc} (set: {named})"
+        ) from None
 
 
 def model_store_from_env(default: Path, env: Mapping[str, str] | None = None) -> Path:
@@ -328,6 +397,13 @@ def _address(allow_port_zero: bool = False) -> Callable[[str], str]:
     return parse_address
 
 
+def _flag(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError("expected 1/0, true/false or yes/no")
+    return value in ("1", "true", "yes")
+
+
 def _instance_kind(raw: str) -> str:
     if raw not in ("", *TRITON_INSTANCE_KINDS):
         raise ValueError(f"expected one of {', '.join(TRITON_INSTANCE_KINDS)} (or empty)")
@@ -339,6 +415,13 @@ def _int(raw: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError("expected an integer") from None
+
+
+def _non_negative_int(raw: str) -> int:
+    value = _int(raw)
+    if value < 0:
+        raise ValueError("expected an integer >= 0")
+    return value
 
 
 def _positive_int(raw: str) -> int:

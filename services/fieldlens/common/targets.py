@@ -13,6 +13,7 @@ Forms (https://github.com/grpc/grpc/blob/master/doc/naming.md):
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from fieldlens.common.errors import InvalidInput, Unavailable
@@ -51,6 +52,23 @@ def servers(target: str, default_port: int | None = None) -> list[str]:
     return _unique(
         [f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}" for i in infos]
     )
+
+
+def dns_name(target: str) -> str | None:
+    """The DNS name a `dns:` or `host:port` target resolves (what a server's certificate names:
+    a caller that dials the addresses behind it checks TLS against this name); None for address
+    lists, sockets and IP literals."""
+    if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:")):
+        return None
+    name = target.removeprefix("dns:")
+    if name.startswith("//"):
+        name = name[2:].partition("/")[2]
+    host = name.rpartition(":")[0] if not name.startswith("[") else ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host or None
+    return None
 
 
 def _split(hostport: str, default_port: int | None, target: str) -> tuple[str, int]:

@@ -71,6 +71,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.write_requests = Counter(
+            "fieldlens_write_requests",
+            "Write RPCs (Learn, LearnStream, Forget, IndexExemplars, SwitchModelSet) by client "
+            "(a token's name from the tokens file, write-token for FIELDLENS_WRITE_TOKEN, empty "
+            "when unauthenticated) and final status code.",
+            ("method", "client", "code"),
+            registry=registry,
+        )
         self.stage_duration = Histogram(
             "fieldlens_stage_duration_seconds",
             "Duration of one stage of request handling.",
@@ -137,6 +145,34 @@ class Metrics:
             buckets=SWITCH_BUCKETS,
             registry=registry,
         )
+        # Admission (common/limits.py): a service exports these once it admits calls, its
+        # reasons at 0 from the start.
+        self.requests_limited = Counter(
+            "fieldlens_requests_limited",
+            "Calls refused RESOURCE_EXHAUSTED because their client was over a per-client "
+            "limit, by limit (in_flight, rate).",
+            ("reason",),
+            registry=registry,
+        )
+        self.requests_shed = Counter(
+            "fieldlens_requests_shed",
+            "Calls answered UNAVAILABLE at once because the server was over its load-shedding "
+            "bound, by signal (in_flight).",
+            ("reason",),
+            registry=registry,
+        )
+        self.requests_in_flight = Gauge(
+            "fieldlens_requests_in_flight",
+            "Admitted calls not yet finished (the load-shedding signal), by gRPC service.",
+            ("service",),
+            registry=registry,
+        )
+        self.limited_clients = Gauge(
+            "fieldlens_limited_clients",
+            "Clients whose per-client limit state is kept (bounded; idle ones are dropped).",
+            ("service",),
+            registry=registry,
+        )
 
         # Labelled children, looked up once: `labels()` takes a lock and builds a key per call,
         # which the router would otherwise pay several times per request.
@@ -184,6 +220,17 @@ class Metrics:
     def record_degradation(self, kind: str) -> None:
         """Count one degradation; `kind` is a DegradationKind name, lower-cased here."""
         self._child(self.degradations, kind.lower()).inc()
+
+    def record_write(self, method: str, client: str, code: str) -> None:
+        """Count one write RPC by the client that made it and its final status code."""
+        self._child(self.write_requests, method, client, code).inc()
+
+    def watch_admission(
+        self, service: str, in_flight: Callable[[], float], clients: Callable[[], float]
+    ) -> None:
+        """Export an admission's calls in flight and tracked clients, read at scrape time."""
+        self.requests_in_flight.labels(service=service).set_function(in_flight)
+        self.limited_clients.labels(service=service).set_function(clients)
 
     def record_request(self, service: str, method: str, code: str, seconds: float) -> None:
         """Count one gRPC request by its final status code and time it."""

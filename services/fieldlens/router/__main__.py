@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
+
 from fieldlens.backends.blob_store import open_blob_store
 from fieldlens.backends.cache import RedisCache
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.backends.triton_repository import ensure_model_set
 from fieldlens.backends.vector_store import VectorStore
 from fieldlens.common.bootstrap import main_with_settings, serve_grpc
+from fieldlens.common.credentials import Credentials, TokensFileError
 from fieldlens.common.errors import FieldlensError
+from fieldlens.common.interceptors import default_interceptors
 from fieldlens.common.knowledge import KnowledgeJournal
+from fieldlens.common.limits import FairShare, FairShareAdmission, Identity, Limits, peer_identity
 from fieldlens.common.model_store import load_served
 from fieldlens.common.settings import RouterSettings
 from fieldlens.router.clients import ClassifierClient
@@ -35,6 +40,35 @@ logger = logging.getLogger(__name__)
 __all__ = ["STAGING_SUFFIX", "collection_name", "main"]
 
 SERVICE = "fieldlens.v1.Router"
+# Fair share (common/limits.py): metadata calls are neither limited nor counted; writes count
+# against their client's limits like reads but are never shed (rare, idempotent, and someone
+# waits on each); streams and long admin calls do not feed the mean call time of retry hints.
+UNLIMITED_METHODS = ("GetInfo", "GetTaxonomy")
+WRITE_METHODS = ("Learn", "LearnStream", "Forget", "IndexExemplars", "SwitchModelSet")
+UNTIMED_METHODS = ("ClassifyStream", "IndexExemplars", "LearnStream", "Forget", "SwitchModelSet")
+
+
+def fair_share(settings: RouterSettings, identity: Identity = peer_identity) -> FairShareAdmission:
+    """The router's admission control from its settings.
+
+    `identity` names each call's client, by default its peer address (one client per
+    connection). A resolver that returns a credential's name when the call carries a known
+    token, else the peer address, makes the limits per credential.
+    """
+    limits = Limits(
+        client_in_flight=settings.client_in_flight,
+        client_rate=settings.client_rate,
+        client_burst=settings.client_burst,
+        shed_in_flight=settings.shed_in_flight,
+    )
+    return FairShareAdmission(
+        FairShare(limits),
+        SERVICE,
+        exempt=UNLIMITED_METHODS,
+        unsheddable=WRITE_METHODS,
+        untimed=UNTIMED_METHODS,
+        identity=identity,
+    )
 
 
 async def _reindex(
@@ -56,6 +90,11 @@ async def _reindex(
 
 async def serve(settings: RouterSettings) -> None:
     common = settings.common
+    credentials = Credentials(settings.tokens_file, settings.write_token)
+    try:
+        credentials.load()
+    except TokensFileError as e:
+        raise SystemExit(f"router: FIELDLENS_TOKENS_FILE: {e}") from e
     try:
         model_set = load_served(common.model_store, common.models_dir, settings.routing_path)
     except FieldlensError as e:
@@ -80,9 +119,14 @@ async def serve(settings: RouterSettings) -> None:
         settings,
         TritonClient(settings.triton_addr),
         ClassifierClient(
-            settings.specialist_addr, settings.stage_timeout_s, common.max_message_bytes
+            settings.specialist_addr,
+            settings.stage_timeout_s,
+            common.max_message_bytes,
+            common.tls,
         ),
-        ClassifierClient(settings.tiny_addr, settings.stage_timeout_s, common.max_message_bytes),
+        ClassifierClient(
+            settings.tiny_addr, settings.stage_timeout_s, common.max_message_bytes, common.tls
+        ),
         RedisCache.from_addr(settings.redis_addr) if settings.redis_addr else None,
         open_blob_store(settings.blob_store, common.state_dir / "blobs"),
     )
@@ -91,7 +135,7 @@ async def serve(settings: RouterSettings) -> None:
     assert learner is not None
     await learner.restore()
     await plane.sync_learned_taxa()  # taxa learned through other router replicas
-    servicer = RouterServicer(plane, settings.write_token)
+    servicer = RouterServicer(plane, credentials, settings.allow_plaintext_tokens)
     model_sets = ModelSets(backends, plane, lambda p: setattr(servicer, "plane", p))
     servicer.model_sets = model_sets
     background: set[asyncio.Task[None]] = {asyncio.create_task(model_sets.follow())}
@@ -111,7 +155,9 @@ async def serve(settings: RouterSettings) -> None:
         model_set.version,
         await plane.exemplar_count(),
         learner.learned_total,
-        "enabled" if settings.write_token else "disabled (no FIELDLENS_WRITE_TOKEN)",
+        "enabled"
+        if credentials.enabled
+        else "disabled (neither FIELDLENS_WRITE_TOKEN nor FIELDLENS_TOKENS_FILE)",
     )
 
     async def ready() -> bool:
@@ -132,12 +178,25 @@ async def serve(settings: RouterSettings) -> None:
         if servicer.plane.store is not None:
             servicer.plane.store.close()
 
+    def client(context: grpc.aio.ServicerContext) -> str:
+        # A caller with a known token is one client however many connections it opens.
+        return credentials.client_of(context.invocation_metadata()) or peer_identity(context)
+
+    admission = fair_share(settings, identity=client)
+    limits = admission.fair_share.limits
+    logger.info(
+        "fair share: per client %s calls in flight and %s calls/s; reads shed from %s in flight",
+        limits.client_in_flight or "any",
+        f"{limits.client_rate:g} (burst {limits.burst:g})" if limits.client_rate else "any",
+        limits.shed_in_flight or "never",
+    )
     await serve_grpc(
         common,
         (router_pb2_grpc.add_RouterServicer_to_server, servicer),
         SERVICE,
         ready,
         close,
+        interceptors=default_interceptors(admission=admission),
     )
 
 

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fieldlens.common import targets
+from fieldlens.common import targets, tls
 from fieldlens.common.errors import (
     FailedPrecondition,
     FieldlensError,
@@ -21,6 +21,7 @@ from fieldlens.common.errors import (
     Unavailable,
 )
 from fieldlens.common.knowledge import LearnedExample, NewTaxonSpec, example_to_proto
+from fieldlens.common.tls import TlsFiles
 from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,15 @@ class ClassifierClient:
     and copies a serving peer's knowledge when it starts (tiny/__main__.py).
     """
 
-    def __init__(self, addr: str, timeout_s: float, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        addr: str,
+        timeout_s: float,
+        max_message_bytes: int,
+        tls_files: TlsFiles | None = None,
+    ) -> None:
         self.addr = addr
+        self._tls = tls_files
         self._timeout_s = timeout_s
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -113,7 +121,9 @@ class ClassifierClient:
         for addr in addrs:
             endpoint = old.pop(addr, None)
             if endpoint is None:
-                channel = grpc.aio.insecure_channel(addr, options=self._options)
+                channel = tls.aio_channel(
+                    addr, self._tls, self._options, targets.dns_name(self.addr)
+                )
                 endpoint = _Endpoint(
                     addr,
                     channel,

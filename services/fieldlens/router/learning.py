@@ -75,6 +75,7 @@ class LearnItem:
     new_name: str = ""
     new_parent: str = ""
     source: str = ""
+    client: str = ""  # who teaches it (a write token's name), kept with the example
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,11 @@ class Learner:
             raise Unavailable(f"{self.writes_blocked}; retry when it is done")
 
     # -- IndexExemplars ------------------------------------------------------------------------
-    async def index_exemplars(self, items: Sequence[tuple[bytes, str, str]]) -> IndexReport:
-        """Embeds labelled images through Triton and upserts them (id = content hash)."""
+    async def index_exemplars(
+        self, items: Sequence[tuple[bytes, str, str]], client: str = ""
+    ) -> IndexReport:
+        """Embeds labelled images through Triton and upserts them (id = content hash), each
+        recording `client` (who indexed it)."""
         self._check_writable()
         plane = self.plane
         store = plane.store
@@ -212,7 +216,7 @@ class Learner:
                 np.stack([img.rgb for img, _, _ in chunk]), model=plane.model_set.broad_model
             )
             points = [
-                self._point(img.content_hash, emb[j], label, source)
+                self._point(img.content_hash, emb[j], label, source, client)
                 for j, (img, label, source) in enumerate(chunk)
             ]
             async with self._store_lock:
@@ -324,9 +328,11 @@ class Learner:
         return NewTaxonSpec(t.id, t.name, t.parent or "")
 
     def _exemplar(self, e: LearnedExample) -> Exemplar:
-        return self._point(e.id, e.vector, e.taxon_id, e.source or "learn")
+        return self._point(e.id, e.vector, e.taxon_id, e.source or "learn", e.client)
 
-    def _point(self, exemplar_id: str, vector: np.ndarray, label: str, source: str) -> Exemplar:
+    def _point(
+        self, exemplar_id: str, vector: np.ndarray, label: str, source: str, client: str = ""
+    ) -> Exemplar:
         """A stored exemplar of this model set: taxonomy path and embedding version attached."""
         ms = self.plane.model_set
         return Exemplar(
@@ -337,6 +343,7 @@ class Learner:
             path=ms.taxonomy.path(label),
             source=source,
             embedding_version=ms.embedding_version,
+            client=client,
         )
 
     def _apply_locally(self, e: LearnedExample, rebuild: bool = True) -> None:
@@ -384,7 +391,7 @@ class Learner:
         if self.plane.store is None or self.journal is None or self.blobs is None:
             raise Unavailable("learning needs the vector store, the journal and the blob store")
         results: list[LearnOutcome | FieldlensError | None] = [None] * len(items)
-        todo: list[tuple[int, DecodedImage, str, NewTaxonSpec | None, str]] = []
+        todo: list[tuple[int, DecodedImage, str, NewTaxonSpec | None, str, str]] = []
         pending: dict[str, NewTaxonSpec] = {}
         async with self.lock:
             self._check_writable()  # a model-set switch may have begun while this waited
@@ -409,12 +416,12 @@ class Learner:
                     label = claimed[img.content_hash]
                     results[n] = self._relabel_refused(img.content_hash, label, pending, True)
                     continue
-                todo.append((n, img, tid, spec, item.source))
+                todo.append((n, img, tid, spec, item.source, item.client))
             for i in range(0, len(todo), INDEX_BATCH):
                 chunk = todo[i : i + INDEX_BATCH]
                 try:
                     outcomes = await self._learn_batch(
-                        [(img, tid, spec, src) for _, img, tid, spec, src in chunk],
+                        [(img, tid, spec, src, who) for _, img, tid, spec, src, who in chunk],
                         [items[n].image for n, *_ in chunk],
                     )
                 except FieldlensError as exc:
@@ -458,7 +465,7 @@ class Learner:
 
     async def _learn_batch(
         self,
-        chunk: list[tuple[DecodedImage, str, NewTaxonSpec | None, str]],
+        chunk: list[tuple[DecodedImage, str, NewTaxonSpec | None, str, str]],
         raw_images: list[bytes],
     ) -> list[LearnOutcome]:
         plane = self.plane
@@ -467,10 +474,12 @@ class Learner:
         started = time.perf_counter()
         emb = await self._learn_embeddings(np.stack([img.rgb for img, *_ in chunk]))
         taxonomy = plane.model_set.taxonomy
-        created = {spec.id for _, tid, spec, _ in chunk if spec and spec.id not in taxonomy}
+        created = {spec.id for _, _, spec, *_ in chunk if spec and spec.id not in taxonomy}
         examples = [
-            LearnedExample(img.content_hash, tid, emb[j].astype(np.float32), spec, src or "learn")
-            for j, (img, tid, spec, src) in enumerate(chunk)
+            LearnedExample(
+                img.content_hash, tid, emb[j].astype(np.float32), spec, src or "learn", who
+            )
+            for j, (img, tid, spec, src, who) in enumerate(chunk)
         ]
         await asyncio.to_thread(lambda: [blobs.put(b) for b in raw_images])
         await asyncio.to_thread(journal.append, examples)
@@ -499,7 +508,9 @@ class Learner:
         return outcomes
 
     # -- Forget ------------------------------------------------------------------------------
-    async def forget(self, ids: Sequence[str], taxon_id: str = "") -> ForgetOutcome:
+    async def forget(
+        self, ids: Sequence[str], taxon_id: str = "", client: str = ""
+    ) -> ForgetOutcome:
         """Forgets exemplars by id (content hash), or every example of a learned taxon.
 
         Writes, in order: the vector store (removed), this model set's journal (a forget
@@ -524,9 +535,9 @@ class Learner:
             raise Unavailable("forgetting needs the vector store, the journal and the blob store")
         async with self.lock:
             self._check_writable()
-            return await self._forget(wanted, taxon_id)
+            return await self._forget(wanted, taxon_id, client)
 
-    async def _forget(self, wanted: list[str], taxon_id: str) -> ForgetOutcome:
+    async def _forget(self, wanted: list[str], taxon_id: str, client: str) -> ForgetOutcome:
         plane = self.plane
         store, journal, blobs = plane.store, self.journal, self.blobs
         assert store is not None and journal is not None and blobs is not None
@@ -543,7 +554,7 @@ class Learner:
                 await asyncio.to_thread(store.flush)
         gone = list(dict.fromkeys([*labels, *(r.id for r in removed)]))
         if gone:
-            record = ForgetRecord(tuple(gone), taxon_id)
+            record = ForgetRecord(tuple(gone), taxon_id, client)
             await asyncio.to_thread(journal.append, [record])
             await asyncio.to_thread(self._journal_elsewhere, record)
         version = plane.model_set.version
@@ -577,10 +588,11 @@ class Learner:
         if touched:
             await plane.bump(touched)
         logger.info(
-            "forgot %d exemplars (%d learned; taxa removed: %s)",
+            "forgot %d exemplars (%d learned; taxa removed: %s) for %s",
             len(gone),
             len(labels),
             ", ".join(dropped) or "none",
+            client or "an unnamed client",
         )
         return ForgetOutcome(
             forgotten=max(len(gone), tiny_forgotten),
@@ -639,7 +651,7 @@ class Learner:
                     np.stack([img.rgb for _, img in todo]), model=plane.model_set.broad_model
                 )
                 points = [
-                    self._point(ex.id, emb[j], ex.label, ex.source)
+                    self._point(ex.id, emb[j], ex.label, ex.source, ex.client)
                     for j, (ex, _) in enumerate(todo)
                 ]
                 await asyncio.to_thread(staging.upsert, points)
@@ -678,9 +690,9 @@ class Learner:
                 source = e.source.encode()[:MAX_SOURCE_BYTES].decode(errors="ignore")
                 if e.new_taxon is not None:
                     t = e.new_taxon
-                    items.append(LearnItem(data, "", t.name, t.parent, source))
+                    items.append(LearnItem(data, "", t.name, t.parent, source, e.client))
                 else:
-                    items.append(LearnItem(data, e.taxon_id, source=source))
+                    items.append(LearnItem(data, e.taxon_id, source=source, client=e.client))
             outcomes = await self.learn(items)
             failed = [o for o in outcomes if isinstance(o, FieldlensError)]
             for o in failed[:5]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import functools
 import logging
+import time
 import weakref
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from fieldlens.backends.vector_store import Neighbour
+from fieldlens.common.credentials import Credentials, Scope
 from fieldlens.common.errors import (
     FailedPrecondition,
     FieldlensError,
@@ -18,6 +21,7 @@ from fieldlens.common.errors import (
     Unauthenticated,
 )
 from fieldlens.common.taxonomy import Taxonomy
+from fieldlens.common.tls import transport_is_secure
 from fieldlens.router.dataplane import Classification, Degradation, Dispatch, RouterDataPlane
 from fieldlens.router.learning import Learner, LearnItem, LearnOutcome
 from fieldlens.router.merge import SPECIALIST, TINY, Suggestion
@@ -32,20 +36,67 @@ _SERVED_BY = {SPECIALIST: classifier_pb2.SPECIALIST, TINY: classifier_pb2.TINY}
 _SERVED_BY_NAME = {v: k for k, v in _SERVED_BY.items()}
 MAX_INDEX_ITEMS = 100_000  # per IndexExemplars call
 MAX_LEARN_ITEMS = 10_000  # per LearnStream call
+# The scope each write RPC needs (common/credentials.py). Forget undoes Learn, so it is Learn's.
+WRITE_SCOPES: dict[str, Scope] = {
+    "Learn": "learn",
+    "LearnStream": "learn",
+    "Forget": "learn",
+    "IndexExemplars": "index",
+    "SwitchModelSet": "admin",
+}
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
 
 
-def check_write_token(context: grpc.aio.ServicerContext, token: str | None) -> None:
-    """Write RPCs need `authorization: Bearer <token>` matching the configured token."""
-    if token is None:
-        raise FailedPrecondition("writes are disabled: this router has no write token configured")
-    values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
-    if not values:
-        raise Unauthenticated("write RPCs need an 'authorization: Bearer <token>' header")
-    scheme, _, given = str(values[0]).partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
-        raise Unauthenticated("invalid write credential")
+def _write_rpc(
+    method: Callable[[Any, _Req, grpc.aio.ServicerContext, str], Awaitable[_Resp]],
+) -> Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]:
+    """A write RPC: called with the client's name once its `authorization: Bearer <token>`
+    holds the RPC's scope (WRITE_SCOPES); UNAUTHENTICATED for a missing or unknown token,
+    PERMISSION_DENIED for a missing scope. Every call is counted by client and final code
+    (`fieldlens_write_requests_total`) and logged with the client's name."""
+    name = method.__name__
+    scope = WRITE_SCOPES[name]
+
+    @functools.wraps(method)
+    async def wrapped(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
+        started = time.perf_counter()
+        client, code, problem = "", grpc.StatusCode.INTERNAL, ""
+        try:
+            if not self.allow_plaintext_tokens and not transport_is_secure(context):
+                raise Unauthenticated(
+                    "write tokens are refused over plaintext (they could be read off the wire): "
+                    "call over TLS"
+                )
+            caller = self.credentials.caller(context.invocation_metadata())
+            client = caller.name
+            caller.require(scope)
+            result = await method(self, request, context, client)
+            code = grpc.StatusCode.OK
+            return result
+        except FieldlensError as exc:
+            code, problem = exc.code, exc.message
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.plane.metrics.record_write(name, client, code.name)
+            ms = (time.perf_counter() - started) * 1e3
+            if code is grpc.StatusCode.OK:
+                logger.info("%s by %s: OK in %.1f ms", name, client, ms)
+            else:
+                logger.warning(
+                    "%s by %s: %s in %.1f ms: %s",
+                    name,
+                    client or f"an unauthenticated caller at {context.peer()}",
+                    code.name,
+                    ms,
+                    problem,
+                )
+
+    return wrapped
 
 
 def taxon_pb(taxonomy: Taxonomy, taxon_id: str) -> taxonomy_pb2.Taxon:
@@ -188,10 +239,18 @@ def codec(taxonomy: Callable[[], Taxonomy]):  # type: ignore[no-untyped-def]
 class RouterServicer(router_pb2_grpc.RouterServicer):
     """fieldlens.v1.Router: the public API."""
 
-    def __init__(self, plane: RouterDataPlane, write_token: str | None = None) -> None:
+    def __init__(
+        self,
+        plane: RouterDataPlane,
+        credentials: Credentials | None = None,
+        allow_plaintext_tokens: bool = True,
+    ) -> None:
         # Replaced, never mutated, by a model-set switch: a request keeps the plane it read.
         self.plane = plane
-        self.write_token = write_token
+        # Who may write (None: nobody, writes answer FAILED_PRECONDITION).
+        self.credentials = credentials or Credentials(None, None)
+        # False (the router's setting by default): a write over plaintext is UNAUTHENTICATED.
+        self.allow_plaintext_tokens = allow_plaintext_tokens
         self.model_sets: ModelSets | None = None  # set by the entry point
 
     @property
@@ -273,7 +332,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
 
     @staticmethod
-    def _learn_item(r: router_pb2.LearnRequest) -> LearnItem:
+    def _learn_item(r: router_pb2.LearnRequest, client: str) -> LearnItem:
         label = r.WhichOneof("label")
         return LearnItem(
             image=r.image,
@@ -281,14 +340,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             new_name=r.new_taxon.name if label == "new_taxon" else "",
             new_parent=r.new_taxon.parent_id if label == "new_taxon" else "",
             source=r.source,
+            client=client,
         )
 
+    @_write_rpc
     async def Learn(
-        self, request: router_pb2.LearnRequest, context: grpc.aio.ServicerContext
+        self, request: router_pb2.LearnRequest, context: grpc.aio.ServicerContext, client: str
     ) -> router_pb2.LearnResponse:
-        check_write_token(context, self.write_token)
         plane = self.plane
-        (outcome,) = await self._learner(plane).learn([self._learn_item(request)])
+        (outcome,) = await self._learner(plane).learn([self._learn_item(request, client)])
         if isinstance(outcome, FieldlensError):
             raise outcome
         return self._learn_response(outcome, request.request_id, plane)
@@ -309,17 +369,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             embedding_version=plane.model_set.embedding_version,
         )
 
+    @_write_rpc
     async def LearnStream(
         self,
         request_iterator: AsyncIterator[router_pb2.LearnRequest],
         context: grpc.aio.ServicerContext,
+        client: str,
     ) -> router_pb2.LearnStreamResponse:
-        check_write_token(context, self.write_token)
         items = []
         async for r in request_iterator:
             if len(items) >= MAX_LEARN_ITEMS:
                 raise InvalidInput(f"at most {MAX_LEARN_ITEMS} items per LearnStream; split it")
-            items.append(self._learn_item(r))
+            items.append(self._learn_item(r, client))
         outcomes = await self._learner(self.plane).learn(items)
         reply = router_pb2.LearnStreamResponse(received=len(items))
         for n, o in enumerate(outcomes):
@@ -333,11 +394,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 reply.learned += 1
         return reply
 
+    @_write_rpc
     async def Forget(
-        self, request: router_pb2.ForgetRequest, context: grpc.aio.ServicerContext
+        self, request: router_pb2.ForgetRequest, context: grpc.aio.ServicerContext, client: str
     ) -> router_pb2.ForgetResponse:
-        check_write_token(context, self.write_token)
-        o = await self._learner(self.plane).forget(list(request.exemplar_ids), request.taxon_id)
+        o = await self._learner(self.plane).forget(
+            list(request.exemplar_ids), request.taxon_id, client
+        )
         return router_pb2.ForgetResponse(
             request_id=request.request_id,
             forgotten=o.forgotten,
@@ -347,12 +410,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             learned_total=o.learned_total,
         )
 
+    @_write_rpc
     async def IndexExemplars(
         self,
         request_iterator: AsyncIterator[router_pb2.IndexExemplarsRequest],
         context: grpc.aio.ServicerContext,
+        client: str,
     ) -> router_pb2.IndexExemplarsResponse:
-        check_write_token(context, self.write_token)
         items = []
         async for r in request_iterator:
             if len(items) >= MAX_INDEX_ITEMS:
@@ -360,7 +424,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     f"at most {MAX_INDEX_ITEMS} exemplars per call; split the upload"
                 )
             items.append((r.image, r.label, r.source))
-        report = await self._learner(self.plane).index_exemplars(items)
+        report = await self._learner(self.plane).index_exemplars(items, client)
         return router_pb2.IndexExemplarsResponse(
             received=report.received,
             indexed=report.indexed,
@@ -369,14 +433,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             errors=report.errors,
         )
 
+    @_write_rpc
     async def SwitchModelSet(
-        self, request: router_pb2.SwitchModelSetRequest, context: grpc.aio.ServicerContext
+        self,
+        request: router_pb2.SwitchModelSetRequest,
+        context: grpc.aio.ServicerContext,
+        client: str,
     ) -> router_pb2.SwitchModelSetResponse:
-        check_write_token(context, self.write_token)
         if not request.version:
             raise InvalidInput("version is required: a model set published in the model store")
         if self.model_sets is None:
             raise FailedPrecondition("this router cannot switch model sets")
+        logger.info("%s asks for model set %s", client, request.version)
         r = await self.model_sets.switch(request.version)
         return router_pb2.SwitchModelSetResponse(
             model_set_version=r.version,

@@ -7,14 +7,14 @@ import logging
 
 import grpc
 
-from fieldlens.common import targets
+from fieldlens.common import targets, tls
 from fieldlens.common.bootstrap import main_with_settings, serve_grpc
 from fieldlens.common.errors import FailedPrecondition, FieldlensError
 from fieldlens.common.knowledge import KnowledgeJournal, example_from_proto
 from fieldlens.common.loaded_sets import LoadedModelSets
 from fieldlens.common.model_set import ModelSet
 from fieldlens.common.model_store import load_served, load_version
-from fieldlens.common.settings import ClassifierSettings
+from fieldlens.common.settings import ClassifierSettings, CommonSettings
 from fieldlens.tiny.ensemble import TinyEnsemble
 from fieldlens.tiny.servicer import INSTANCE_ID, TinyServicer
 from fieldlens.v1 import classifier_pb2, classifier_pb2_grpc
@@ -77,10 +77,10 @@ async def serve(settings: ClassifierSettings) -> None:
     if settings.peers:
         # Before the port opens (so before SERVING): the writes this replica missed while it
         # was down, copied from a peer that serves.
-        await catch_up(settings.peers, first, common.max_message_bytes, forget=True)
+        await catch_up(settings.peers, first, common, forget=True)
         # Then now and again, adding only: a write fanned out while the router could not
         # reach this replica (it was starting, or a connection dropped) reached its peers.
-        tasks.add(asyncio.create_task(keep_up(settings.peers, sets, common.max_message_bytes)))
+        tasks.add(asyncio.create_task(keep_up(settings.peers, sets, common)))
 
     async def close() -> None:
         for task in tasks:
@@ -97,7 +97,7 @@ async def serve(settings: ClassifierSettings) -> None:
     )
 
 
-async def keep_up(peers: str, sets: LoadedModelSets, max_message_bytes: int) -> None:
+async def keep_up(peers: str, sets: LoadedModelSets, common: CommonSettings) -> None:
     """Forever: learns what a peer holds for the serving model set and this replica lacks
     (never forgets: a forget reaches every serving replica, or is not acknowledged and the
     caller retries it)."""
@@ -106,13 +106,13 @@ async def keep_up(peers: str, sets: LoadedModelSets, max_message_bytes: int) -> 
         servicer = sets.pick("")
         assert isinstance(servicer, TinyServicer)
         try:
-            await catch_up(peers, servicer, max_message_bytes, forget=False)
+            await catch_up(peers, servicer, common, forget=False)
         except FieldlensError as exc:
             logger.warning("catching up with peers failed (retrying): %s", exc)
 
 
 async def catch_up(
-    peers: str, servicer: TinyServicer, max_message_bytes: int, forget: bool
+    peers: str, servicer: TinyServicer, common: CommonSettings, forget: bool
 ) -> bool:
     """Makes `servicer` hold what the first peer that answers holds for its model set
     (TinyServicer.adopt); False when no peer answered (a lone replica, or all restarting:
@@ -123,9 +123,9 @@ async def catch_up(
     except FieldlensError as exc:
         logger.warning("no peer to catch up from: %s", exc)
         return False
-    options = [("grpc.max_receive_message_length", max_message_bytes)]
+    options = [("grpc.max_receive_message_length", common.max_message_bytes)]
     for addr in addrs:
-        async with grpc.aio.insecure_channel(addr, options=options) as channel:
+        async with tls.aio_channel(addr, common.tls, options, targets.dns_name(peers)) as channel:
             stub = classifier_pb2_grpc.ClassifierStub(channel)
             try:
                 info = await stub.Describe(
