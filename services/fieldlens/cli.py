@@ -38,7 +38,7 @@ def _client_tls(args: argparse.Namespace) -> TlsFiles | None:
     """The TLS the client commands use: --tls (the local cluster's CA and client certificate),
     or --ca with --cert/--key (mTLS); None = plaintext."""
     if getattr(args, "tls", False):
-        return cluster.ClusterConfig().client_tls(mtls=True)
+        return cluster.ClusterConfig(tls=True).client_tls(mtls=True)
     if getattr(args, "ca", None) is None:
         if getattr(args, "cert", None) or getattr(args, "key", None):
             raise SystemExit("--cert/--key need --ca (the CA the router's certificate chains to)")

@@ -21,6 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a short run (about a minute): fewer points, shorter scenarios, smaller stores",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="with --addr: call a local cluster started with `fieldlens up --tls/--mtls` over TLS",
+    )
+    parser.add_argument("--ca", type=Path, help="with --addr: the CA of the router's certificate")
+    parser.add_argument("--cert", type=Path, help="with --addr, mTLS: the client certificate")
+    parser.add_argument("--key", type=Path, help="with --addr, mTLS: the client key")
+    parser.add_argument(
         "--addr",
         dest="router_addr",
         metavar="HOST:PORT",

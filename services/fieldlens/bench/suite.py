@@ -44,10 +44,11 @@ from fieldlens.bench.plan import (
     OPEN_LOOP_LOAD,
     Plan,
 )
-from fieldlens.common import credentials
+from fieldlens.common import credentials, tls
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.settings import data_dir_from_env
+from fieldlens.common.tls import TlsFiles
 from fieldlens.v1 import router_pb2, router_pb2_grpc
 
 DEFAULT_TRITON_PORT = 8001
@@ -85,6 +86,9 @@ class Target:
     local: bool
     # Bearer token for the write RPCs (indexing, Learn).
     write_token: str
+    # TLS of the router's port (an external cluster started with `fieldlens up --tls`, or
+    # --ca/--cert/--key); None = plaintext.
+    tls: TlsFiles | None = None
 
 
 def _host_port(addr: str) -> tuple[str, int]:
@@ -122,7 +126,16 @@ def _external_target(args: argparse.Namespace) -> Target:
         ),
         local=False,
         write_token=cluster.ClusterConfig().write_token(),
+        tls=_client_tls(args),
     )
+
+
+def _client_tls(args: argparse.Namespace) -> TlsFiles | None:
+    if getattr(args, "tls", False):
+        return cluster.ClusterConfig(tls=True).client_tls(mtls=True)
+    if getattr(args, "ca", None) is None:
+        return None
+    return TlsFiles(args.cert, args.key, ca=args.ca)
 
 
 def _local_target(cfg: cluster.ClusterConfig) -> Target:
@@ -282,7 +295,7 @@ class _LoadPhase:
 
     async def run(self, data_dir: Path, nonce: str) -> None:
         plan = self.plan
-        async with grpc.aio.insecure_channel(self.target.router, options=_CHANNEL_OPTIONS) as ch:
+        async with tls.aio_channel(self.target.router, self.target.tls, _CHANNEL_OPTIONS) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             # The baseline is the broad net the router serves: after a model-set switch that
             # is `broad__<version>`, not the boot set's `broad`.
@@ -467,8 +480,8 @@ class _LoadPhase:
         plan = self.plan
         router = self.target.router
         async with (
-            grpc.aio.insecure_channel(router, options=_OWN_CONNECTION) as quiet_channel,
-            grpc.aio.insecure_channel(router, options=_OWN_CONNECTION) as noisy_channel,
+            tls.aio_channel(router, self.target.tls, _OWN_CONNECTION) as quiet_channel,
+            tls.aio_channel(router, self.target.tls, _OWN_CONNECTION) as noisy_channel,
         ):
             quiet = self._miss_call(quiet_channel, f"{nonce}-{name}-quiet", plan.request_timeout_s)
             noisy = self._miss_call(noisy_channel, f"{nonce}-{name}-noisy", NOISY_DEADLINE_S)
@@ -515,7 +528,7 @@ class _LoadPhase:
         task = self.steps.start("restart the router with per-client limits")
         await asyncio.to_thread(limit_router)
         self.steps.finish(task, limits)
-        async with grpc.aio.insecure_channel(self.target.router, options=_OWN_CONNECTION) as ch:
+        async with tls.aio_channel(self.target.router, self.target.tls, _OWN_CONNECTION) as ch:
             alone = self._miss_call(ch, f"{nonce}-quiet-alone", self.plan.request_timeout_s)
             await self._closed("quiet_alone", alone, 1)
         await self._neighbours("noisy_neighbour_limited", limits, nonce)
