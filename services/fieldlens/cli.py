@@ -494,6 +494,8 @@ def cmd_model_set(args: argparse.Namespace) -> int:
         if current is None:
             console.print("the routers serve their boot model set (FIELDLENS_MODELS_DIR)")
         return 0
+    if args.action in ROLLOUT_ACTIONS:
+        return _rollout(args, cfg)
     if not args.version:
         console.print("[red]switch needs a VERSION (see `fieldlens model-set list`)[/red]")
         return 2
@@ -512,6 +514,71 @@ def cmd_model_set(args: argparse.Namespace) -> int:
             f"{r.seconds:.1f} s: {r.reindexed} exemplars re-embedded, {r.relearned} learned "
             "examples re-applied"
         )
+    return 0
+
+
+ROLLOUT_ACTIONS = ("shadow", "canary", "promote", "abort", "status")
+
+
+def _rollout_line(r: router_pb2.RolloutStatus) -> str:
+    return (
+        f"candidate {r.candidate_version}: canary {r.canary_weight:.1%} of images, shadow "
+        f"{r.shadow_fraction:.1%} of the rest ({r.shadows_in_flight} shadow calls in flight)"
+    )
+
+
+def _rollout(args: argparse.Namespace, cfg: cluster.ClusterConfig) -> int:
+    """shadow / canary: start or change the rollout of a candidate set, keeping the other
+    share; promote, abort: end it; status: what serves and what rolls out."""
+    if args.action in ("shadow", "canary") and not args.version:
+        console.print(f"[red]{args.action} needs a VERSION (see `fieldlens model-set list`)[/red]")
+        return 2
+    token = bearer(cfg.write_token()) if args.action != "status" else ()
+    channel, stub = _stub(args)
+    with channel:
+        info = stub.GetInfo(router_pb2.GetInfoRequest(), timeout=30)
+        running = info.rollout if info.HasField("rollout") else None
+        if args.action == "status":
+            console.print(f"serving model set {info.model_set_version}")
+            console.print(_rollout_line(running) if running else "no rollout running")
+            return 0
+        if args.action == "abort":
+            r = stub.AbortCandidate(router_pb2.AbortCandidateRequest(), timeout=60, metadata=token)
+            console.print(
+                f"rollout of {r.aborted_version} aborted; {info.model_set_version} answers "
+                "everything"
+                if r.aborted_version
+                else "no rollout was running"
+            )
+            return 0
+        if args.action == "promote":
+            with console.status("promoting the candidate (the current set serves meanwhile)"):
+                p = stub.PromoteCandidate(
+                    router_pb2.PromoteCandidateRequest(), timeout=args.timeout, metadata=token
+                )
+            console.print(
+                f"serving {p.model_set_version} (was {p.previous_model_set_version}) after "
+                f"{p.seconds:.1f} s"
+            )
+            return 0
+        same = running is not None and running.candidate_version == args.version
+        weight = running.canary_weight if same and running else 0.0
+        fraction = running.shadow_fraction if same and running else 0.0
+        if args.action == "shadow":
+            fraction = args.fraction
+        else:
+            weight = args.weight
+        with console.status(f"loading {args.version} next to {info.model_set_version}"):
+            r = stub.SetRollout(
+                router_pb2.SetRolloutRequest(
+                    candidate_version=args.version, canary_weight=weight, shadow_fraction=fraction
+                ),
+                timeout=args.timeout,
+                metadata=token,
+            )
+    console.print(
+        _rollout_line(r.rollout) + (f"; loaded in {r.seconds:.1f} s" if r.seconds else "")
+    )
     return 0
 
 
@@ -605,10 +672,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("build/learn-eval.json"))
     p.set_defaults(func=cmd_learn_eval)
     p = sub.add_parser(
-        "model-set", help="publish a trained model set; switch the routers to it, no downtime"
+        "model-set",
+        help="publish a trained model set; switch the routers to it, no downtime; or roll it "
+        "out: shadow, canary, promote, abort, status",
     )
-    p.add_argument("action", choices=("publish", "list", "switch"))
-    p.add_argument("version", nargs="?", help="model-set version to switch to")
+    p.add_argument("action", choices=("publish", "list", "switch", *ROLLOUT_ACTIONS))
+    p.add_argument(
+        "version", nargs="?", help="model-set version to switch to, or to shadow or canary"
+    )
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=0.1,
+        help="shadow: share of Classify requests the candidate also answers, off the response "
+        "path (default 0.1; 0 stops shadowing)",
+    )
+    p.add_argument(
+        "--weight",
+        type=float,
+        default=0.05,
+        help="canary: share of images the candidate answers instead (default 0.05; 0 stops it)",
+    )
     p.add_argument("--models", type=Path, help="publish: manifest dir (deploy/models)")
     p.add_argument(
         "--model-repository", type=Path, help="publish: its Triton nets (deploy/triton/...)"
@@ -619,7 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         help="publish, list: the model store (default: FIELDLENS_MODEL_STORE, else the local "
         "cluster's .run/state/model-sets)",
     )
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds a switch may take")
+    p.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds a switch (or a load) may take"
+    )
     p.set_defaults(func=cmd_model_set)
     p = sub.add_parser(
         "token", help="manage named write tokens and their scopes (the router's tokens file)"
@@ -638,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--scopes",
                 required=True,
                 help=f"comma-separated, of {', '.join(credentials.SCOPES)} (learn: Learn, "
-                "LearnStream, Forget; index: IndexExemplars; admin: SwitchModelSet)",
+                "LearnStream, Forget; index: IndexExemplars; admin: SwitchModelSet and the "
+                "rollout RPCs)",
             )
         q.add_argument(
             "--file",

@@ -295,6 +295,13 @@ def _calls(stub: router_pb2_grpc.RouterStub) -> dict[str, object]:
         "SwitchModelSet": lambda md: stub.SwitchModelSet(
             router_pb2.SwitchModelSetRequest(), metadata=md
         ),
+        "SetRollout": lambda md: stub.SetRollout(router_pb2.SetRolloutRequest(), metadata=md),
+        "PromoteCandidate": lambda md: stub.PromoteCandidate(
+            router_pb2.PromoteCandidateRequest(), metadata=md
+        ),
+        "AbortCandidate": lambda md: stub.AbortCandidate(
+            router_pb2.AbortCandidateRequest(), metadata=md
+        ),
     }
 
 
@@ -305,6 +312,9 @@ def test_every_write_rpc_needs_its_scope(tokens_file: Path):
         "Forget": "learn",
         "IndexExemplars": "index",
         "SwitchModelSet": "admin",
+        "SetRollout": "admin",
+        "PromoteCandidate": "admin",
+        "AbortCandidate": "admin",
     }
     holders = {s: add_token(tokens_file, f"only-{s}", [s]) for s in credentials.SCOPES}
     creds = Credentials(tokens_file, None)

@@ -6,6 +6,8 @@ while they go on serving the previous one, so a new model set needs no downtime:
     <store>/<version>/models/   manifest.json, taxonomy.json, tiny.npz, ... (as `make train`)
     <store>/<version>/triton/   <net>/config.pbtxt and <net>/1/* for every Triton net
     <store>/current             the version the routers serve (replaced atomically)
+    <store>/rollout             the candidate set being shadowed or canaried, with its canary
+                                weight and shadow fraction (JSON; absent when none)
 
 Locally the store is a folder in the state dir; on Kubernetes it is a volume every router,
 classifier and specialist pod mounts. The boot model set (FIELDLENS_MODELS_DIR and the Triton
@@ -18,12 +20,14 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fieldlens.common.errors import FailedPrecondition, NotFound
+from fieldlens.common.errors import FailedPrecondition, InvalidInput, NotFound
 from fieldlens.common.model_set import MANIFEST, ModelSet, load_model_set
 
 CURRENT = "current"
+ROLLOUT = "rollout"
 MODELS = "models"
 TRITON = "triton"
 
@@ -101,16 +105,69 @@ def current(store: Path) -> str | None:
     return version or None
 
 
+def _write_atomically(store: Path, name: str, text: str) -> None:
+    store.mkdir(parents=True, exist_ok=True)
+    tmp = store / f".{name}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(store / name)
+
+
 def set_current(store: Path, version: str) -> None:
     """Names `version` current, atomically and durably."""
     set_dir(store, version)
-    store.mkdir(parents=True, exist_ok=True)
-    tmp = store / f".{CURRENT}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(version + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(store / CURRENT)
+    _write_atomically(store, CURRENT, version + "\n")
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """A candidate model set next to the current one, and how much traffic it sees.
+
+    Args:
+        candidate: A published model-set version, not the current one.
+        canary_weight: Share of images, in [0, 1], the candidate answers instead of the current
+            set (chosen by content hash, so one photo always gets the same set).
+        shadow_fraction: Share of the other Classify requests, in [0, 1], the candidate also
+            answers off the response path, for comparison only.
+    """
+
+    candidate: str
+    canary_weight: float = 0.0
+    shadow_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.candidate:
+            raise InvalidInput("a rollout needs a candidate model-set version")
+        for name in ("canary_weight", "shadow_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:  # NaN fails too
+                raise InvalidInput(f"{name} must be in [0, 1], got {value}")
+
+
+def rollout(store: Path) -> RolloutState | None:
+    """The rollout the routers run, or None when the current set serves alone."""
+    try:
+        text = (store / ROLLOUT).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        raw = json.loads(text)
+        return RolloutState(
+            str(raw["candidate"]), float(raw["canary_weight"]), float(raw["shadow_fraction"])
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FailedPrecondition(f"{store / ROLLOUT} is malformed: {exc}") from exc
+
+
+def set_rollout(store: Path, state: RolloutState | None) -> None:
+    """Records `state` as the routers' rollout, atomically and durably; None ends it."""
+    if state is None:
+        (store / ROLLOUT).unlink(missing_ok=True)
+        return
+    set_dir(store, state.candidate)
+    _write_atomically(store, ROLLOUT, json.dumps(asdict(state)) + "\n")
 
 
 def load_version(

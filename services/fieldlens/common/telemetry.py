@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from wsgiref.simple_server import WSGIServer
@@ -41,6 +41,12 @@ DEFAULT_METRICS_ADDR = "127.0.0.1"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 CacheResult = Literal["hit", "miss", "stale", "error"]
+# Who answered a request during a rollout: the current set, the candidate in its stead (canary),
+# or the candidate off the response path (shadow).
+RolloutArm = Literal["current", "canary", "shadow"]
+# The answers a shadow comparison looks at: the top-1 suggestion, the best-effort answer, and
+# the most probable broad group.
+ComparedAnswer = Literal["top1", "best_effort", "broad"]
 DispatchTarget = Literal["specialist", "tiny"]
 
 
@@ -145,6 +151,66 @@ class Metrics:
             buckets=SWITCH_BUCKETS,
             registry=registry,
         )
+        # Rollouts (router/rollout.py): a candidate set next to the current one.
+        self.rollout_canary_weight = Gauge(
+            "fieldlens_rollout_canary_weight",
+            "Share of images the candidate model set answers instead of the current one.",
+            ("candidate",),
+            registry=registry,
+        )
+        self.rollout_shadow_fraction = Gauge(
+            "fieldlens_rollout_shadow_fraction",
+            "Share of the current set's Classify requests the candidate also answers, off the "
+            "response path.",
+            ("candidate",),
+            registry=registry,
+        )
+        self.rollout_requests = Counter(
+            "fieldlens_rollout_requests",
+            "Classify requests during a rollout, by arm (current: the current set served it; "
+            "canary: the candidate served it; shadow: the candidate answered it off the "
+            "response path) and status code.",
+            ("candidate", "arm", "code"),
+            registry=registry,
+        )
+        self.rollout_seconds = Histogram(
+            "fieldlens_rollout_request_seconds",
+            "Time of one Classify answer on the router during a rollout, by arm (see "
+            "fieldlens_rollout_requests).",
+            ("candidate", "arm"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.rollout_comparisons = Counter(
+            "fieldlens_rollout_shadow_comparisons",
+            "Shadowed requests both sets answered: the denominator of the agreement ratios.",
+            ("candidate",),
+            registry=registry,
+        )
+        self.rollout_agreements = Counter(
+            "fieldlens_rollout_shadow_agreements",
+            "Shadowed requests whose two answers were the same, by answer (top1: the top "
+            "suggestion; best_effort: the best-effort answer; broad: the most probable broad "
+            "group).",
+            ("candidate", "answer"),
+            registry=registry,
+        )
+        self.rollout_agreement_depth = Counter(
+            "fieldlens_rollout_shadow_agreement_depth",
+            "Shadowed requests by the deepest taxonomy level at which the two answers agree: "
+            "the depth of the deepest taxon both answers' paths share (Taxon.depth: 0 the "
+            "root, 1 a domain, 2 a broad group, the leaves deepest), by answer (top1, "
+            "best_effort).",
+            ("candidate", "answer", "depth"),
+            registry=registry,
+        )
+        self.rollout_shadow_dropped = Counter(
+            "fieldlens_rollout_shadow_dropped",
+            "Shadow calls not made because the bound on shadow calls in flight was reached.",
+            ("candidate",),
+            registry=registry,
+        )
+
         # Admission (common/limits.py): a service exports these once it admits calls, its
         # reasons at 0 from the start.
         self.requests_limited = Counter(
@@ -203,6 +269,43 @@ class Metrics:
         self.model_set_switches.labels(result="ok" if ok else "failed").inc()
         if ok:
             self.model_set_switch_seconds.observe(seconds)
+
+    def record_rollout(self, candidate: str | None, canary_weight: float, fraction: float) -> None:
+        """The rollout now running (None: none); only its candidate's gauges are exported."""
+        for gauge in (self.rollout_canary_weight, self.rollout_shadow_fraction):
+            gauge.clear()
+        if candidate is not None:
+            self.rollout_canary_weight.labels(candidate=candidate).set(canary_weight)
+            self.rollout_shadow_fraction.labels(candidate=candidate).set(fraction)
+            for arm in ("current", "canary", "shadow"):  # exported at 0 from the start
+                self._child(self.rollout_requests, candidate, arm, "OK")
+            self._child(self.rollout_comparisons, candidate)
+            self._child(self.rollout_shadow_dropped, candidate)
+            for answer in ("top1", "best_effort", "broad"):
+                self._child(self.rollout_agreements, candidate, answer)
+
+    def record_rollout_request(
+        self, candidate: str, arm: RolloutArm, code: str, seconds: float
+    ) -> None:
+        """Count one answer of one arm of a rollout by status code, and time it."""
+        self._child(self.rollout_requests, candidate, arm, code).inc()
+        self._child(self.rollout_seconds, candidate, arm).observe(seconds)
+
+    def record_shadow_comparison(
+        self, candidate: str, agreed: Mapping[ComparedAnswer, bool], depths: Mapping[str, int]
+    ) -> None:
+        """Count one shadow comparison: which answers agreed, and the deepest level at which
+        each compared answer agrees (`depths`: {"top1": d, "best_effort": d})."""
+        self._child(self.rollout_comparisons, candidate).inc()
+        for answer, same in agreed.items():
+            if same:
+                self._child(self.rollout_agreements, candidate, answer).inc()
+        for answer, depth in depths.items():
+            self._child(self.rollout_agreement_depth, candidate, answer, str(depth)).inc()
+
+    def record_shadow_dropped(self, candidate: str) -> None:
+        """Count one shadow call left out at the bound on shadow calls in flight."""
+        self._child(self.rollout_shadow_dropped, candidate).inc()
 
     def record_learn(self, examples: int, seconds: float) -> None:
         """Count learned examples and time one durable Learn batch."""

@@ -44,8 +44,9 @@ SERVICE = "fieldlens.v1.Router"
 # against their client's limits like reads but are never shed (rare, idempotent, and someone
 # waits on each); streams and long admin calls do not feed the mean call time of retry hints.
 UNLIMITED_METHODS = ("GetInfo", "GetTaxonomy")
-WRITE_METHODS = ("Learn", "LearnStream", "Forget", "IndexExemplars", "SwitchModelSet")
-UNTIMED_METHODS = ("ClassifyStream", "IndexExemplars", "LearnStream", "Forget", "SwitchModelSet")
+ADMIN_METHODS = ("SwitchModelSet", "SetRollout", "PromoteCandidate", "AbortCandidate")
+WRITE_METHODS = ("Learn", "LearnStream", "Forget", "IndexExemplars", *ADMIN_METHODS)
+UNTIMED_METHODS = ("ClassifyStream", "IndexExemplars", "LearnStream", "Forget", *ADMIN_METHODS)
 
 
 def fair_share(settings: RouterSettings, identity: Identity = peer_identity) -> FairShareAdmission:
@@ -136,7 +137,12 @@ async def serve(settings: RouterSettings) -> None:
     await learner.restore()
     await plane.sync_learned_taxa()  # taxa learned through other router replicas
     servicer = RouterServicer(plane, credentials, settings.allow_plaintext_tokens)
-    model_sets = ModelSets(backends, plane, lambda p: setattr(servicer, "plane", p))
+    model_sets = ModelSets(
+        backends,
+        plane,
+        lambda p: setattr(servicer, "plane", p),
+        lambda r: setattr(servicer, "rollout", r),
+    )
     servicer.model_sets = model_sets
     background: set[asyncio.Task[None]] = {asyncio.create_task(model_sets.follow())}
     if older and store is not None:

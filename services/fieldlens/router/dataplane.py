@@ -263,11 +263,14 @@ class RouterDataPlane:
             skip_cache=skip_cache,
         )
 
-    async def classify(self, image: bytes, options: ClassifyOptions) -> Classification:
+    async def classify(
+        self, image: bytes, options: ClassifyOptions, digest: str | None = None
+    ) -> Classification:
+        """Answers one image; `digest` is its checked content hash when the caller has it."""
         started = time.perf_counter()
         timer = StageTimer("router", self.metrics)
         degradations: list[Degradation] = []
-        digest = checked_hash(image, self.limits)
+        digest = digest or checked_hash(image, self.limits)
         key = cache_key(f"{digest}.{self._options_tag(options)}", self.model_set.version)
         generations: dict[str, int] | None = None
         if self.cache is not None and not await self._flush_bumps():

@@ -8,6 +8,10 @@ writes wait (UNAVAILABLE, retryable) so that none lands in a plane about to be r
 one assignment makes the new plane serve, the store's `current` names it, and the old set's
 nets and collection are released after a grace period. Other router replicas see `current`
 change and follow.
+
+A rollout (router/rollout.py) loads a candidate set the same way, next to the serving one, but
+only gives it a share of the traffic; promoting it is a switch, aborting it unloads it. Its
+state sits next to `current` in the store, so restarts and other replicas follow it too.
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ from fieldlens.backends.triton_client import TritonClient
 from fieldlens.backends.triton_repository import ensure_model_set, nets_of, unload_nets
 from fieldlens.backends.vector_store import VectorStore, list_collections, open_vector_store
 from fieldlens.common import model_store
-from fieldlens.common.errors import FieldlensError
+from fieldlens.common.errors import FailedPrecondition, FieldlensError
 from fieldlens.common.knowledge import KnowledgeJournal
 from fieldlens.common.model_set import ModelSet
+from fieldlens.common.model_store import RolloutState
 from fieldlens.common.settings import RouterSettings
 from fieldlens.router.clients import ClassifierClient
 from fieldlens.router.dataplane import ClassifyOptions, RouterDataPlane
 from fieldlens.router.imaging import ImageLimits
 from fieldlens.router.learning import Learner
+from fieldlens.router.rollout import Rollout
 from fieldlens.router.servicer import codec
 
 logger = logging.getLogger(__name__)
@@ -149,6 +155,8 @@ class ModelSets:
         backends: What every plane shares.
         plane: The plane serving now.
         on_switch: Called with the new plane the moment it starts serving.
+        on_rollout: Called with the rollout the moment it starts or changes candidate, and
+            with None the moment it ends.
     """
 
     def __init__(
@@ -156,10 +164,15 @@ class ModelSets:
         backends: Backends,
         plane: RouterDataPlane,
         on_switch: Callable[[RouterDataPlane], None],
+        on_rollout: Callable[[Rollout | None], None] | None = None,
     ) -> None:
         self.backends = backends
         self.plane = plane
         self._on_switch = on_switch
+        self._on_rollout = on_rollout or (lambda r: None)
+        self.rollout: Rollout | None = None
+        # How long an aborted candidate's nets stay loaded for the requests still on them.
+        self.retire_after_s = RETIRE_AFTER_S
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = plane.metrics
@@ -213,8 +226,15 @@ class ModelSets:
             raise
         self.plane = plane
         self._on_switch(plane)
+        # A switch ends any rollout: promoted, its candidate now serves; else the baseline it
+        # was compared with is gone.
+        ended = self._end_rollout(
+            unload=self.rollout is not None and self.rollout.candidate != version
+        )
         self.metrics.record_model_set(version, ms.embedding_version)
         await asyncio.to_thread(model_store.set_current, self.store_dir, version)
+        if ended is not None:
+            await asyncio.to_thread(model_store.set_rollout, self.store_dir, None)
         seconds = time.perf_counter() - started
         logger.info("model set %s serving after %.1f s", version, seconds)
         self._retire_later(old, plane)
@@ -261,16 +281,150 @@ class ModelSets:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- Rollouts ------------------------------------------------------------------------------
+    async def set_rollout(self, state: RolloutState) -> float:
+        """Starts rolling out `state.candidate`, or changes its shares; returns the seconds
+        loading it took (0 when it was loaded). Persisted before it takes effect.
+
+        Raises:
+            FailedPrecondition: the candidate is the current set, or another one is rolling out.
+            NotFound: the candidate is not published.
+            Unavailable: Triton or a classifier service cannot load it.
+        """
+        async with self._lock:
+            return await self._set_rollout(state, persist=True)
+
+    async def _set_rollout(self, state: RolloutState, persist: bool) -> float:
+        if state.candidate == self.plane.model_set.version:
+            raise FailedPrecondition(
+                f"model set {state.candidate} is the current one: roll out another"
+            )
+        rollout = self.rollout
+        if rollout is not None and rollout.candidate == state.candidate:
+            if persist:
+                await asyncio.to_thread(model_store.set_rollout, self.store_dir, state)
+            rollout.update(state)
+            return 0.0
+        if rollout is not None:
+            if persist:  # an operator's call: replacing a candidate by accident loses its data
+                raise FailedPrecondition(
+                    f"model set {rollout.candidate} is rolling out: promote or abort it first"
+                )
+            self._end_rollout(unload=True)
+        started = time.perf_counter()
+        plane = await self._load_candidate(state.candidate)
+        if persist:
+            await asyncio.to_thread(model_store.set_rollout, self.store_dir, state)
+        self.rollout = Rollout(plane, state)
+        self._on_rollout(self.rollout)
+        seconds = time.perf_counter() - started
+        logger.info(
+            "rolling out model set %s (canary %.3g, shadow %.3g), loaded in %.1f s",
+            state.candidate,
+            state.canary_weight,
+            state.shadow_fraction,
+            seconds,
+        )
+        return seconds
+
+    async def _load_candidate(self, version: str) -> RouterDataPlane:
+        """The candidate's plane, loaded as a switch loads a set: Triton and the classifier
+        services hold it next to the serving set; its journal is replayed and what older sets
+        learned is learned again. A candidate in another embedding space answers without
+        exemplars (its collection is built when it is promoted)."""
+        b, s = self.backends, self.backends.settings
+        ms = await asyncio.to_thread(
+            model_store.load_version, self.store_dir, s.common.models_dir, version, s.routing_path
+        )
+        await ensure_model_set(s.triton_addr, self.store_dir, ms, s.triton_instance_kind)
+        for client in (b.tiny, b.specialist):
+            await client.load_model_set(version)
+        serving = self.plane
+        same_space = ms.embedding_version == serving.model_set.embedding_version
+        plane = new_plane(b, ms, serving.store if same_space else None)
+        learner = _learner(plane)
+        await learner.restore()
+        await learner.relearn(KnowledgeJournal.older(s.common.state_dir, "router", version))
+        return plane
+
+    async def promote(self) -> SwitchReport:
+        """Makes the candidate the serving set (a switch) and ends the rollout.
+
+        Raises:
+            FailedPrecondition: no rollout is running.
+        """
+        rollout = self.rollout
+        if rollout is None:
+            raise FailedPrecondition("no candidate model set to promote (see SetRollout)")
+        return await self.switch(rollout.candidate)
+
+    async def abort(self) -> str:
+        """Ends the rollout: the current set answers everything, the candidate's nets are
+        unloaded after a grace period. Returns the candidate dropped ("" when none)."""
+        async with self._lock:
+            stored = await asyncio.to_thread(model_store.rollout, self.store_dir)
+            await asyncio.to_thread(model_store.set_rollout, self.store_dir, None)
+            ended = self._end_rollout(unload=True)
+            return ended or (stored.candidate if stored is not None else "")
+
+    def _end_rollout(self, unload: bool) -> str | None:
+        """Drops the rollout at once (requests already on its plane finish); returns its
+        candidate, None when none ran."""
+        rollout = self.rollout
+        if rollout is None:
+            return None
+        self.rollout = None
+        self._on_rollout(None)
+        self.metrics.record_rollout(None, 0.0, 0.0)
+        rollout.close()
+        logger.info("rollout of model set %s ended", rollout.candidate)
+        if unload:
+            self._unload_later(rollout.plane.model_set)
+        return rollout.candidate
+
+    def _unload_later(self, ms: ModelSet) -> None:
+        async def unload() -> None:
+            await asyncio.sleep(self.retire_after_s)
+            serving = self.plane.model_set.version
+            candidate = self.rollout.candidate if self.rollout is not None else None
+            if ms.version not in (serving, candidate):  # not taken up again meanwhile
+                await unload_nets(self.backends.settings.triton_addr, nets_of(ms))
+
+        task = asyncio.create_task(unload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def follow_rollout(self) -> None:
+        """Runs the rollout the store names (set through another replica, or before a
+        restart), or ends this one when the store names none."""
+        wanted = await asyncio.to_thread(model_store.rollout, self.store_dir)
+        if wanted is not None and wanted.candidate == self.plane.model_set.version:
+            wanted = None  # promoted; the store's record outlived it by a crash
+        rollout = self.rollout
+        if (rollout.state if rollout is not None else None) == wanted or self._lock.locked():
+            return
+        async with self._lock:
+            if wanted is None:
+                self._end_rollout(unload=True)
+            else:
+                await self._set_rollout(wanted, persist=False)
+
     async def follow(self, interval_s: float = FOLLOW_S) -> None:
         """Forever: switch when the store names another current set (a switch made through
-        another replica), and give every Triton server that lacks this set's nets (one that
-        restarted, or was added) its nets; until then calls skip it (TritonClient.refresh)."""
+        another replica), run the rollout it names, and give every Triton server that lacks
+        this set's nets (one that restarted, or was added) its nets; until then calls skip it
+        (TritonClient.refresh)."""
+        try:  # a restarted router takes its rollout up again at once
+            await self.follow_rollout()
+        except (FieldlensError, OSError) as exc:
+            logger.warning("rollout follow-up failed (retrying): %s", exc)
         while True:
             await asyncio.sleep(interval_s)
             try:
                 wanted = await asyncio.to_thread(model_store.current, self.store_dir)
                 if wanted and wanted != self.plane.model_set.version and not self._lock.locked():
                     await self.switch(wanted)
+                await self.follow_rollout()
                 await self.catch_up_triton()
                 for client in (self.backends.tiny, self.backends.specialist):
                     await client.refresh()  # replicas come and go
@@ -280,16 +434,23 @@ class ModelSets:
     async def catch_up_triton(self) -> list[str]:
         """Loads the serving set's nets on every Triton server that lacks them; returns those
         servers."""
-        s, triton, ms = self.backends.settings, self.backends.triton, self.plane.model_set
-        lacking = await triton.refresh(nets_of(ms))
+        s, triton = self.backends.settings, self.backends.triton
+        sets = [self.plane.model_set]
+        if self.rollout is not None:  # the candidate answers requests too
+            sets.append(self.rollout.plane.model_set)
+        nets = [n for ms in sets for n in nets_of(ms)]
+        lacking = await triton.refresh(nets)
         if lacking:
-            logger.warning("triton servers without model set %s: %s", ms.version, lacking)
-            await ensure_model_set(
-                s.triton_addr, self.store_dir, ms, s.triton_instance_kind, only=sorted(lacking)
-            )
-            await triton.refresh(nets_of(ms))
+            for ms in sets:
+                logger.warning("triton servers without model set %s: %s", ms.version, lacking)
+                await ensure_model_set(
+                    s.triton_addr, self.store_dir, ms, s.triton_instance_kind, only=sorted(lacking)
+                )
+            await triton.refresh(nets)
         return sorted(lacking)
 
     def close(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
         for task in self._tasks:
             task.cancel()

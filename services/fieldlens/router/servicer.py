@@ -20,11 +20,19 @@ from fieldlens.common.errors import (
     InvalidInput,
     Unauthenticated,
 )
+from fieldlens.common.model_store import RolloutState
 from fieldlens.common.taxonomy import Taxonomy
 from fieldlens.common.tls import transport_is_secure
-from fieldlens.router.dataplane import Classification, Degradation, Dispatch, RouterDataPlane
+from fieldlens.router.dataplane import (
+    Classification,
+    ClassifyOptions,
+    Degradation,
+    Dispatch,
+    RouterDataPlane,
+)
 from fieldlens.router.learning import Learner, LearnItem, LearnOutcome
 from fieldlens.router.merge import SPECIALIST, TINY, Suggestion
+from fieldlens.router.rollout import Rollout
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc, taxonomy_pb2
 
 if TYPE_CHECKING:
@@ -43,6 +51,9 @@ WRITE_SCOPES: dict[str, Scope] = {
     "Forget": "learn",
     "IndexExemplars": "index",
     "SwitchModelSet": "admin",
+    "SetRollout": "admin",
+    "PromoteCandidate": "admin",
+    "AbortCandidate": "admin",
 }
 
 _Req = TypeVar("_Req")
@@ -252,6 +263,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         # False (the router's setting by default): a write over plaintext is UNAUTHENTICATED.
         self.allow_plaintext_tokens = allow_plaintext_tokens
         self.model_sets: ModelSets | None = None  # set by the entry point
+        # The candidate set being rolled out, if any; replaced by assignment, like `plane`.
+        self.rollout: Rollout | None = None
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -263,15 +276,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return plane.learner
 
     async def _classify(self, request: router_pb2.ClassifyRequest) -> router_pb2.ClassifyResponse:
-        plane = self.plane
-        options = plane.resolve(
-            request.top_k,
-            request.neighbours,
-            request.threshold,
-            request.skip_cache,
-            request.min_precision,
-        )
-        result = await plane.classify(request.image, options)
+        def resolve(plane: RouterDataPlane) -> ClassifyOptions:
+            return plane.resolve(
+                request.top_k,
+                request.neighbours,
+                request.threshold,
+                request.skip_cache,
+                request.min_precision,
+            )
+
+        plane, rollout = self.plane, self.rollout
+        if rollout is None:
+            options = resolve(plane)
+            result = await plane.classify(request.image, options)
+        else:
+            plane, options, result = await rollout.classify(plane, request.image, resolve)
         response = response_of(result, plane.model_set.taxonomy)
         response.request_id = request.request_id
         response.threshold = options.threshold
@@ -329,7 +348,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 for r in ms.calibration.get("precision_curve", ())
             ],
             calibration_power=float(ms.calibration.get("power", 1.0)),
+            rollout=self._rollout_status(),
         )
+
+    def _rollout_status(self) -> router_pb2.RolloutStatus | None:
+        rollout = self.rollout
+        if rollout is None:
+            return None
+        state = rollout.state
+        return router_pb2.RolloutStatus(
+            candidate_version=state.candidate,
+            canary_weight=state.canary_weight,
+            shadow_fraction=state.shadow_fraction,
+            shadows_in_flight=rollout.shadows_in_flight,
+        )
+
+    def _model_sets(self) -> ModelSets:
+        if self.model_sets is None:
+            raise FailedPrecondition("this router cannot change model sets")
+        return self.model_sets
 
     @staticmethod
     def _learn_item(r: router_pb2.LearnRequest, client: str) -> LearnItem:
@@ -454,3 +491,51 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             relearned=r.relearned,
             seconds=r.seconds,
         )
+
+    @_write_rpc
+    async def SetRollout(
+        self,
+        request: router_pb2.SetRolloutRequest,
+        context: grpc.aio.ServicerContext,
+        client: str,
+    ) -> router_pb2.SetRolloutResponse:
+        if not request.candidate_version:
+            raise InvalidInput(
+                "candidate_version is required: a model set published in the model store"
+            )
+        state = RolloutState(
+            request.candidate_version, request.canary_weight, request.shadow_fraction
+        )
+        logger.info(
+            "%s rolls out model set %s: canary %g, shadow %g",
+            client,
+            state.candidate,
+            state.canary_weight,
+            state.shadow_fraction,
+        )
+        seconds = await self._model_sets().set_rollout(state)
+        return router_pb2.SetRolloutResponse(rollout=self._rollout_status(), seconds=seconds)
+
+    @_write_rpc
+    async def PromoteCandidate(
+        self,
+        request: router_pb2.PromoteCandidateRequest,
+        context: grpc.aio.ServicerContext,
+        client: str,
+    ) -> router_pb2.PromoteCandidateResponse:
+        logger.info("%s promotes the candidate model set", client)
+        r = await self._model_sets().promote()
+        return router_pb2.PromoteCandidateResponse(
+            model_set_version=r.version, previous_model_set_version=r.previous, seconds=r.seconds
+        )
+
+    @_write_rpc
+    async def AbortCandidate(
+        self,
+        request: router_pb2.AbortCandidateRequest,
+        context: grpc.aio.ServicerContext,
+        client: str,
+    ) -> router_pb2.AbortCandidateResponse:
+        aborted = await self._model_sets().abort()
+        logger.info("%s aborts the rollout of %s", client, aborted or "(none)")
+        return router_pb2.AbortCandidateResponse(aborted_version=aborted)
