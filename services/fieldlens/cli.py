@@ -117,16 +117,26 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> cluster.ClusterConfig:
+    """The local cluster: as `up`'s flags say, else as the running one was started (its TLS
+    mode is kept in .run/tls/mode, so `status` and a plain `up` check it the right way)."""
+    tls_flag, mtls_flag = getattr(args, "serve_tls", False), getattr(args, "serve_mtls", False)
+    mode = cluster.ClusterConfig().tls_dir / "mode"
+    if not (tls_flag or mtls_flag) and mode.is_file():
+        running = mode.read_text().strip()
+        tls_flag, mtls_flag = running in ("tls", "mtls"), running == "mtls"
     return cluster.ClusterConfig(
         triton_replicas=getattr(args, "triton_replicas", 1),
         tiny_replicas=getattr(args, "tiny_replicas", 1),
-        tls=getattr(args, "serve_tls", False),
-        mtls=getattr(args, "serve_mtls", False),
+        tls=tls_flag,
+        mtls=mtls_flag,
     )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if cfg.tls or cfg.mtls:
+        cfg.pki()
+        (cfg.tls_dir / "mode").write_text("mtls\n" if cfg.mtls else "tls\n")
     console.print(
         "starting the local cluster (redis-server, tritonserver, tiny, specialist, router)..."
     )
@@ -147,7 +157,9 @@ def _print_status(cfg: cluster.ClusterConfig) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    cluster.stop(_config(args))
+    cfg = _config(args)
+    cluster.stop(cfg)
+    (cfg.tls_dir / "mode").unlink(missing_ok=True)
     console.print("local cluster stopped")
     return 0
 
