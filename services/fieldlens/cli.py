@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -23,6 +23,9 @@ from fieldlens.common.errors import FieldlensError
 from fieldlens.common.settings import data_dir_from_env, model_store_from_env
 from fieldlens.common.tls import TlsFiles
 from fieldlens.v1 import classifier_pb2, router_pb2, router_pb2_grpc
+
+if TYPE_CHECKING:
+    from fieldlens import rollout_report
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 DEMO_SAMPLES = 6
@@ -506,6 +509,8 @@ def cmd_model_set(args: argparse.Namespace) -> int:
         if current is None:
             console.print("the routers serve their boot model set (FIELDLENS_MODELS_DIR)")
         return 0
+    if args.action == "compare":
+        return _compare(args, cfg)
     if args.action in ROLLOUT_ACTIONS:
         return _rollout(args, cfg)
     if not args.version:
@@ -592,6 +597,86 @@ def _rollout(args: argparse.Namespace, cfg: cluster.ClusterConfig) -> int:
         _rollout_line(r.rollout) + (f"; loaded in {r.seconds:.1f} s" if r.seconds else "")
     )
     return 0
+
+
+def _router_metrics_urls(args: argparse.Namespace, cfg: cluster.ClusterConfig) -> list[str]:
+    """--metrics-url (each router replica's), else FIELDLENS_METRICS_PORT on this host (the
+    router's own setting), else the local cluster's router."""
+    if args.metrics_url:
+        return list(args.metrics_url)
+    port = os.environ.get("FIELDLENS_METRICS_PORT", "").strip() or str(cfg.router_metrics_port)
+    return [f"http://127.0.0.1:{port}/metrics"]
+
+
+def _compare(args: argparse.Namespace, cfg: cluster.ClusterConfig) -> int:
+    """The shadow comparison so far, from the routers' counters: agreement by answer and by
+    taxonomy level, and the confusion between the two sets by broad group."""
+    import urllib.request
+
+    from fieldlens import rollout_report
+
+    texts = []
+    for url in _router_metrics_urls(args, cfg):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                texts.append(response.read().decode())
+        except OSError as exc:
+            console.print(f"[red]cannot read {url}: {exc}[/red]")
+            return 1
+    reports = rollout_report.read_reports(texts)
+    if args.version:
+        reports = {v: r for v, r in reports.items() if v == args.version}
+    if not reports:
+        console.print("no rollout counted by the routers (start one: fieldlens model-set shadow)")
+        return 1
+    for report in reports.values():
+        _print_report(report)
+        if args.plot is not None:
+            path = args.plot
+            if len(reports) > 1:
+                path = path.with_name(f"{path.stem}-{report.candidate}{path.suffix}")
+            rollout_report.plot(report, path)
+            console.print(f"plot written to {path}")
+    return 0
+
+
+def _print_report(report: rollout_report.ShadowReport) -> None:
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    requests = report.requests
+    shadow_calls = sum(n for (arm, _), n in requests.items() if arm == "shadow")
+    shadow_failed = sum(
+        n for (arm, code), n in requests.items() if arm == "shadow" and code != "OK"
+    )
+    console.print(
+        f"candidate {report.candidate}: {report.comparisons:.0f} shadowed requests compared, "
+        f"{shadow_failed:.0f} of {shadow_calls:.0f} shadow calls failed, "
+        f"{report.dropped:.0f} dropped"
+    )
+    agreement = Table(title=f"{report.candidate}: same answer as the serving set")
+    for col in ("top-1", "best-effort answer", "broad group"):
+        agreement.add_column(col)
+    agreement.add_row(*(pct(report.agreement(a)) for a in ("top1", "best_effort", "broad")))
+    console.print(agreement)
+    levels = Table(title="deepest taxonomy level both answers share (0 root, 1 domain, 2 broad)")
+    levels.add_column("level")
+    levels.add_column("top-1")
+    levels.add_column("best-effort answer")
+    top1, best = report.depth_shares("top1"), report.depth_shares("best_effort")
+    for depth in sorted(set(top1) | set(best)):
+        levels.add_row(str(depth), pct(top1.get(depth)), pct(best.get(depth)))
+    console.print(levels)
+    rows = report.broad_confusion()
+    if not rows:
+        console.print("no broad-group pairs counted (a router older than this client)")
+        return
+    confusion = Table(title="by the serving set's broad group")
+    for col in ("broad group", "compared", "candidate agrees", "else most often"):
+        confusion.add_column(col)
+    for group, total, same, instead in rows:
+        confusion.add_row(group, f"{total:.0f}", pct(same), instead or "-")
+    console.print(confusion)
 
 
 def _tokens_file(args: argparse.Namespace) -> Path:
@@ -686,11 +771,23 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "model-set",
         help="publish a trained model set; switch the routers to it, no downtime; or roll it "
-        "out: shadow, canary, promote, abort, status",
+        "out: shadow, canary, promote, abort, status, compare",
     )
-    p.add_argument("action", choices=("publish", "list", "switch", *ROLLOUT_ACTIONS))
+    p.add_argument("action", choices=("publish", "list", "switch", *ROLLOUT_ACTIONS, "compare"))
     p.add_argument(
-        "version", nargs="?", help="model-set version to switch to, or to shadow or canary"
+        "version",
+        nargs="?",
+        help="model-set version to switch to, or to shadow or canary (compare: the candidate "
+        "to report on, default every one counted)",
+    )
+    p.add_argument(
+        "--metrics-url",
+        action="append",
+        help="compare: a router's /metrics URL, once per replica (default: this host's "
+        "FIELDLENS_METRICS_PORT, else the local cluster's router)",
+    )
+    p.add_argument(
+        "--plot", type=Path, help="compare: also write agreement by level and confusion to a PNG"
     )
     p.add_argument(
         "--fraction",

@@ -22,6 +22,7 @@ from k8s_helpers import (
     MODELS_DIR,
     OVERLAYS,
     PUBLISH_JOB,
+    Exposed,
     Rendered,
     render,
     render_dir,
@@ -67,8 +68,8 @@ class LiveStack:
     """A running local cluster with traffic sent, and what its metrics ports exposed."""
 
     cfg: Any  # fieldlens.cluster.ClusterConfig
-    # component -> (sample names, histogram family names) of one /metrics scrape.
-    scraped: dict[str, tuple[set[str], set[str]]]
+    # component -> the names one /metrics scrape showed.
+    scraped: dict[str, Exposed]
     # Unix time at which the traffic ended; PromQL over it is evaluated at this time.
     traffic_end: float
     prometheus_url: str | None
@@ -210,7 +211,7 @@ def _drive_traffic(cfg: Any) -> None:
             time.sleep(1.2)
 
 
-def _scrape(targets: dict[str, str]) -> dict[str, tuple[set[str], set[str]]]:
+def _scrape(targets: dict[str, str]) -> dict[str, Exposed]:
     from k8s_helpers import exposed_names
 
     return {

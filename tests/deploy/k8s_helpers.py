@@ -296,20 +296,35 @@ def base_name(name: str) -> str:
     return name
 
 
-def exposed_names(exposition: str) -> tuple[set[str], set[str]]:
-    """(sample names, histogram family names) of a Prometheus text exposition, as written.
+@dataclass(frozen=True)
+class Exposed:
+    """The names one /metrics exposition shows, as written."""
+
+    # Names of the samples it carries.
+    samples: set[str]
+    # Histogram families it declares (# TYPE ... histogram), with or without series.
+    histograms: set[str]
+    # Every family it declares, series or not: a labelled metric whose labels only exist in
+    # some states (the rollout metrics, exported from SetRollout on) is declared from the start.
+    declared: set[str]
+
+
+def exposed_names(exposition: str) -> Exposed:
+    """The sample names and declared families of a Prometheus text exposition, as written.
 
     Read directly rather than through prometheus_client's parser, which renames counters
     without a `_total` suffix (Triton's) to ones with it, unlike the Prometheus server.
     """
     samples: set[str] = set()
     histograms: set[str] = set()
+    declared: set[str] = set()
     for line in exposition.splitlines():
         line = line.strip()
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(maxsplit=3)
+            declared.add(name)
             if kind == "histogram":
                 histograms.add(name)
         elif line and not line.startswith("#"):
             samples.add(re.split(r"[{\s]", line, maxsplit=1)[0])
-    return samples, histograms
+    return Exposed(samples, histograms, declared)

@@ -129,6 +129,11 @@ def test_dashboard_is_well_formed_and_its_queries_parse():
         "specialist vs tiny",
         "queue time",
         "compute time",
+        "shadow agreement",
+        "agreement by level",
+        "candidate vs current latency",
+        "canary share",
+        "dropped",
     ):
         assert subject in titles, subject
 

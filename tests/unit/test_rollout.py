@@ -204,6 +204,18 @@ def test_shadow_comparisons_are_counted_by_answer_and_level():
         for d in range(6)
     }
     assert depths == {0: 0, 1: 1, 2: 0, 3: 0, 4: 2, 5: 0}  # b1/a1: domain; a4/a5: z; a1: leaf
+    # The confusion by broad group: "same" and "sibling" stay in broad/a, "other" moves to b.
+    pairs = {
+        (s.labels["current_broad"], s.labels["candidate_broad"]): s.value
+        for family in metrics.registry.collect()
+        if family.name == "fieldlens_rollout_shadow_broad_pairs"
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels["candidate"] == c
+    }
+    assert pairs == {
+        (TAXONOMY.broad_of("a1"), TAXONOMY.broad_of("a1")): 2,
+        (TAXONOMY.broad_of("a1"), TAXONOMY.broad_of("b1")): 1,
+    }
     assert (
         _value(metrics, "fieldlens_rollout_request_seconds_count", candidate=c, arm="shadow") == 3
     )

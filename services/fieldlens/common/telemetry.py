@@ -204,6 +204,15 @@ class Metrics:
             ("candidate", "answer", "depth"),
             registry=registry,
         )
+        self.rollout_broad_pairs = Counter(
+            "fieldlens_rollout_shadow_broad_pairs",
+            "Shadowed requests by the most probable broad group of each answer (current_broad: "
+            "the serving set's; candidate_broad: the candidate's; none when an answer has "
+            "none): the confusion between the two sets by broad group, at most one series per "
+            "pair of broad groups.",
+            ("candidate", "current_broad", "candidate_broad"),
+            registry=registry,
+        )
         self.rollout_shadow_dropped = Counter(
             "fieldlens_rollout_shadow_dropped",
             "Shadow calls not made because the bound on shadow calls in flight was reached.",
@@ -292,16 +301,24 @@ class Metrics:
         self._child(self.rollout_seconds, candidate, arm).observe(seconds)
 
     def record_shadow_comparison(
-        self, candidate: str, agreed: Mapping[ComparedAnswer, bool], depths: Mapping[str, int]
+        self,
+        candidate: str,
+        agreed: Mapping[ComparedAnswer, bool],
+        depths: Mapping[str, int],
+        broads: tuple[str, str] | None = None,
     ) -> None:
-        """Count one shadow comparison: which answers agreed, and the deepest level at which
-        each compared answer agrees (`depths`: {"top1": d, "best_effort": d})."""
+        """Count one shadow comparison: which answers agreed, the deepest level at which each
+        compared answer agrees (`depths`: {"top1": d, "best_effort": d}), and the pair of
+        most probable broad groups (`broads`: the current set's, the candidate's)."""
         self._child(self.rollout_comparisons, candidate).inc()
         for answer, same in agreed.items():
             if same:
                 self._child(self.rollout_agreements, candidate, answer).inc()
         for answer, depth in depths.items():
             self._child(self.rollout_agreement_depth, candidate, answer, str(depth)).inc()
+        if broads is not None:
+            current, other = (broad or "none" for broad in broads)
+            self._child(self.rollout_broad_pairs, candidate, current, other).inc()
 
     def record_shadow_dropped(self, candidate: str) -> None:
         """Count one shadow call left out at the bound on shadow calls in flight."""

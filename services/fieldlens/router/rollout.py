@@ -68,6 +68,10 @@ class Comparison:
     top1_depth: int
     # Deepest level both best-effort answers share.
     best_effort_depth: int
+    # The most probable broad group of each answer ("" when an answer has none): the cells of
+    # the confusion between the two sets by broad group.
+    current_broad: str = ""
+    candidate_broad: str = ""
 
 
 def _path(taxonomy: Taxonomy, taxon_id: str) -> list[str]:
@@ -113,6 +117,8 @@ def compare(
                 _path(candidate_taxonomy, candidate.answer_id),
             ),
         ),
+        current_broad=broad_a,
+        candidate_broad=broad_b,
     )
 
 
@@ -244,6 +250,7 @@ class Rollout:
             candidate,
             {"top1": c.top1, "best_effort": c.best_effort, "broad": c.broad},
             {"top1": c.top1_depth, "best_effort": c.best_effort_depth},
+            (c.current_broad, c.candidate_broad),
         )
 
     def close(self) -> None:
