@@ -108,7 +108,7 @@ def test_cpu_figures_reach_the_goal_tables_and_markdown(tmp_path):
 
 def test_ratios_are_none_when_not_measured():
     r = report.ratios({"scenarios": {}, "micro": {}})
-    assert set(r) == {"P1", "P2", "P3", "P4a", "P4b", "P5", "P6", "C1", "F1", "F2"}
+    assert set(r) == {"P1", "P2", "P3", "P4a", "P4b", "P5", "P6", "C1", "S1", "S2", "F1", "F2"}
     assert all(v["value"] is None and v["pass"] is None for v in r.values())
 
 
@@ -225,7 +225,51 @@ def test_a_worker_honouring_hints_waits_as_told_and_others_do_not():
     assert plain == 500  # no hint honoured: it spins until its request budget runs out
 
 
-def test_step_count_counts_the_noisy_neighbour_on_a_local_cluster():
+def test_step_count_counts_the_local_parts_on_a_local_cluster():
     p = plan.Plan.quick()
-    assert suite._step_count(p, True, False, False) == suite._step_count(p, False, False, False) + 6
-    assert suite._step_count(p, True, False, False, fair_share_only=True) == 7
+    local, external = (
+        suite._step_count(p, True, False, False),
+        suite._step_count(p, False, False, False),
+    )
+    assert local == external + 10  # start and stop, shadow 4, noisy neighbour 4
+    assert suite._step_count(p, True, False, False, only="fair-share") == 7
+    assert suite._step_count(p, True, False, False, only="shadow") == 7
+
+
+def _shadow_results(p99_off: float, p99_on: float, cpu_off: float, cpu_on: float) -> dict:
+    def point(p99: float, cpu: float) -> dict:
+        return {"latency_ms": {"p99": p99}, "cpu_ms_per_request": {procs.SERVING: cpu}}
+
+    on = point(p99_on, cpu_on)
+    on["shadow"] = {"candidate": "v1-shadow", "fraction": 0.2, "comparisons": 40.0, "dropped": 2.0}
+    return {"scenarios": {"shadow_off": point(p99_off, cpu_off), "shadow_on": on}, "micro": {}}
+
+
+def test_shadow_goals_compare_the_shadowed_run_with_the_plain_one():
+    r = report.ratios(_shadow_results(40.0, 50.0, 2.0, 2.4))
+    assert r["S1"]["value"] == pytest.approx(1.25) and r["S1"]["pass"] is True
+    assert r["S2"]["value"] == pytest.approx(1.2) and r["S2"]["pass"] is True
+    assert r["S1"]["goal"] == f"<= {plan.SHADOW_MAX_RATIO:g}"
+    r = report.ratios(_shadow_results(40.0, 80.0, 2.0, 4.0))
+    assert r["S1"]["pass"] is False and r["S2"]["pass"] is False
+    row = next(
+        row
+        for row in report._scenario_rows(_shadow_results(40.0, 50.0, 2.0, 2.4))
+        if row[0] == "shadow_on"
+    )
+    assert "20% shadowed to v1-shadow: 40 shadow calls compared, 2 dropped" in row[-1]
+
+
+def test_shadow_counters_are_differenced_over_candidates():
+    def text(compared: float, dropped: float) -> str:
+        return (
+            "# TYPE fieldlens_rollout_shadow_comparisons counter\n"
+            f'fieldlens_rollout_shadow_comparisons_total{{candidate="a"}} {compared}\n'
+            f'fieldlens_rollout_shadow_comparisons_total{{candidate="b"}} 1.0\n'
+            "# TYPE fieldlens_rollout_shadow_dropped counter\n"
+            f'fieldlens_rollout_shadow_dropped_total{{candidate="a"}} {dropped}\n'
+        )
+
+    assert scrape.shadow_breakdown(text(3, 1), text(10, 4)) == {"comparisons": 7, "dropped": 3}
+    assert scrape.shadow_breakdown(None, text(10, 4)) == {}
+    assert scrape.shadow_totals("") == {}

@@ -22,7 +22,7 @@ from fieldlens.bench import plan, procs, report
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 QUICK_LIMIT_S = 300  # the run itself takes about a minute; this only bounds a hang
-GOALS = ("P1", "P2", "P3", "P4a", "P4b", "P5", "P6", "C1", "F1", "F2")
+GOALS = ("P1", "P2", "P3", "P4a", "P4b", "P5", "P6", "C1", "S1", "S2", "F1", "F2")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Failed requests a scenario below saturation may have (a stray deadline on a busy machine).
 MAX_ERROR_FRACTION = 0.01
@@ -69,7 +69,12 @@ def test_every_load_scenario_has_its_figures(quick_run):
     sweep_names = [
         f"sweep_{t}_c{c}" for t in report.SWEEP_TARGETS for c in plan.QUICK_SWEEP_LEVELS if c > 1
     ]
-    for name in (*report.SCENARIOS, *sweep_names, *report.FAIR_SHARE_SCENARIOS):
+    for name in (
+        *report.SCENARIOS,
+        *sweep_names,
+        *report.SHADOW_SCENARIOS,
+        *report.FAIR_SHARE_SCENARIOS,
+    ):
         s = scenarios[name]
         assert s["ok"] > 0, name
         assert _finite(s["qps"]), name
@@ -88,6 +93,11 @@ def test_every_load_scenario_has_its_figures(quick_run):
         noisy = scenarios[name]["noisy"]
         assert noisy["concurrency"] == plan.NOISY_CONCURRENCY, name
         assert noisy["requests"] > 0 and isinstance(noisy["errors"], dict), name
+    # The candidate answered part of the shadowed run off the response path.
+    shadow = scenarios["shadow_on"]["shadow"]
+    assert shadow["fraction"] == plan.SHADOW_FRACTION
+    assert shadow["comparisons"] + shadow["dropped"] > 0
+    assert "shadow" not in scenarios["shadow_off"]
     # With two calls in flight per client the noisy one is refused, fast, rather than late.
     limited = scenarios["noisy_neighbour_limited"]["noisy"]["errors"]
     assert limited.get("RESOURCE_EXHAUSTED", 0) > 0

@@ -101,11 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--only",
-        choices=("fair-share",),
+        choices=("shadow", "fair-share"),
         default=None,
-        help="run one part alone: fair-share = the noisy-neighbour scenarios (quiet client "
-        "alone, next to a noisy one with default and with per-client limits), on the bench's "
-        "own cluster",
+        help="run one part alone, on the bench's own cluster: shadow = cache misses at 8 in "
+        "flight without and with a candidate set shadowing 20%% of them; fair-share = the "
+        "noisy-neighbour scenarios (quiet client alone, next to a noisy one with default and "
+        "with per-client limits)",
     )
     parser.add_argument(
         "--profile",

@@ -23,6 +23,14 @@ CPU_POINT = 16
 NOISY_CONCURRENCY = 64
 NOISY_DEADLINE_S = 0.25
 FAIR_SHARE_ENV: tuple[tuple[str, str], ...] = (("FIELDLENS_CLIENT_IN_FLIGHT", "2"),)
+# Shadow rollout (issue 19): cache misses at SHADOW_CONCURRENCY in flight on the serving set
+# alone, then with a candidate (the shipped set published again under SHADOW_SUFFIX) shadowing
+# SHADOW_FRACTION of them. Its goals (S1, S2) are loose, SHADOW_MAX_RATIO: the router caps
+# shadow calls in flight and drops the rest, so shadowing must not cost the caller much.
+SHADOW_CONCURRENCY = 8
+SHADOW_FRACTION = 0.2
+SHADOW_SUFFIX = "-shadow"
+SHADOW_MAX_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -67,9 +75,10 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
-        # About 6-7 minutes on 2 CPU cores: 13 sweep points x 9 s, four more scenarios, the
-        # gallery, the 100k-exemplar HNSW build (~40-60 s) and the noisy neighbour (three
-        # points and a router restart, ~35 s).
+        # About 7 minutes on 2 CPU cores: 13 sweep points x 9 s, four more scenarios, the
+        # gallery, the 100k-exemplar HNSW build (~40-60 s), the shadow rollout (two points and
+        # the candidate's load, ~25 s) and the noisy neighbour (three points and a router
+        # restart, ~35 s).
         return cls(
             mode="full",
             duration_s=8.0,

@@ -1,5 +1,5 @@
-"""Bench results: the machine, the goals (P1-P6, C1), JSON / Markdown / PNG output, terminal
-tables and the comparison with an earlier run."""
+"""Bench results: the machine, the goals (P1-P6, C1, S1-S2, F1-F2), JSON / Markdown / PNG
+output, terminal tables and the comparison with an earlier run."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from fieldlens.bench import procs
-from fieldlens.bench.plan import CPU_POINT
+from fieldlens.bench.plan import (
+    CPU_POINT,
+    SHADOW_CONCURRENCY,
+    SHADOW_FRACTION,
+    SHADOW_MAX_RATIO,
+)
 from fieldlens.cluster import COMPONENTS, REPO_ROOT
 
 SCHEMA = 1
@@ -40,12 +45,16 @@ SWEEP_TARGETS = ("router", "triton")
 # Noisy neighbour (fair share), on the bench's own cluster only: the quiet client's figures,
 # with the noisy client's under `noisy`.
 FAIR_SHARE_SCENARIOS = ("noisy_neighbour_defaults", "quiet_alone", "noisy_neighbour_limited")
+# Shadow rollout, on the bench's own cluster only: the same cache-miss load without and with a
+# candidate shadowing part of it; the shadow calls compared and dropped under `shadow`.
+SHADOW_SCENARIOS = ("shadow_off", "shadow_on")
 TIMEOUT_CODES = ("DEADLINE_EXCEEDED", "CLIENT_TIMEOUT")
 
 
 @dataclass(frozen=True)
 class Goal:
-    """One goal (P: issue 6, C: issue 16, F: issue 20): `value op threshold` passes."""
+    """One goal (P: issue 6, C: issue 16, S: issue 19, F: issue 20): `value op threshold`
+    passes."""
 
     key: str
     what: str
@@ -159,6 +168,29 @@ GOALS: tuple[Goal, ...] = (
         2.0,
         lambda r: _get(
             r, "scenarios", f"sweep_router_c{CPU_POINT}", "cpu_ms_per_request", procs.SERVING
+        ),
+    ),
+    # Loose: they flag a shadow that costs the caller, not a tuned budget.
+    Goal(
+        "S1",
+        f"cache-miss p99 at {SHADOW_CONCURRENCY} in flight, {SHADOW_FRACTION:.0%} shadowed to a "
+        "candidate / no shadow (loose)",
+        "<=",
+        SHADOW_MAX_RATIO,
+        lambda r: _ratio(
+            _get(r, "scenarios", "shadow_on", "latency_ms", "p99"),
+            _get(r, "scenarios", "shadow_off", "latency_ms", "p99"),
+        ),
+    ),
+    Goal(
+        "S2",
+        f"serving layer CPU ms per cache-miss request at {SHADOW_CONCURRENCY} in flight, "
+        f"{SHADOW_FRACTION:.0%} shadowed / no shadow (loose)",
+        "<=",
+        SHADOW_MAX_RATIO,
+        lambda r: _ratio(
+            _get(r, "scenarios", "shadow_on", "cpu_ms_per_request", procs.SERVING),
+            _get(r, "scenarios", "shadow_off", "cpu_ms_per_request", procs.SERVING),
         ),
     ),
     Goal(
@@ -365,6 +397,14 @@ def _scenario_rows(results: dict[str, Any]) -> list[list[str]]:
                 f"{fmt(noisy.get('deadline_ms'), 0)} ms deadline): {noisy.get('ok')} ok, "
                 f"{fmt(noisy.get('qps'), 1)} QPS, p99 {fmt(_get(noisy, 'latency_ms', 'p99'))} ms"
                 f", errors {_errors(noisy)}"
+            )
+        shadow = s.get("shadow")
+        if shadow:
+            fraction = shadow.get("fraction")
+            notes.append(
+                (f"{fraction:.0%} shadowed to {shadow.get('candidate')}: " if fraction else "")
+                + f"{fmt(shadow.get('comparisons'), 0)} shadow calls compared, "
+                f"{fmt(shadow.get('dropped'), 0)} dropped"
             )
         rows.append(
             [

@@ -27,6 +27,12 @@ _TRITON_COUNTERS = (
     "nv_inference_compute_infer_duration_us",
     "nv_inference_compute_output_duration_us",
 )
+# The router's shadow counters (per candidate): calls compared, and calls dropped because
+# the shadow calls in flight were at their cap.
+SHADOW_COUNTERS = {
+    "fieldlens_rollout_shadow_comparisons_total": "comparisons",
+    "fieldlens_rollout_shadow_dropped_total": "dropped",
+}
 _TIMEOUT_S = 3.0
 
 
@@ -163,3 +169,24 @@ def triton_breakdown(
         "compute_infer_ms": per_request_ms("nv_inference_compute_infer_duration_us"),
         "compute_output_ms": per_request_ms("nv_inference_compute_output_duration_us"),
     }
+
+
+def shadow_totals(text: str | None) -> dict[str, float]:
+    """The router's cumulative shadow counters, summed over candidates ({} when unread)."""
+    if not text:
+        return {}
+    out = dict.fromkeys(SHADOW_COUNTERS.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = SHADOW_COUNTERS.get(s.name)
+            if key is not None:
+                out[key] += s.value
+    return out
+
+
+def shadow_breakdown(before: str | None, after: str | None) -> dict[str, float]:
+    """Shadow calls compared and dropped over one scenario ({} when a scrape failed)."""
+    t0, t1 = shadow_totals(before), shadow_totals(after)
+    if not t0 or not t1:
+        return {}
+    return {k: t1[k] - t0[k] for k in SHADOW_COUNTERS.values()}

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -42,11 +43,15 @@ from fieldlens.bench.plan import (
     NOISY_CONCURRENCY,
     NOISY_DEADLINE_S,
     OPEN_LOOP_LOAD,
+    SHADOW_CONCURRENCY,
+    SHADOW_FRACTION,
+    SHADOW_MAX_RATIO,
+    SHADOW_SUFFIX,
     Plan,
 )
-from fieldlens.common import credentials, tls
+from fieldlens.common import credentials, model_store, tls
 from fieldlens.common.errors import FieldlensError
-from fieldlens.common.model_set import load_model_set
+from fieldlens.common.model_set import MANIFEST, load_model_set
 from fieldlens.common.settings import data_dir_from_env
 from fieldlens.common.tls import TlsFiles
 from fieldlens.v1 import router_pb2, router_pb2_grpc
@@ -62,6 +67,9 @@ PROFILE_NAME = "profile-router"
 # Load keeps going this long past the profile's duration: py-spy attaches before its clock
 # starts.
 PROFILE_ATTACH_S = 2.0
+# Deadline of SetRollout, which loads the candidate's nets (Triton, tiny, specialists), and of
+# AbortCandidate, which unloads them.
+ROLLOUT_TIMEOUT_S = 300.0
 _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -238,13 +246,15 @@ class _LoadPhase:
         summary["load"] = load
         answers = summary["ok"] + sum(len(o.latencies_ms) for o in others)
         summary.update(self.meter.summary(cpu_before, cpu_after, answers))
+        router_after = scrape.fetch(self.target.router_metrics)
         stages = scrape.stage_breakdown(
-            router_before,
-            scrape.fetch(self.target.router_metrics),
-            summary["requests"] + sum(o.done for o in others),
+            router_before, router_after, summary["requests"] + sum(o.done for o in others)
         )
         if stages:
             summary["stages"] = stages
+        shadow = scrape.shadow_breakdown(router_before, router_after)
+        if any(shadow.values()):
+            summary["shadow"] = shadow
         triton = scrape.triton_breakdown(
             triton_before, scrape.fetch(self.target.triton_metrics), self.broad_model
         )
@@ -519,6 +529,53 @@ class _LoadPhase:
             **{k: noisy_summary[k] for k in ("requests", "ok", "errors", "qps", "latency_ms")},
         }
 
+    async def shadow(self, nonce: str, publish: Callable[[], str]) -> dict[str, Any]:
+        """Shadow rollout: cache misses at SHADOW_CONCURRENCY in flight on the serving set
+        alone, then with the candidate that `publish` puts in the store shadowing
+        SHADOW_FRACTION of them (SetRollout, no canary), then AbortCandidate. Both runs on one
+        connection, each on photos of its own (misses for the candidate too). Returns what
+        the rollout was."""
+        plan = self.plan
+        token = credentials.bearer(self.target.write_token)
+        meta: dict[str, Any] = {
+            "fraction": SHADOW_FRACTION,
+            "concurrency": SHADOW_CONCURRENCY,
+            "max_ratio": SHADOW_MAX_RATIO,
+        }
+        async with tls.aio_channel(self.target.router, self.target.tls, _CHANNEL_OPTIONS) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            timeout = plan.request_timeout_s
+            off = self._miss_call(ch, f"{nonce}-shadow-off", timeout)
+            await self._closed("shadow_off", off, SHADOW_CONCURRENCY)
+            task = self.steps.start(f"publish a candidate, shadow {SHADOW_FRACTION:.0%} to it")
+            candidate = await asyncio.to_thread(publish)
+            reply = await stub.SetRollout(
+                router_pb2.SetRolloutRequest(
+                    candidate_version=candidate, canary_weight=0.0, shadow_fraction=SHADOW_FRACTION
+                ),
+                metadata=token,
+                timeout=ROLLOUT_TIMEOUT_S,
+            )
+            meta.update(candidate=candidate, load_s=reply.seconds)
+            self.steps.finish(task, f"{candidate} loaded in {reply.seconds:.1f} s")
+            try:
+                on = self._miss_call(ch, f"{nonce}-shadow-on", timeout)
+                summary = await self._closed("shadow_on", on, SHADOW_CONCURRENCY)
+            finally:
+                task = self.steps.start("abort the candidate")
+                await stub.AbortCandidate(
+                    router_pb2.AbortCandidateRequest(), metadata=token, timeout=ROLLOUT_TIMEOUT_S
+                )
+                self.steps.finish(task)
+        summary["shadow"] = {
+            "candidate": candidate,
+            "fraction": SHADOW_FRACTION,
+            "comparisons": 0.0,
+            "dropped": 0.0,
+            **summary.get("shadow", {}),
+        }
+        return meta
+
     async def fair_share(self, nonce: str, limit_router: Callable[[], None]) -> None:
         """Noisy neighbour: next to each other on the router as it runs (default limits), then
         the quiet client alone and next to the noisy one again on a router restarted with the
@@ -541,6 +598,20 @@ def _limit_router(cfg: cluster.ClusterConfig) -> None:
     cluster.start(limited, ["router"])
 
 
+def _publish_candidate(cfg: cluster.ClusterConfig) -> str:
+    """Publishes the boot set again, under its version plus SHADOW_SUFFIX, into the local
+    cluster's model store; returns that version. The same nets, so shadowing costs what a
+    second serving set costs and the two agree."""
+    with tempfile.TemporaryDirectory(prefix="fieldlens-candidate-") as tmp:
+        models = Path(tmp) / "models"
+        shutil.copytree(cfg.models_dir, models)
+        manifest_path = models / MANIFEST
+        manifest = json.loads(manifest_path.read_text())
+        manifest["model_set_version"] = f"{manifest['model_set_version']}{SHADOW_SUFFIX}"
+        manifest_path.write_text(json.dumps(manifest))
+        return model_store.publish(cfg.model_store, models, cfg.model_repository)
+
+
 def _micro_phase(plan: Plan, models_dir: Path, steps: _Steps, results: dict[str, Any]) -> None:
     task = steps.start("micro: tiny ensemble")
     tiny = micro.tiny_ensemble(models_dir, plan.micro_budget_s)
@@ -561,17 +632,19 @@ def _micro_phase(plan: Plan, models_dir: Path, steps: _Steps, results: dict[str,
 
 
 def _step_count(
-    plan: Plan, local: bool, micro_on: bool, profile: bool, fair_share_only: bool = False
+    plan: Plan, local: bool, micro_on: bool, profile: bool, only: str | None = None
 ) -> int:
     # read photos, index, warm-up, two c=1 points, prime, hit, mixed, open loop, memory;
     # the sweep's other points for both targets; start and stop; tiny and two store sizes for
-    # each of two vector distributions; the profiled run; on a local cluster the noisy
-    # neighbour: defaults, the router's restart, the quiet client alone, limited.
-    fair_share = 4 if local else 0
-    if fair_share_only:
-        return 1 + 2 + fair_share  # read photos, start and stop
+    # each of two vector distributions; the profiled run; on a local cluster the shadow
+    # rollout: off, publish and SetRollout, on, abort; and the noisy neighbour: defaults, the
+    # router's restart, the quiet client alone, limited.
+    parts = {"shadow": 4 if local else 0, "fair-share": 4 if local else 0}
+    if only is not None:
+        return 1 + 2 + parts[only]  # read photos, start and stop
     n = 10 + 2 * (len(plan.sweep_levels) - 1)
-    return n + (2 if local else 0) + (5 if micro_on else 0) + (1 if profile else 0) + fair_share
+    extra = (2 if local else 0) + (5 if micro_on else 0) + (1 if profile else 0)
+    return n + extra + sum(parts.values())
 
 
 def _write_profile(phase: _LoadPhase, out: Path) -> dict[str, Any] | None:
@@ -626,9 +699,11 @@ def run_bench(args: argparse.Namespace) -> int:
         previous = report.load_json(args.compare) if args.compare else None
         external = args.router_addr is not None or args.triton_addr is not None
         target = _external_target(args) if external else None
-        fair_share_only = args.only == "fair-share"
-        if fair_share_only and external:
-            raise BenchError("--only fair-share restarts the router: only on its own cluster")
+        only: str | None = args.only
+        if only is not None and external:
+            raise BenchError(
+                f"--only {only} reconfigures the cluster it runs on: only on its own cluster"
+            )
     except (BenchError, profiling.ProfileError, ValueError, OSError) as exc:
         console.print(f"[red]bench: {exc}[/red]")
         return 2
@@ -666,7 +741,7 @@ def run_bench(args: argparse.Namespace) -> int:
         with progress:
             steps = _Steps(
                 progress,
-                _step_count(plan, target is None, not args.no_micro, args.profile, fair_share_only),
+                _step_count(plan, target is None, not args.no_micro, args.profile, only),
             )
             if target is None:
                 run_dir = Path(tempfile.mkdtemp(prefix="fieldlens-bench-"))
@@ -689,7 +764,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 phase = _LoadPhase(plan, target, steps, photos, procs.CpuMeter(cfg), args.profile)
                 nonce = secrets.token_hex(6)
                 results["scenarios"] = phase.scenarios
-                if not fair_share_only:
+                if only is None:
                     asyncio.run(phase.run(data_dir, nonce))
                     results["sweep"] = phase.sweep
                     profile = _write_profile(phase, args.out)
@@ -698,15 +773,25 @@ def run_bench(args: argparse.Namespace) -> int:
                     task = steps.start("memory")
                     results["memory"] = procs.cluster_memory(cfg)
                     steps.finish(task, f"{report.fmt(results['memory']['rss_gib'])} GiB RSS")
+                # Publishes into the cluster's store and loads a candidate: only on the bench's
+                # own cluster. Before the noisy neighbour, whose per-client limits stay on.
+                if target.local and only in (None, "shadow"):
+                    results["shadow"] = asyncio.run(
+                        phase.shadow(nonce, lambda: _publish_candidate(cfg))
+                    )
+                elif not target.local:
+                    results["shadow"] = {
+                        "skipped": "it publishes a candidate set: only on the bench's own cluster"
+                    }
                 # Last: it restarts the router. Only on the bench's own cluster.
-                if target.local:
+                if target.local and only in (None, "fair-share"):
                     asyncio.run(phase.fair_share(nonce, lambda: _limit_router(cfg)))
                     results["fair_share"] = {
                         "limits": dict(FAIR_SHARE_ENV),
                         "noisy_concurrency": NOISY_CONCURRENCY,
                         "noisy_deadline_ms": NOISY_DEADLINE_S * 1e3,
                     }
-                else:
+                elif not target.local:
                     results["fair_share"] = {
                         "skipped": "it restarts the router: only on the bench's own cluster"
                     }
@@ -715,7 +800,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     task = steps.start("stop local cluster")
                     cluster.stop(cfg)
                     steps.finish(task)
-            if not args.no_micro and not fair_share_only:
+            if not args.no_micro and only is None:
                 _micro_phase(plan, models_dir, steps, results)
         failed = False
     except cluster.ClusterError as exc:
