@@ -108,6 +108,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         )
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The seed of the random test order (pytest-randomly), also under `-q`, which hides the
+    header that names it: a failure that needs another test to run first can be repeated."""
+    seed = getattr(terminalreporter.config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(
+            f"tests ran in a random order; repeat it with --randomly-seed={seed}"
+        )
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The Tiny ImageNet shards: FIELDLENS_DATA_DIR, else beside the checkout."""

@@ -104,19 +104,28 @@ def _pidfile(path: Path, *pids: int) -> None:
     path.write_text(" ".join(map(str, pids)) + "\n")
 
 
-def test_pidfiles_may_list_several_processes_and_stale_ones_are_ignored(tmp_path, burner):
+@pytest.fixture
+def waiter() -> Iterator[subprocess.Popen[str]]:
+    """A process without children that burns nothing (this test process will not do: a
+    cluster another test started may be its children, and trees count descendants)."""
+    proc = _start([sys.executable, "-c", BURNER, "0"])
+    yield proc
+    _finish(proc)
+
+
+def test_pidfiles_may_list_several_processes_and_stale_ones_are_ignored(tmp_path, burner, waiter):
     cfg = cluster.ClusterConfig(run_dir=tmp_path)
-    _pidfile(tmp_path / "router.pid", os.getpid())
+    _pidfile(tmp_path / "router.pid", waiter.pid)
     _pidfile(tmp_path / "router-1.pid", burner.pid)
     _pidfile(tmp_path / "router-old.pid", 1)  # not `<name>-<n>.pid`
-    _pidfile(tmp_path / "tiny.pid", os.getpid(), burner.pid)
+    _pidfile(tmp_path / "tiny.pid", waiter.pid, burner.pid)
     # Written before the process it names started: a recycled pid, not the component.
     _pidfile(tmp_path / "redis.pid", burner.pid)
     old = psutil.Process(burner.pid).create_time() - 60
     os.utime(tmp_path / "redis.pid", (old, old))
     _pidfile(tmp_path / "specialist.pid", 0x7FFFFFF0)  # no such process
     pids = procs.component_pids(cfg)
-    assert pids == {"router": [os.getpid(), burner.pid], "tiny": [os.getpid(), burner.pid]}
+    assert pids == {"router": [waiter.pid, burner.pid], "tiny": [waiter.pid, burner.pid]}
     accounting = procs.cpu_accounting(cfg)
     assert accounting["missing"] == ["redis", "triton", "specialist"]
     assert "redis, triton, specialist" in accounting["note"]
@@ -126,7 +135,7 @@ def test_pidfiles_may_list_several_processes_and_stale_ones_are_ignored(tmp_path
     _burn(burner)
     summary = procs.CpuMeter.summary(before, meter.sample(), answers=10)
     per = summary["cpu_ms_per_request"]
-    # Both routers summed: the burner's 300 ms over 10 answers, plus this process's share.
+    # Both routers summed: the burner's 300 ms over 10 answers, plus the waiter's (none).
     assert per["router"] >= (BURN_S - 0.02) * 1e3 / 10
     assert per["redis"] is None and per["triton"] is None and per["specialist"] is None
     assert per["serving_layer"] is None and per["cluster"] is None

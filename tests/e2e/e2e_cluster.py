@@ -1,14 +1,30 @@
-"""A local cluster for the length of a `with` block: started, stopped even when start fails."""
+"""Helpers of the end-to-end tests: a local cluster for the length of a `with` block, a second
+router replica beside it, a kept photo whose bytes wait, and the router's /metrics."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from fieldlens import cluster
+from fieldlens.common.settings import REPO_ROOT
 from fieldlens.v1 import router_pb2_grpc
+
+# A FIFO holds what one write puts in it without a reader: the photos the tests hold are far
+# smaller (Tiny ImageNet JPEGs are a few KiB).
+PIPE_BYTES = 60_000
 
 
 @contextmanager
@@ -27,3 +43,109 @@ def running(
     finally:
         channel.close()
         cluster.stop(cfg)
+
+
+def metric_samples(port: int) -> dict[str, list[Any]]:
+    """A service's /metrics on `port`, as {sample name: [samples]}."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def metric_value(port: int, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels` (0 when there is none)."""
+    return sum(
+        s.value
+        for s in metric_samples(port).get(name, [])
+        if all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+class BlobHold:
+    """One kept photo whose bytes wait: its blob file becomes a FIFO, so a router that needs
+    them (a re-index re-embedding it, a switch re-learning it) blocks in that read until
+    `release`, while everything else it does goes on. Deterministic, and nothing under
+    services/ changes: the blob store is a folder the test can reach.
+
+    Args:
+        blobs: The blob store's folder (`<state dir>/blobs`).
+        data: The photo's bytes, kept there already.
+    """
+
+    def __init__(self, blobs: Path, data: bytes) -> None:
+        assert len(data) < PIPE_BYTES, "a held photo must fit in the pipe's buffer"
+        self.key = hashlib.sha256(data).hexdigest()
+        self.path = blobs / self.key[:2] / self.key
+        self.data = data
+        self._fd: int | None = None
+
+    def __enter__(self) -> BlobHold:
+        assert self.path.is_file(), f"{self.path} is not a kept photo"
+        self.path.unlink()
+        os.mkfifo(self.path)
+        # Open for reading and writing (which does not wait for a reader): a router's open
+        # returns at once and its read waits for the bytes `release` writes.
+        self._fd = os.open(self.path, os.O_RDWR)
+        return self
+
+    def release(self) -> None:
+        """Gives the bytes to a reader waiting (or about to), and puts the file back."""
+        if self._fd is None:
+            return
+        tmp = self.path.with_name(f".{self.key}.held")
+        tmp.write_bytes(self.data)
+        tmp.replace(self.path)  # later readers open the file
+        os.write(self._fd, self.data)  # one waiting in the FIFO gets the bytes, then EOF
+        os.close(self._fd)
+        self._fd = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextmanager
+def router_replica(
+    cfg: cluster.ClusterConfig, run_dir: Path
+) -> Iterator[tuple[router_pb2_grpc.RouterStub, int]]:
+    """A second router process on `cfg`'s Triton, Redis, classifier services, state dir and
+    model store, with its own ports and its own Qdrant Edge directory (an Edge shard has one
+    owner process). Yields its Router stub and its metrics port; stopped at the end."""
+    port, metrics_port = cluster.free_port(), cluster.free_port()
+    addr = cfg.addr(port)
+    env = {
+        **cfg.service_env("router"),
+        "FIELDLENS_LISTEN_ADDR": addr,
+        "FIELDLENS_METRICS_PORT": str(metrics_port),
+        "QDRANT_PATH": str(run_dir / "qdrant"),
+    }
+    log_path = run_dir / "router-replica.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fieldlens.router"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO_ROOT),
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + cfg.ready_timeout_s
+        while not cluster.grpc_serving(addr):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise cluster.ClusterError(
+                    f"router replica not serving at {addr}:\n{cluster.tail(log_path)}"
+                )
+            time.sleep(0.2)
+        with grpc.insecure_channel(addr) as channel:
+            yield router_pb2_grpc.RouterStub(channel), metrics_port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=cluster.DEFAULT_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -48,7 +48,12 @@ def start_tritonserver(model_repository: Path, work_dir: Path) -> TritonProcess:
     """Start tritonserver over `model_repository` on free loopback ports and wait until every
     model in it is ready; the log goes to `work_dir/tritonserver.log`."""
     backends = triton_server.prepare_backend_directory(work_dir / "backends")
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    ports: list[int] = []
+    while len(ports) < 3:  # three draws may repeat one: Triton refuses a port used twice
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    grpc_port, http_port, metrics_port = ports
     argv, env = triton_server.build_command(
         model_repository,
         backends,
