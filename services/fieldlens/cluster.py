@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from fieldlens.backends import redis_server, triton_server
-from fieldlens.common import credentials, threads, tls
+from fieldlens.common import credentials, runtime, threads, tls
 from fieldlens.common.settings import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -289,6 +289,8 @@ def _triton_command(cfg: ClusterConfig, replica: int = 0) -> tuple[list[str], di
         metrics_port=metrics_port,
         host=cfg.host,
     )
+    # Triton keeps its own gRPC core defaults: the I/O choice of ours is for Python processes.
+    runtime.without_fieldlens_grpc_core(env)
     env.update(dict(cfg.extra_env))
     return argv, env
 

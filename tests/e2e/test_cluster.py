@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import re
 import time
 import urllib.request
 
@@ -23,6 +24,7 @@ from PIL import Image
 
 from fieldlens import cluster, gallery
 from fieldlens.backends.vector_store import LOCK_FILENAME
+from fieldlens.common import runtime
 from fieldlens.common.settings import DEFAULT_MAX_PIXELS, DEFAULT_SPECIALIST_MIN_P
 from fieldlens.router.model_sets import collection_name
 from fieldlens.v1 import classifier_pb2, router_pb2
@@ -238,6 +240,20 @@ def test_metrics_are_exported(live_cluster, indexed):
     assert "fieldlens_stage_duration_seconds_bucket" in body and 'stage="broad"' in body
     assert 'fieldlens_cache_requests_total{result="hit"}' in body
     assert "fieldlens_dispatch_total" in body
+    # Each service says how it runs (common/runtime.py): uvloop, gRPC's core doing its own
+    # I/O, start-up objects frozen out of the collector.
+    for name in ("router", "tiny", "specialist"):
+        url = f"http://127.0.0.1:{cfg.metrics_port(name)}/metrics"
+        runtime_lines = [
+            line
+            for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines()
+            if line.startswith("fieldlens_runtime{")
+        ]
+        assert len(runtime_lines) == 1, (name, runtime_lines)
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', runtime_lines[0]))
+        assert labels["event_loop"] == "uvloop", (name, labels)
+        assert labels["grpc_experiments"] == runtime.GRPC_EXPERIMENTS, (name, labels)
+        assert int(labels["gc_frozen"]) > 10_000, (name, labels)
 
 
 def _restored(live_cluster, name: str, data: bytes, degradation: str) -> None:

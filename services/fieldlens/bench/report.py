@@ -27,10 +27,19 @@ from fieldlens.bench.plan import (
     SHADOW_MAX_RATIO,
 )
 from fieldlens.cluster import COMPONENTS, REPO_ROOT
+from fieldlens.common import runtime
 
 SCHEMA = 1
 REGRESSION_THRESHOLD = 0.20  # relative change counted as a regression
-PACKAGES = ("torch", "numpy", "grpcio", "tritonclient", "qdrant-edge-py", "nvidia-pytriton")
+PACKAGES = (
+    "torch",
+    "numpy",
+    "grpcio",
+    "uvloop",
+    "tritonclient",
+    "qdrant-edge-py",
+    "nvidia-pytriton",
+)
 # Load scenarios every complete run has (the sweep adds sweep_<target>_c<n> for n > 1).
 SCENARIOS = (
     "index_exemplars",
@@ -273,6 +282,9 @@ def describe_machine() -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "loadavg_start": list(os.getloadavg()),
+        # The load generator's (the services report theirs as fieldlens_runtime).
+        "event_loop": runtime.DEFAULT_EVENT_LOOP,
+        "grpc_experiments": os.environ.get(runtime.GRPC_EXPERIMENTS_ENV, ""),
     }
 
 

@@ -49,7 +49,7 @@ from fieldlens.bench.plan import (
     SHADOW_SUFFIX,
     Plan,
 )
-from fieldlens.common import credentials, model_store, tls
+from fieldlens.common import credentials, model_store, runtime, tls
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.model_set import MANIFEST, load_model_set
 from fieldlens.common.settings import data_dir_from_env
@@ -765,7 +765,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 nonce = secrets.token_hex(6)
                 results["scenarios"] = phase.scenarios
                 if only is None:
-                    asyncio.run(phase.run(data_dir, nonce))
+                    runtime.run(phase.run(data_dir, nonce))
                     results["sweep"] = phase.sweep
                     profile = _write_profile(phase, args.out)
                     if profile is not None:
@@ -776,7 +776,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 # Publishes into the cluster's store and loads a candidate: only on the bench's
                 # own cluster. Before the noisy neighbour, whose per-client limits stay on.
                 if target.local and only in (None, "shadow"):
-                    results["shadow"] = asyncio.run(
+                    results["shadow"] = runtime.run(
                         phase.shadow(nonce, lambda: _publish_candidate(cfg))
                     )
                 elif not target.local:
@@ -785,7 +785,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     }
                 # Last: it restarts the router. Only on the bench's own cluster.
                 if target.local and only in (None, "fair-share"):
-                    asyncio.run(phase.fair_share(nonce, lambda: _limit_router(cfg)))
+                    runtime.run(phase.fair_share(nonce, lambda: _limit_router(cfg)))
                     results["fair_share"] = {
                         "limits": dict(FAIR_SHARE_ENV),
                         "noisy_concurrency": NOISY_CONCURRENCY,

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from grpc import aio
 
+from fieldlens.common.runtime import GRPC_EXPERIMENTS_ENV, running_loop_name, settle_heap
 from fieldlens.common.server import GrpcServer, ServicerRegistration, serve_until_signal
 from fieldlens.common.settings import CommonSettings, SettingsError
-from fieldlens.common.telemetry import configure_logging, start_metrics_server
+from fieldlens.common.telemetry import configure_logging, get_metrics, start_metrics_server
 from fieldlens.common.threads import set_cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,21 @@ async def serve_grpc(
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     watcher = asyncio.create_task(watch()) if ready is not None else None
+    # Started: what start-up built stays for the process's life, so the collector stops
+    # walking it (common/runtime.py).
+    frozen = settle_heap()
+    get_metrics().runtime.labels(
+        event_loop=running_loop_name(),
+        grpc_experiments=os.environ.get(GRPC_EXPERIMENTS_ENV, ""),
+        gc_frozen=str(frozen),
+    ).set(1)
+    logger.info(
+        "%s runs on %s; gRPC core experiments %r; %d start-up objects frozen out of the collector",
+        service_name,
+        running_loop_name(),
+        os.environ.get(GRPC_EXPERIMENTS_ENV, ""),
+        frozen,
+    )
 
     async def close() -> None:
         if watcher is not None:
@@ -101,4 +118,4 @@ def main_with_settings(
         raise SystemExit(2) from None
     configure_logging(settings.common.log_level)
     set_cpu_threads(settings.common.cpu_threads)
-    run_service(serve(settings), settings.common.log_level)
+    run_service(serve(settings), settings.common.log_level, settings.common.event_loop)

@@ -12,7 +12,9 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fieldlens.common import runtime
 from fieldlens.common.interceptors import default_interceptors
+from fieldlens.common.runtime import DEFAULT_EVENT_LOOP, EventLoop
 from fieldlens.common.settings import DEFAULT_GRACE_S, DEFAULT_MAX_MESSAGE_BYTES
 from fieldlens.common.telemetry import configure_logging
 from fieldlens.common.tls import TlsFiles, server_credentials
@@ -216,7 +218,12 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def run_service(main: Coroutine[Any, Any, None], log_level: str | int = "INFO") -> None:
-    """Entry-point helper: configure logging, then run `main` on a fresh event loop."""
+def run_service(
+    main: Coroutine[Any, Any, None],
+    log_level: str | int = "INFO",
+    event_loop: EventLoop = DEFAULT_EVENT_LOOP,
+) -> None:
+    """Entry-point helper: configure logging, then run `main` on a fresh event loop of the
+    kind `event_loop` names (common/runtime.py)."""
     configure_logging(log_level)
-    asyncio.run(main)
+    runtime.run(main, event_loop)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from fieldlens.common.runtime import DEFAULT_EVENT_LOOP, EVENT_LOOP_ENV, EventLoop, event_loop
 from fieldlens.common.tls import TlsFiles
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class CommonSettings:
     # A second, plaintext port answering only grpc.health (Kubernetes' grpc probes cannot do
     # TLS); None = none.
     health_addr: str | None = None
+    # The event loop the service runs on (common/runtime.py): uvloop, or asyncio's own.
+    event_loop: EventLoop = DEFAULT_EVENT_LOOP
 
     @classmethod
     def from_env(cls, service: ServiceName, env: Mapping[str, str] | None = None) -> CommonSettings:
@@ -145,6 +148,7 @@ class CommonSettings:
             cpu_threads=cpu_threads_from_env(env),
             tls=tls_from_env(env),
             health_addr=_read_optional(env, "FIELDLENS_HEALTH_ADDR", None, _address()),
+            event_loop=_read(env, EVENT_LOOP_ENV, DEFAULT_EVENT_LOOP, event_loop),
         )
 
 

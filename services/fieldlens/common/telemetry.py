@@ -129,6 +129,13 @@ class Metrics:
             registry=registry,
         )
 
+        self.runtime = Gauge(
+            "fieldlens_runtime",
+            "1, labelled with how this process runs (common/runtime.py): its event loop, gRPC "
+            "core experiments and objects frozen out of the garbage collector at start.",
+            ("event_loop", "grpc_experiments", "gc_frozen"),
+            registry=registry,
+        )
         self.model_set = Gauge(
             "fieldlens_model_set",
             "1 for the model set this router serves (its version and embedding space).",

@@ -1,0 +1,136 @@
+"""How a fieldlens process runs: event loop, gRPC core experiments, garbage collector."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fieldlens.common import runtime
+from fieldlens.common.runtime import (
+    EVENT_LOOP_ENV,
+    GC_GEN0_THRESHOLD,
+    GRPC_EXPERIMENTS,
+    GRPC_EXPERIMENTS_ENV,
+)
+from fieldlens.common.settings import CommonSettings, RouterSettings, SettingsError
+
+SERVICE_START_TIMEOUT_S = 60.0
+
+
+def _env_without_grpc_experiments(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != GRPC_EXPERIMENTS_ENV}
+    return {**env, **extra}
+
+
+def _in_a_fresh_process(code: str, env: dict[str, str]) -> object:
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_EXPERIMENTS_AFTER_IMPORT = (
+    f"import json, os, fieldlens, grpc\nprint(json.dumps(os.environ.get({GRPC_EXPERIMENTS_ENV!r})))"
+)
+
+
+def test_importing_fieldlens_sets_grpc_core_experiments_before_grpc_loads() -> None:
+    env = _env_without_grpc_experiments()
+    assert _in_a_fresh_process(_EXPERIMENTS_AFTER_IMPORT, env) == GRPC_EXPERIMENTS
+    assert GRPC_EXPERIMENTS.split(",") == ["-event_engine_client", "-event_engine_listener"]
+
+
+@pytest.mark.parametrize("operator", ["", "-event_engine_client", "event_engine_listener"])
+def test_an_operators_grpc_experiments_are_kept(operator: str) -> None:
+    env = _env_without_grpc_experiments(**{GRPC_EXPERIMENTS_ENV: operator})
+    assert _in_a_fresh_process(_EXPERIMENTS_AFTER_IMPORT, env) == operator
+
+
+def test_configure_and_undo_on_a_mapping() -> None:
+    env: dict[str, str] = {}
+    assert runtime.configure_grpc_core(env) is True
+    assert env == {GRPC_EXPERIMENTS_ENV: GRPC_EXPERIMENTS}
+    assert runtime.configure_grpc_core(env) is False  # already set: left alone
+    assert runtime.without_fieldlens_grpc_core(env) == {}
+    # Triton keeps what an operator set; only ours is taken away.
+    mine = {GRPC_EXPERIMENTS_ENV: "-event_engine_client", "OTHER": "1"}
+    assert runtime.without_fieldlens_grpc_core(dict(mine)) == mine
+
+
+def test_event_loop_setting_defaults_to_uvloop_and_names_the_choices() -> None:
+    assert CommonSettings.from_env("tiny", {}).event_loop == "uvloop"
+    assert RouterSettings.from_env({EVENT_LOOP_ENV: " AsyncIO "}).common.event_loop == "asyncio"
+    with pytest.raises(SettingsError, match=rf"^{EVENT_LOOP_ENV}='trio': .*uvloop, asyncio"):
+        CommonSettings.from_env("router", {EVENT_LOOP_ENV: "trio"})
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_run_uses_the_loop_named(loop: runtime.EventLoop) -> None:
+    async def name() -> str:
+        return runtime.running_loop_name()
+
+    assert runtime.run(name(), loop) == loop
+
+
+def test_settle_heap_freezes_start_up_objects_and_raises_gen0() -> None:
+    before = gc.get_threshold()
+    keep = [[i] for i in range(1000)]  # lists: always tracked by the collector
+    try:
+        frozen = runtime.settle_heap()
+        assert frozen >= len(keep)
+        assert gc.get_freeze_count() == frozen
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "loop", "experiments"),
+    [(None, "uvloop", GRPC_EXPERIMENTS), ("asyncio", "asyncio", GRPC_EXPERIMENTS)],
+)
+def test_a_started_service_reports_how_it_runs(
+    tmp_path: Path, setting: str | None, loop: str, experiments: str
+) -> None:
+    """The service chooses for itself (no launcher sets GRPC_EXPERIMENTS or the loop) and
+    says so in its log once it serves, after freezing what start-up built."""
+    env = _env_without_grpc_experiments(
+        FIELDLENS_LISTEN_ADDR="127.0.0.1:0",
+        FIELDLENS_METRICS_PORT="0",
+        FIELDLENS_STATE_DIR=str(tmp_path / "state"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop(EVENT_LOOP_ENV, None)
+    if setting is not None:
+        env[EVENT_LOOP_ENV] = setting
+    log_path = tmp_path / "tiny.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fieldlens.tiny"], env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
+        text = ""
+        while time.monotonic() < deadline and "frozen out of the collector" not in text:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+            text = log_path.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    line = next((ln for ln in text.splitlines() if "frozen out of the collector" in ln), None)
+    assert line is not None, text
+    assert f"runs on {loop}; gRPC core experiments {experiments!r}" in line
+    frozen = int(line.split("; ")[-1].split()[0])
+    assert frozen > 10_000, line  # start-up builds far more than a handful of objects
+    assert proc.returncode == 0, text  # and it still stops cleanly on SIGTERM
