@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 
 from fieldlens.backends import redis_server, triton_server
-from fieldlens.common import credentials, runtime, threads, tls
+from fieldlens.common import credentials, model_store, runtime, threads, tls
+from fieldlens.common.errors import FieldlensError
 from fieldlens.common.settings import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -334,11 +335,27 @@ def _ready(cfg: ClusterConfig, name: str) -> bool:
     if base == "redis":
         return redis_server.ping(cfg.host, cfg.redis_port)
     if base == "triton":
-        return triton_server.is_ready(
-            cfg.addr(cfg.triton_ports(replica)[1]),
-            triton_server.repository_models(cfg.model_repository),
-        )
+        url = cfg.addr(cfg.triton_ports(replica)[1])
+        if not triton_server.is_ready(url):
+            return False
+        return any(not triton_server.not_ready_models(url, nets) for nets in _triton_nets(cfg))
     return grpc_serving(cfg.addr(cfg.service_port(name)), tls_files=cfg.client_tls(mtls=True))
+
+
+def _triton_nets(cfg: ClusterConfig) -> list[list[str]]:
+    """What a ready Triton holds, either will do: the nets it boots with (its repository's),
+    or those of the model set the store names current (the router loads them on a Triton
+    that lacks them, and unloads the boot nets once a switch retires them)."""
+    choices = [triton_server.repository_models(cfg.model_repository)]
+    version = model_store.current(cfg.model_store)
+    if version is not None:
+        from fieldlens.backends.triton_repository import nets_of
+
+        try:
+            choices.append(nets_of(model_store.load(cfg.model_store, version)))
+        except FieldlensError as exc:  # a store being written: the boot nets still count
+            logger.debug("model set %s unreadable for Triton readiness: %s", version, exc)
+    return choices
 
 
 def _command(cfg: ClusterConfig, name: str) -> tuple[list[str], dict[str, str]]:

@@ -151,3 +151,20 @@ def test_loaded_sets_dispatch_by_version_and_keep_the_newest():
             await sets.LoadModelSet(classifier_pb2.LoadModelSetRequest(), None)
 
     asyncio.run(scenario())
+
+
+def test_the_specialist_catches_up_only_the_served_set_and_a_candidate(tmp_path, release):
+    """Its Triton catch-up loads the nets of the set the routers serve and of a rollout's
+    candidate, never those of a set it still holds after a switch retired it."""
+    from fieldlens.specialist.__main__ import served_versions
+
+    models, version = release
+    store = tmp_path / "store"
+    model_store.publish(store, models, REPOSITORY)
+    assert served_versions(store, "ms-boot") == {"ms-boot"}  # no switch yet
+    model_store.set_current(store, version)
+    assert served_versions(store, "ms-boot") == {version}  # the boot set is retired
+    model_store.set_rollout(store, model_store.RolloutState("ms-boot", canary_weight=0.1))
+    assert served_versions(store, "ms-boot") == {version, "ms-boot"}
+    model_store.set_rollout(store, None)
+    assert served_versions(store, "ms-boot") == {version}

@@ -198,6 +198,8 @@ class VectorStore(abc.ABC):
 
     # True when a search is a sub-millisecond call into this process (no I/O to wait on).
     in_process: bool = False
+    # Set by every implementation's constructor (see `collection`).
+    _collection: str
 
     @abc.abstractmethod
     def ensure_collection(self, dim: int) -> None:
@@ -250,6 +252,12 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the store; further calls fail."""
+
+    @property
+    def collection(self) -> str:
+        """The collection this store reads and writes (after `publish_as`, its new name where
+        the collection was renamed; a Qdrant server's alias keeps the built name)."""
+        return self._collection
 
     def __enter__(self) -> VectorStore:
         return self

@@ -175,6 +175,8 @@ class ModelSets:
         self.retire_after_s = RETIRE_AFTER_S
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Planes switched away from, answering their last requests until they retire.
+        self._retiring: list[RouterDataPlane] = []
         self.metrics = plane.metrics
         self.metrics.record_model_set(plane.model_set.version, plane.model_set.embedding_version)
 
@@ -260,7 +262,11 @@ class ModelSets:
         collection = collection_name(ms.embedding_version)
         exists = collection in await existing_collections(s)
         name = collection if exists else collection + STAGING_SUFFIX
-        store = await asyncio.to_thread(open_store, s, name, ms.embedding_dim)
+        # Switched straight back: the plane that left this space keeps its store open until
+        # it retires, and an in-process store has one owner, so the new plane takes it over.
+        store = self._retiring_store(name)
+        if store is None:
+            store = await asyncio.to_thread(open_store, s, name, ms.embedding_dim)
         plane = new_plane(self.backends, ms, store)
         learner = _learner(plane)
         await learner.restore()
@@ -269,10 +275,31 @@ class ModelSets:
         counts = await learner.reindex([old.store], store, collection, older, progress)
         return plane, counts["indexed"], counts["relearned"]
 
+    def _retiring_store(self, collection: str) -> VectorStore | None:
+        """The open store of `collection` that a retiring plane still holds, if any."""
+        for plane in self._retiring:
+            if plane.store is not None and plane.store.collection == collection:
+                return plane.store
+        return None
+
+    def _in_use(self, store: VectorStore) -> bool:
+        """Whether a plane that serves, or may serve, still needs `store`."""
+        planes = [self.plane, *self._retiring]
+        if self.rollout is not None:
+            planes.append(self.rollout.plane)
+        return any(p.store is store for p in planes)
+
     def _retire_later(self, old: RouterDataPlane, new: RouterDataPlane) -> None:
+        self._retiring.append(old)
+
         async def retire() -> None:
-            await asyncio.sleep(RETIRE_AFTER_S)
-            if old.store is not None and old.store is not new.store:
+            try:
+                await asyncio.sleep(RETIRE_AFTER_S)
+            finally:
+                self._retiring.remove(old)
+            # Its store stays open when a newer plane uses it (the same embedding space, or
+            # this space switched back to meanwhile).
+            if old.store is not None and not self._in_use(old.store):
                 await asyncio.to_thread(old.store.close)
             if self.plane is new:  # not switched back meanwhile
                 await unload_nets(self.backends.settings.triton_addr, nets_of(old.model_set))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from fieldlens.backends.triton_client import TritonClient
 from fieldlens.backends.triton_repository import ensure_model_set
@@ -11,7 +12,7 @@ from fieldlens.common.bootstrap import main_with_settings, serve_grpc
 from fieldlens.common.errors import FieldlensError
 from fieldlens.common.loaded_sets import LoadedModelSets
 from fieldlens.common.model_set import ModelSet
-from fieldlens.common.model_store import load_served, load_version
+from fieldlens.common.model_store import current, load_served, load_version, rollout
 from fieldlens.common.settings import ClassifierSettings
 from fieldlens.specialist.servicer import SpecialistServicer
 from fieldlens.v1 import classifier_pb2_grpc
@@ -44,12 +45,17 @@ async def serve(settings: ClassifierSettings) -> None:
     sets = LoadedModelSets(model_set.version, SpecialistServicer(model_set, triton), factory)
 
     async def catch_up() -> None:
-        """Forever: every Triton server that lacks a loaded set's specialist nets (restarted,
-        or added) gets them; until then calls skip it (TritonClient.refresh)."""
+        """Forever: every Triton server that lacks the specialist nets of the set the routers
+        serve, or of a rollout's candidate (restarted, or added), gets them; until then calls
+        skip it (TritonClient.refresh). Not those of a set this service still holds for the
+        requests a switch left on it: the router unloads them once it retires the set."""
         while True:
             await asyncio.sleep(FOLLOW_S)
-            loaded = [_servicer(sets, v).model_set for v in sets.versions]
             try:
+                wanted = await asyncio.to_thread(
+                    served_versions, common.model_store, model_set.version
+                )
+                loaded = [_servicer(sets, v).model_set for v in sets.versions if v in wanted]
                 lacking = await triton.refresh([n for ms in loaded for n in _nets(ms)])
                 for ms in loaded:
                     only = sorted(a for a, nets in lacking.items() if set(nets) & set(_nets(ms)))
@@ -89,6 +95,16 @@ def _servicer(sets: LoadedModelSets, version: str) -> SpecialistServicer:
     servicer = sets.pick(version)
     assert isinstance(servicer, SpecialistServicer)
     return servicer
+
+
+def served_versions(store: Path, served_at_start: str) -> set[str]:
+    """The model sets whose nets Triton must hold: the one the routers serve (the store's
+    current one; before any switch, the one served at start) and a rollout's candidate."""
+    wanted = {current(store) or served_at_start}
+    state = rollout(store)
+    if state is not None:
+        wanted.add(state.candidate)
+    return wanted
 
 
 def _nets(ms: ModelSet) -> list[str]:
