@@ -11,6 +11,7 @@ import pytest
 from e2e_cluster import running
 
 from fieldlens import cluster, gallery
+from fieldlens.common.credentials import bearer
 from fieldlens.v1 import router_pb2_grpc
 
 
@@ -35,6 +36,20 @@ def live_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveClust
     cfg = cluster.ClusterConfig(run_dir=run_dir).with_free_ports()
     with running(cfg) as (channel, router):
         yield LiveCluster(cfg, router, channel)
+
+
+@pytest.fixture(scope="module")
+def cluster_up(live_cluster: LiveCluster) -> LiveCluster:
+    """The live cluster, whole: a module run before may have killed a component (Redis, the
+    specialist, ...) and not started it again."""
+    cluster.start(live_cluster.cfg)
+    return live_cluster
+
+
+@pytest.fixture(scope="module")
+def token(cluster_up: LiveCluster) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying the cluster's write token (every scope)."""
+    return bearer(cluster_up.token)
 
 
 @pytest.fixture(scope="session")

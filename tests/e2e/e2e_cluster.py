@@ -1,5 +1,6 @@
 """Helpers of the end-to-end tests: a local cluster for the length of a `with` block, a second
-router replica beside it, a kept photo whose bytes wait, and the router's /metrics."""
+router replica beside it, a kept photo whose bytes wait, the router's /metrics, Classify
+traffic on other threads and a model-set switch."""
 
 from __future__ import annotations
 
@@ -8,19 +9,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from fieldlens import cluster
+from fieldlens.common.credentials import bearer
 from fieldlens.common.settings import REPO_ROOT
-from fieldlens.v1 import router_pb2_grpc
+from fieldlens.v1 import router_pb2, router_pb2_grpc
 
 # A FIFO holds what one write puts in it without a reader: the photos the tests hold are far
 # smaller (Tiny ImageNet JPEGs are a few KiB).
@@ -149,3 +152,87 @@ def router_replica(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+class Answer(NamedTuple):
+    """One Classify answer of `Traffic`."""
+
+    sent: float  # time.monotonic() when the call was sent (one in flight at a swap finishes
+    # on the set it started on)
+    image: int  # index into the traffic's images
+    version: str  # the model set that answered
+    cached: bool
+
+
+class Traffic:
+    """Classify calls in a loop on `threads` other threads for the length of a `with` block;
+    records each answer (`answers`) or error (`errors`, "CODE: details").
+
+    Args:
+        router: The Router stub to call.
+        images: Photos sent in turn.
+        threads: Calls in flight at once.
+        skip_cache: Whether the n-th call (0, 1, ...) skips the result cache.
+    """
+
+    def __init__(
+        self,
+        router: router_pb2_grpc.RouterStub,
+        images: list[bytes],
+        *,
+        threads: int = 1,
+        skip_cache: Callable[[int], bool] = lambda n: False,
+    ) -> None:
+        self.router, self.images, self.skip_cache = router, images, skip_cache
+        self.answers: list[Answer] = []
+        self.errors: list[str] = []
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                n, self._next = self._next, self._next + 1
+            i = n % len(self.images)
+            request = router_pb2.ClassifyRequest(
+                image=self.images[i], skip_cache=self.skip_cache(n)
+            )
+            sent = time.monotonic()
+            try:
+                r = self.router.Classify(request, timeout=30)
+                self.answers.append(Answer(sent, i, r.model_set_version, r.cached))
+            except grpc.RpcError as exc:
+                self.errors.append(f"{exc.code().name}: {exc.details()}")
+
+    @property
+    def computed(self) -> int:
+        """Answers the nets computed (not read from the result cache)."""
+        return sum(not a.cached for a in self.answers)
+
+    @property
+    def rounds(self) -> float:
+        """How many times over the images have been answered."""
+        return len(self.answers) / len(self.images)
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def switch(
+    router: router_pb2_grpc.RouterStub, cfg: cluster.ClusterConfig, version: str
+) -> router_pb2.SwitchModelSetResponse:
+    """Router.SwitchModelSet to `version` with the cluster's write token."""
+    return router.SwitchModelSet(
+        router_pb2.SwitchModelSetRequest(version=version),
+        timeout=600,
+        metadata=bearer(cfg.write_token()),
+    )

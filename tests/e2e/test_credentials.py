@@ -30,13 +30,6 @@ LEARNER, OTHER = "e2e-learner", "e2e-other"
 
 
 @pytest.fixture(scope="module")
-def cluster_up(live_cluster):
-    # A module run before this one may have killed a component without restarting it.
-    cluster.start(live_cluster.cfg)
-    return live_cluster
-
-
-@pytest.fixture(scope="module")
 def tokens(cluster_up) -> Iterator[dict[str, str]]:
     path = cluster_up.cfg.tokens_path
     issued = {name: credentials.add_token(path, name, ["learn"]) for name in (LEARNER, OTHER)}

@@ -13,7 +13,6 @@ import grpc
 import pytest
 
 from fieldlens import cluster, gallery
-from fieldlens.common.credentials import bearer
 from fieldlens.v1 import router_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -22,18 +21,6 @@ SHOTS = 5
 HELD_OUT = 15
 # test_learn.py learns the first two novel classes; these are the next ones.
 FIRST_CLASS = 2
-
-
-@pytest.fixture(scope="module")
-def cluster_up(live_cluster):
-    # Earlier end-to-end tests kill Redis and the specialist; bring everything back.
-    cluster.start(live_cluster.cfg)
-    return live_cluster
-
-
-@pytest.fixture(scope="module")
-def token(cluster_up) -> tuple[tuple[str, str], ...]:
-    return bearer(cluster_up.token)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import grpc
 import pytest
 
 from fieldlens import cluster, gallery
-from fieldlens.common.credentials import bearer
 from fieldlens.common.taxonomy import learned_taxon_id
 from fieldlens.v1 import router_pb2
 
@@ -22,18 +21,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 LEARN_SHOTS = 5
 HELD_OUT = 20
-
-
-@pytest.fixture(scope="module")
-def cluster_up(live_cluster):
-    # A module run before this one may have killed a component without restarting it.
-    cluster.start(live_cluster.cfg)
-    return live_cluster
-
-
-@pytest.fixture(scope="module")
-def token(cluster_up) -> tuple[tuple[str, str], ...]:
-    return bearer(cluster_up.token)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from e2e_cluster import metric_value
 
 from fieldlens import cluster, gallery
 from fieldlens.backends.cache import generations_key
-from fieldlens.common.credentials import bearer
 from fieldlens.common.model_set import load_model_set
 from fieldlens.common.settings import DEFAULT_SPECIALIST_MIN_P
 from fieldlens.v1 import classifier_pb2, router_pb2
@@ -31,18 +30,6 @@ NOVEL_PHOTOS = 5
 PHOTOS_PER_CLASS = 8
 # How long the cache client may take to close its circuit again after Redis is back.
 CACHE_BACK_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def cluster_up(live_cluster):
-    # A module run before this one may have killed a component without restarting it.
-    cluster.start(live_cluster.cfg)
-    return live_cluster
-
-
-@pytest.fixture(scope="module")
-def token(cluster_up) -> tuple[tuple[str, str], ...]:
-    return bearer(cluster_up.token)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import hashlib
 import io
 import json
 import shutil
-import threading
 import time
 import urllib.request
 from collections import Counter
 
 import grpc
 import pytest
-from e2e_cluster import running
+from e2e_cluster import Traffic, running
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,7 +23,7 @@ from fieldlens.common import model_store
 from fieldlens.common.credentials import bearer
 from fieldlens.common.model_set import load_model_set
 from fieldlens.router.rollout import canary_serves
-from fieldlens.v1 import router_pb2, router_pb2_grpc
+from fieldlens.v1 import router_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -89,50 +88,6 @@ def from_the_current_set(rollout_cluster) -> None:
         )
     info = _info(router)
     assert info.model_set_version == current and not info.HasField("rollout")
-
-
-class Traffic:
-    """Classify calls in a loop on other threads; records (time sent, image, version) or the
-    error of each."""
-
-    def __init__(
-        self, router: router_pb2_grpc.RouterStub, images: list[bytes], threads: int = 2
-    ) -> None:
-        self.router, self.images = router, images
-        self.answers: list[tuple[float, int, str]] = []
-        self.errors: list[str] = []
-        self._next = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                n, self._next = self._next, self._next + 1
-            i = n % len(self.images)
-            sent = time.monotonic()
-            try:
-                r = self.router.Classify(
-                    router_pb2.ClassifyRequest(image=self.images[i]), timeout=30
-                )
-                self.answers.append((sent, i, r.model_set_version))
-            except grpc.RpcError as exc:
-                self.errors.append(f"{exc.code().name}: {exc.details()}")
-
-    @property
-    def rounds(self) -> float:
-        return len(self.answers) / len(self.images)
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
 
 
 def _metrics(cfg) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -222,7 +177,7 @@ def test_shadow_agreement_matches_an_offline_comparison(rollout_cluster):
     before = _metrics(cfg)
     reply = _set(router, cfg, candidate, 0.0, 0.2)
     assert reply.seconds == 0.0  # already loaded: only the shares changed
-    with Traffic(router, images) as traffic:
+    with Traffic(router, images, threads=2) as traffic:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             time.sleep(2)
@@ -232,7 +187,7 @@ def test_shadow_agreement_matches_an_offline_comparison(rollout_cluster):
     time.sleep(1)  # the last shadow calls finish
     after = _metrics(cfg)
     assert traffic.errors == []
-    assert {v for _, _, v in traffic.answers} == {current}  # shadow answers are never returned
+    assert {a.version for a in traffic.answers} == {current}  # shadow answers are never returned
 
     def delta(name: str, **labels: str) -> float:
         labels["candidate"] = candidate
@@ -287,11 +242,11 @@ def test_a_ten_percent_canary_serves_ten_percent_by_content_hash(rollout_cluster
     photos = _variants(images, CANARY_IMAGES)
     expected = [canary_serves(hashlib.sha256(d).hexdigest(), 0.1) for d in photos]
     _set(router, cfg, candidate, 0.1, 0.0)
-    with Traffic(router, photos) as traffic:
+    with Traffic(router, photos, threads=2) as traffic:
         while traffic.rounds < 1.5 and not traffic.errors:
             time.sleep(1)
     assert traffic.errors == []
-    versions = Counter(v for _, _, v in traffic.answers)
+    versions = Counter(a.version for a in traffic.answers)
     share = versions[candidate] / len(traffic.answers)
     print(
         f"canary at 10%: {share:.1%} of {len(traffic.answers)} answers from the candidate "
@@ -299,14 +254,14 @@ def test_a_ten_percent_canary_serves_ten_percent_by_content_hash(rollout_cluster
     )
     assert abs(share - 0.1) <= 0.03
     # One photo, one set: every answer came from the set its content hash names.
-    for _, i, v in traffic.answers:
-        assert v == (candidate if expected[i] else current)
+    for a in traffic.answers:
+        assert a.version == (candidate if expected[a.image] else current)
 
 
 def test_abort_under_traffic(rollout_cluster):
     cfg, router, current, candidate, images = rollout_cluster
     _set(router, cfg, candidate, 0.5, 0.2)
-    with Traffic(router, images) as traffic:
+    with Traffic(router, images, threads=2) as traffic:
         time.sleep(2)
         started = time.monotonic()
         reply = router.AbortCandidate(
@@ -316,8 +271,8 @@ def test_abort_under_traffic(rollout_cluster):
         time.sleep(2)
     assert reply.aborted_version == candidate
     assert traffic.errors == []
-    assert {v for t, _, v in traffic.answers if t < started} == {current, candidate}
-    assert {v for t, _, v in traffic.answers if t > ended} == {current}
+    assert {a.version for a in traffic.answers if a.sent < started} == {current, candidate}
+    assert {a.version for a in traffic.answers if a.sent > ended} == {current}
     assert not _info(router).HasField("rollout")
     assert model_store.rollout(cfg.model_store) is None
     again = router.AbortCandidate(
@@ -347,7 +302,7 @@ def test_the_rollout_survives_a_kill_of_every_service(rollout_cluster):
 def test_promote_under_traffic(rollout_cluster):
     cfg, router, current, candidate, images = rollout_cluster
     _set(router, cfg, candidate, 0.1, 0.2)
-    with Traffic(router, images) as traffic:
+    with Traffic(router, images, threads=2) as traffic:
         time.sleep(2)
         started = time.monotonic()
         reply = router.PromoteCandidate(
@@ -357,10 +312,10 @@ def test_promote_under_traffic(rollout_cluster):
         time.sleep(2)
     assert traffic.errors == []
     assert (reply.model_set_version, reply.previous_model_set_version) == (candidate, current)
-    assert {v for t, _, v in traffic.answers if t > ended} == {candidate}
+    assert {a.version for a in traffic.answers if a.sent > ended} == {candidate}
     print(
         f"promoted in {reply.seconds:.2f} s; {len(traffic.answers)} answers, "
-        f"{sum(1 for t, _, _ in traffic.answers if started <= t <= ended)} during it, none failed"
+        f"{sum(1 for a in traffic.answers if started <= a.sent <= ended)} during it, none failed"
     )
     info = _info(router)
     assert info.model_set_version == candidate and not info.HasField("rollout")

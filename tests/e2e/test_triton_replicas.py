@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 
-import grpc
 import pytest
-from e2e_cluster import running
+from e2e_cluster import Traffic, running
+from e2e_cluster import switch as _switch
 from tritonclient.grpc import InferenceServerClient
 
 from fieldlens import cluster, gallery
 from fieldlens.backends.triton_repository import nets_of
 from fieldlens.common import model_store
-from fieldlens.common.credentials import bearer
 from fieldlens.common.model_set import load_model_set
-from fieldlens.v1 import router_pb2, router_pb2_grpc
+from fieldlens.v1 import router_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -52,38 +50,6 @@ def replicated(tmp_path_factory, data_dir):
     ]
     with running(cfg) as (_, router):
         yield cfg, router, version, images
-
-
-class Traffic:
-    """Cache-skipping Classify calls in a loop on another thread; counts answers and errors."""
-
-    def __init__(self, router: router_pb2_grpc.RouterStub, images: list[bytes]) -> None:
-        self.router, self.images = router, images
-        self.answered = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            request = router_pb2.ClassifyRequest(
-                image=self.images[n % len(self.images)], skip_cache=True
-            )
-            n += 1
-            try:
-                self.router.Classify(request, timeout=30)
-                self.answered += 1
-            except grpc.RpcError as exc:
-                self.errors.append(f"{exc.code().name}: {exc.details()}")
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
 
 
 def _served_nets(cfg: cluster.ClusterConfig, version: str) -> list[str]:
@@ -118,14 +84,6 @@ def _inferences(cfg: cluster.ClusterConfig, replica: int, model: str) -> int:
     return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats["model_stats"])
 
 
-def _switch(router, cfg, version: str) -> router_pb2.SwitchModelSetResponse:
-    return router.SwitchModelSet(
-        router_pb2.SwitchModelSetRequest(version=version),
-        timeout=600,
-        metadata=bearer(cfg.write_token()),
-    )
-
-
 def test_services_address_every_triton_replica(replicated):
     cfg, router, _, images = replicated
     assert cfg.triton_target.startswith("ipv4:") and cfg.triton_target.count(",") == 1
@@ -142,7 +100,7 @@ def test_services_address_every_triton_replica(replicated):
 def test_a_switch_under_traffic_loads_every_replica(replicated):
     cfg, router, version, images = replicated
     nets = _served_nets(cfg, version)
-    with Traffic(router, images) as traffic:
+    with Traffic(router, images, skip_cache=lambda n: True) as traffic:
         started = time.monotonic()
         report = _switch(router, cfg, version)
         seconds = time.monotonic() - started
@@ -152,10 +110,10 @@ def test_a_switch_under_traffic_loads_every_replica(replicated):
         assert all(_ready_on(cfg, replica, nets).values()), (replica, nets)
     print(
         f"switch with {REPLICAS} Tritons: {seconds:.1f} s ({report.model_set_version}); "
-        f"{traffic.answered} answers under traffic, {len(traffic.errors)} failed"
+        f"{len(traffic.answers)} answers under traffic, {len(traffic.errors)} failed"
     )
     assert traffic.errors == []
-    assert traffic.answered > 0
+    assert len(traffic.answers) > 0
 
 
 def test_a_restarted_triton_gets_the_serving_nets_back_without_a_failed_request(replicated):
@@ -163,7 +121,7 @@ def test_a_restarted_triton_gets_the_serving_nets_back_without_a_failed_request(
     _switch(router, cfg, version)  # a no-op when an earlier test switched already
     nets = _served_nets(cfg, version)
     restarted = cluster.replica_name("triton", REPLICAS - 1)
-    with Traffic(router, images) as traffic:
+    with Traffic(router, images, skip_cache=lambda n: True) as traffic:
         time.sleep(1)
         assert cluster.kill(cfg, restarted)  # SIGKILL: comes back with its repository's nets
         time.sleep(2)
@@ -178,7 +136,7 @@ def test_a_restarted_triton_gets_the_serving_nets_back_without_a_failed_request(
         after = _inferences(cfg, REPLICAS - 1, nets[0])
     print(
         f"{restarted} had the serving nets back {caught_up - deadline + CATCH_UP_S:.1f} s "
-        f"after its restart; {traffic.answered} answers, {len(traffic.errors)} failed"
+        f"after its restart; {len(traffic.answers)} answers, {len(traffic.errors)} failed"
     )
     assert traffic.errors == []
     assert after > before
