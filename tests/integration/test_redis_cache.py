@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 
 from fieldlens.backends.cache import RedisCache, ResultCache, cache_key, generations_key
+from fieldlens.common import runtime
 from fieldlens.common.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -23,7 +24,8 @@ COOLDOWN_S = 0.3
 
 
 def _run(body: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(body())  # type: ignore[arg-type]
+    # On the services' own event loop (uvloop by default): transports differ between loops.
+    return runtime.run(body())  # type: ignore[arg-type]
 
 
 def test_cache_key_layout() -> None:
@@ -167,6 +169,106 @@ def test_generation_bump_fails_typed_when_redis_is_down(fresh_redis: RedisProces
             fresh_redis.kill()
             with pytest.raises(Unavailable, match="bump failed"):
                 await cache.bump_generation(generations_key("s"), "broad/cat")
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+def test_pipelined_lookups_of_requests_in_flight_match_their_replies(
+    redis_server: RedisProcess,
+) -> None:
+    """Look-ups and write-backs of many requests at once share pipelines on one connection:
+    each gets its own reply, and the generations its key's set names."""
+
+    async def body() -> None:
+        cache = RedisCache.from_addr(redis_server.addr)
+        keys = [cache_key(f"{i:064x}", "pipe-set") for i in range(50)]
+        gens = [generations_key(f"pipe-set-{i % 3}") for i in range(50)]
+        try:
+            for i in range(3):
+                await cache.bump_generation(generations_key(f"pipe-set-{i}"), f"broad/g{i}")
+            await asyncio.gather(*(cache.set(k, f"v{i}".encode(), 30) for i, k in enumerate(keys)))
+            got = await asyncio.gather(
+                *(cache.get_with_generations(k, g) for k, g in zip(keys, gens, strict=True))
+            )
+            assert got == [(f"v{i}".encode(), {f"broad/g{i % 3}": 1}) for i in range(50)]
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+def test_a_hung_pipeline_times_out_and_its_late_replies_reach_no_one(
+    fresh_redis: RedisProcess,
+) -> None:
+    """A look-up Redis does not answer in time fails Unavailable; when Redis wakes up, the
+    replies it then sends for that look-up are not taken as the next one's."""
+    assert fresh_redis.proc is not None
+    proc = fresh_redis.proc
+
+    async def body() -> None:
+        cache = RedisCache.from_addr(fresh_redis.addr, cooldown_s=COOLDOWN_S)
+        gens = generations_key("hung-set")
+        first, second = cache_key("aa" * 32, "hung-set"), cache_key("bb" * 32, "hung-set")
+        try:
+            await cache.set(first, b"first", 60)
+            await cache.set(second, b"second", 60)
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                elapsed, exc = await _timed(cache.get_with_generations(first, gens))
+                assert isinstance(exc, Unavailable) and elapsed < 0.5, (elapsed, exc)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(COOLDOWN_S + 0.05)
+            assert await cache.get_with_generations(second, gens) == (b"second", {})
+            assert not cache.circuit_open
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+def test_an_error_reply_is_unavailable_and_the_next_call_works(redis_server: RedisProcess) -> None:
+    async def body() -> None:
+        cache = RedisCache.from_addr(redis_server.addr, cooldown_s=COOLDOWN_S)
+        wrong = generations_key("wrongtype-set")
+        key = cache_key("cc" * 32, "wrongtype-set")
+        try:
+            await cache.set(wrong, b"not a hash", 60)  # HGETALL on a string: WRONGTYPE
+            with pytest.raises(Unavailable, match="WRONGTYPE"):
+                await cache.get_with_generations(key, wrong)
+            await asyncio.sleep(COOLDOWN_S + 0.05)
+            await cache.set(key, b"fine", 60)
+            assert await cache.get_with_generations(key, generations_key("other")) == (
+                b"fine",
+                {},
+            )
+        finally:
+            await cache.close()
+
+    _run(body)
+
+
+def test_a_restarted_server_is_reconnected_to(fresh_redis: RedisProcess) -> None:
+    async def body() -> None:
+        cache = RedisCache.from_addr(fresh_redis.addr, cooldown_s=COOLDOWN_S)
+        key = cache_key("dd" * 32, "restart-set")
+        try:
+            await cache.set(key, b"before", 60)
+            fresh_redis.kill()
+            fresh_redis.start()
+            await asyncio.sleep(COOLDOWN_S + 0.05)
+            # The old connection is dead: at most this call fails, then a new one is opened.
+            try:
+                await cache.set(key, b"after", 60)
+            except Unavailable:
+                await asyncio.sleep(COOLDOWN_S + 0.05)
+                await cache.set(key, b"after", 60)
+            assert await cache.get_with_generations(key, generations_key("restart-set")) == (
+                b"after",
+                {},
+            )
         finally:
             await cache.close()
 

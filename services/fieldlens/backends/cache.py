@@ -25,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from fieldlens.backends.resp import RespConnection, RespError
 from fieldlens.common.batching import MicroBatcher
 from fieldlens.common.errors import Unavailable
 
@@ -104,6 +105,8 @@ class RedisCache:
         max_connections: pool size cap.
         on_failure: called with the operation name ("get", "set", "ping") on every failure,
             fast-failed ones included, e.g. to count degraded requests.
+        on_batch: called with the number of look-ups and write-backs in each pipeline sent
+            (metrics: `fieldlens_backend_batch_size{backend="redis"}`).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class RedisCache:
         cooldown_s: float = DEFAULT_COOLDOWN_S,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         on_failure: Callable[[str], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -125,10 +129,12 @@ class RedisCache:
         self._max_connections = max_connections
         self._on_failure = on_failure
         self._client: Redis | None = None
+        # The hot path's pipelined connection (look-ups and write-backs), opened on first use.
+        self._conn: RespConnection | None = None
         # 0.0 = closed circuit; otherwise calls before this monotonic time fail fast.
         self._open_until = 0.0
         self._ops: MicroBatcher[_Op, tuple[bytes | None, dict[str, int]] | None] = MicroBatcher(
-            self._pipeline, BATCH_MAX, BATCH_IN_FLIGHT
+            self._pipeline, BATCH_MAX, BATCH_IN_FLIGHT, on_batch
         )
 
     @classmethod
@@ -221,24 +227,27 @@ class RedisCache:
 
     async def _pipeline(self, ops: list[_Op]) -> list[tuple[bytes | None, dict[str, int]] | None]:
         """Every op of a batch in one pipeline: the GETs and SETs in order, then each
-        generations hash the GETs named, once."""
+        generations hash the GETs named, once. On the hot path, so over `RespConnection`
+        (hiredis on an asyncio transport), not redis-py's pipeline (see backends/resp.py)."""
         hashes = list(dict.fromkeys(str(g) for kind, _, g, _ in ops if kind == "get"))
+        commands: list[tuple[str | bytes | int, ...]] = [
+            ("GET", key) if kind == "get" else ("SET", key, arg, "PX", ttl_ms)
+            for kind, key, arg, ttl_ms in ops
+        ]
+        commands += [("HGETALL", g) for g in hashes]
         try:
-            pipe = self._redis().pipeline(transaction=False)
-            for kind, key, arg, ttl_ms in ops:
-                if kind == "get":
-                    pipe.get(key)
-                else:
-                    pipe.set(key, arg, px=ttl_ms)
-            for g in hashes:
-                pipe.hgetall(g)
             async with asyncio.timeout(self._deadline()):
-                replies = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await RespConnection.open(self._host, self._port)
+                replies = await self._conn.execute(commands)
+        except (RespError, OSError, TimeoutError) as exc:  # ConnectionError is an OSError
+            if self._conn is not None:
+                self._conn.close()  # the next call (the circuit's probe) connects afresh
+                self._conn = None
             raise self._trip(ops[0][0], exc) from exc
         self._recover()
         gens = {
-            g: {k.decode(): int(v) for k, v in reply.items()}
+            g: {k.decode(): int(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
             for g, reply in zip(hashes, replies[len(ops) :], strict=True)
         }
         return [
@@ -278,6 +287,9 @@ class RedisCache:
         return ok
 
     async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

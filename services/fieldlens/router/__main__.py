@@ -20,6 +20,7 @@ from fieldlens.common.knowledge import KnowledgeJournal
 from fieldlens.common.limits import FairShare, FairShareAdmission, Identity, Limits, peer_identity
 from fieldlens.common.model_store import load_served
 from fieldlens.common.settings import RouterSettings
+from fieldlens.common.telemetry import get_metrics
 from fieldlens.router.clients import ClassifierClient
 from fieldlens.router.learning import Learner
 from fieldlens.router.model_sets import (
@@ -128,7 +129,11 @@ async def serve(settings: RouterSettings) -> None:
         ClassifierClient(
             settings.tiny_addr, settings.stage_timeout_s, common.max_message_bytes, common.tls
         ),
-        RedisCache.from_addr(settings.redis_addr) if settings.redis_addr else None,
+        RedisCache.from_addr(
+            settings.redis_addr, on_batch=get_metrics().batch_observer("router", "redis")
+        )
+        if settings.redis_addr
+        else None,
         open_blob_store(settings.blob_store, common.state_dir / "blobs"),
     )
     plane = new_plane(backends, model_set, store)
