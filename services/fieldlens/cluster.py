@@ -477,6 +477,7 @@ def _start_one(cfg: ClusterConfig, name: str) -> None:
         raise ClusterError(
             f"{name}: port(s) {taken} on {cfg.host} already in use by another process"
         )
+    _remove_leftovers(cfg, name)
     argv, env = _command(cfg, name)
     proc = spawn(argv, env, cfg.log_path(name))
     cfg.pid_path(name).write_text(f"{proc.pid}\n")
@@ -553,6 +554,18 @@ def _terminate(cfg: ClusterConfig, name: str, pid: int, timeout_s: float) -> Non
         _wait_gone(pid, name, 5.0)
     _children.pop(pid, None)
     cfg.pid_path(name).unlink(missing_ok=True)
+    _remove_leftovers(cfg, name)
+
+
+def _remove_leftovers(cfg: ClusterConfig, name: str) -> None:
+    """What a component killed outright leaves behind and no one else would remove: a Triton
+    replica's shared-memory regions (its port is free or its process gone when this runs)."""
+    base, replica = _replica_of(name)
+    if base == "triton":
+        prefix = triton_server.shm_prefix_for(cfg.triton_ports(replica)[0])
+        removed = triton_server.remove_shm_regions(prefix)
+        if removed:
+            logger.info("%s: removed %d shared-memory regions it left", name, removed)
 
 
 def stop(
@@ -585,6 +598,7 @@ def kill(cfg: ClusterConfig, name: str, sig: signal.Signals = signal.SIGKILL) ->
     if sig in (signal.SIGKILL, signal.SIGTERM) and _wait_gone(pid, name, DEFAULT_STOP_TIMEOUT_S):
         _children.pop(pid, None)
         cfg.pid_path(name).unlink(missing_ok=True)
+        _remove_leftovers(cfg, name)
     return True
 
 

@@ -15,6 +15,7 @@ from e2e_cluster import switch as _switch
 from tritonclient.grpc import InferenceServerClient
 
 from fieldlens import cluster, gallery
+from fieldlens.backends import triton_server
 from fieldlens.backends.triton_repository import nets_of
 from fieldlens.common import model_store
 from fieldlens.common.model_set import load_model_set
@@ -121,9 +122,19 @@ def test_a_restarted_triton_gets_the_serving_nets_back_without_a_failed_request(
     _switch(router, cfg, version)  # a no-op when an earlier test switched already
     nets = _served_nets(cfg, version)
     restarted = cluster.replica_name("triton", REPLICAS - 1)
+    regions = triton_server.SHM_DIR.glob(
+        triton_server.shm_prefix_for(cfg.triton_ports(REPLICAS - 1)[0]) + "*"
+    )
+    assert list(regions), "a running Triton holds shared-memory regions"
     with Traffic(router, images, skip_cache=lambda n: True) as traffic:
         time.sleep(1)
         assert cluster.kill(cfg, restarted)  # SIGKILL: comes back with its repository's nets
+        # What it could not remove itself, the launcher did: /dev/shm is memory.
+        assert not list(
+            triton_server.SHM_DIR.glob(
+                triton_server.shm_prefix_for(cfg.triton_ports(REPLICAS - 1)[0]) + "*"
+            )
+        )
         time.sleep(2)
         cluster.start(cfg, [restarted])
         deadline = time.monotonic() + CATCH_UP_S

@@ -194,3 +194,12 @@ def test_a_started_tiny_service_limits_its_blas_pool(tmp_path: Path) -> None:
     assert "torch" not in line
     # Limited before serving.
     assert text.index("CPU threads") < text.index("listening on port")
+
+
+def test_a_killed_tritons_shared_memory_is_removed_by_prefix_only(tmp_path: Path) -> None:
+    mine = triton_server.shm_prefix_for(8001)
+    for name in (f"{mine}a-b-c", f"{mine}d-e-f", f"{triton_server.shm_prefix_for(80011)}x", "y"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    assert triton_server.remove_shm_regions(mine, tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fieldlens_80011_x", "y"]
+    assert triton_server.remove_shm_regions(mine, tmp_path) == 0

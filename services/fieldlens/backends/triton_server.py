@@ -124,6 +124,31 @@ def stub_environment(base_env: Mapping[str, str] | None = None) -> dict[str, str
     return env
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_prefix_for(grpc_port: int) -> str:
+    """The Python backend's shared-memory region prefix of the server on `grpc_port`."""
+    return f"fieldlens_{grpc_port}_"
+
+
+def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> int:
+    """Removes the Python backend's shared-memory regions named `prefix*`; returns how many.
+
+    A server that exits cleanly removes its own; one killed (SIGKILL, OOM) leaves them, and
+    /dev/shm is memory: each run of a local cluster on fresh ports would leak a few MiB per
+    model instance. Call it only when no server with this prefix runs.
+    """
+    removed = 0
+    for region in shm_dir.glob(f"{prefix}*"):
+        try:
+            region.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def build_command(
     model_repository: str | os.PathLike[str],
     backend_directory: str | os.PathLike[str],
@@ -158,7 +183,7 @@ def build_command(
         base_env: environment to extend (default: this process's).
     """
     dist = locate_tritonserver()
-    prefix = shm_prefix or f"fieldlens_{grpc_port}_"
+    prefix = shm_prefix or shm_prefix_for(grpc_port)
     argv = [
         str(dist.binary),
         f"--model-repository={Path(model_repository).resolve()}",
