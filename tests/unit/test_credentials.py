@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -444,3 +446,29 @@ def test_a_token_over_plaintext_is_refused_unless_allowed(tokens_file: Path):
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # past the check
 
     asyncio.run(body())
+
+
+def test_concurrent_adds_and_revokes_lose_no_edit(tmp_path: Path):
+    """`fieldlens token add` run twice at once (two operators, a script): each edit sees the
+    others' instead of writing over them. Separate processes, as the commands are."""
+    path = tmp_path / "tokens.jsonl"
+    add_token(path, "keep", ["learn"])
+    add_token(path, "gone", ["learn"])
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from fieldlens.common.credentials import add_token, revoke_token\n"
+        "path, name = Path(sys.argv[1]), sys.argv[2]\n"
+        "if name == 'gone':\n"
+        "    revoke_token(path, name)\n"
+        "else:\n"
+        "    for i in range(5):\n"
+        "        add_token(path, f'{name}-{i}', ['learn'])\n"
+    )
+    names = [f"client{i}" for i in range(6)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), name]) for name in [*names, "gone"]
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0] * len(procs)
+    expected = {"keep"} | {f"{n}-{i}" for n in names for i in range(5)}
+    assert {t.name for t in read_tokens(path)} == expected

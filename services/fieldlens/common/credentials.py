@@ -21,7 +21,9 @@ is PERMISSION_DENIED, naming the scope.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import hmac
 import json
@@ -30,7 +32,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -209,27 +211,40 @@ def write_tokens(path: Path, tokens: Sequence[NamedToken]) -> None:
         Path(tmp).unlink(missing_ok=True)  # gone already unless something failed
 
 
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """Holds the tokens file's edit lock (an flock on `.<name>.lock` beside it): two
+    `fieldlens token add` or `revoke` at once each see the other's change instead of one
+    writing over it. Readers (the routers) need no lock: the file is replaced whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
 def add_token(path: Path, name: str, scopes: Iterable[str]) -> str:
     """Adds client `name` with `scopes` to the file at `path` (made if missing); returns its
     token, which is not stored anywhere: the caller shows it once."""
     check_name(name)
     scope_set = parse_scopes(list(scopes))
-    tokens = read_tokens(path)
-    if any(t.name == name for t in tokens):
-        raise ValueError(f"client {name!r} exists already in {path}; revoke it first")
-    token = new_token()
-    created = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
-    write_tokens(path, [*tokens, NamedToken(name, scope_set, hash_token(token), created)])
+    with _editing(path):
+        tokens = read_tokens(path)
+        if any(t.name == name for t in tokens):
+            raise ValueError(f"client {name!r} exists already in {path}; revoke it first")
+        token = new_token()
+        created = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+        write_tokens(path, [*tokens, NamedToken(name, scope_set, hash_token(token), created)])
     return token
 
 
 def revoke_token(path: Path, name: str) -> None:
     """Removes client `name` from the file at `path`; ValueError when it is not there."""
-    tokens = read_tokens(path)
-    kept = [t for t in tokens if t.name != name]
-    if len(kept) == len(tokens):
-        raise ValueError(f"no client {name!r} in {path}")
-    write_tokens(path, kept)
+    with _editing(path):
+        tokens = read_tokens(path)
+        kept = [t for t in tokens if t.name != name]
+        if len(kept) == len(tokens):
+            raise ValueError(f"no client {name!r} in {path}")
+        write_tokens(path, kept)
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
