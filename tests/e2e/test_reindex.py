@@ -18,7 +18,7 @@ from fieldlens.backends.vector_store import Exemplar, list_collections, open_vec
 from fieldlens.common.credentials import bearer
 from fieldlens.common.knowledge import KnowledgeJournal, LearnedExample, NewTaxonSpec
 from fieldlens.common.model_set import load_model_set
-from fieldlens.router.__main__ import STAGING_SUFFIX, collection_name
+from fieldlens.router.service import STAGING_SUFFIX, collection_name
 from fieldlens.v1 import router_pb2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -182,7 +182,7 @@ def test_edge_and_qdrant_client_agree(tmp_path: Path) -> None:
 def test_vectors_of_another_embedding_version_are_never_compared(tmp_path: Path) -> None:
     """The router opens one collection per embedding version: an old-version vector is not
     even visible to a new-version query, however similar."""
-    from fieldlens.router.__main__ import collection_name
+    from fieldlens.router.service import collection_name
 
     root = str(tmp_path / "qdrant")
     vectors, points = _dataset(50)

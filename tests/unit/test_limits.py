@@ -266,7 +266,7 @@ def test_router_settings_read_the_limits():
 
 
 def test_the_routers_admission_exempts_metadata_and_never_sheds_writes():
-    from fieldlens.router.__main__ import SERVICE, fair_share
+    from fieldlens.router.service import SERVICE, fair_share
 
     env = {"FIELDLENS_CLIENT_IN_FLIGHT": "0", "FIELDLENS_SHED_IN_FLIGHT": "1"}
     admission = fair_share(RouterSettings.from_env(env), identity=lambda context: "c")

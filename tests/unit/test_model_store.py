@@ -156,7 +156,7 @@ def test_loaded_sets_dispatch_by_version_and_keep_the_newest():
 def test_the_specialist_catches_up_only_the_served_set_and_a_candidate(tmp_path, release):
     """Its Triton catch-up loads the nets of the set the routers serve and of a rollout's
     candidate, never those of a set it still holds after a switch retired it."""
-    from fieldlens.specialist.__main__ import served_versions
+    from fieldlens.specialist.service import served_versions
 
     models, version = release
     store = tmp_path / "store"

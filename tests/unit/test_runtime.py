@@ -38,21 +38,13 @@ def _in_a_fresh_process(code: str, env: dict[str, str]) -> object:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-_EXPERIMENTS_AFTER_IMPORT = (
-    f"import json, os, fieldlens, grpc\nprint(json.dumps(os.environ.get({GRPC_EXPERIMENTS_ENV!r})))"
-)
-
-
-def test_importing_fieldlens_sets_grpc_core_experiments_before_grpc_loads() -> None:
-    env = _env_without_grpc_experiments()
-    assert _in_a_fresh_process(_EXPERIMENTS_AFTER_IMPORT, env) == GRPC_EXPERIMENTS
-    assert GRPC_EXPERIMENTS.split(",") == ["-event_engine_client", "-event_engine_listener"]
-
-
-@pytest.mark.parametrize("operator", ["", "-event_engine_client", "event_engine_listener"])
-def test_an_operators_grpc_experiments_are_kept(operator: str) -> None:
-    env = _env_without_grpc_experiments(**{GRPC_EXPERIMENTS_ENV: operator})
-    assert _in_a_fresh_process(_EXPERIMENTS_AFTER_IMPORT, env) == operator
+def test_importing_fieldlens_changes_no_environment() -> None:
+    """No import-time side effect: only the entry points configure gRPC's core."""
+    code = (
+        "import json, os, fieldlens, fieldlens.router.service, grpc\n"
+        f"print(json.dumps(os.environ.get({GRPC_EXPERIMENTS_ENV!r})))"
+    )
+    assert _in_a_fresh_process(code, _env_without_grpc_experiments()) is None
 
 
 def test_configure_and_undo_on_a_mapping() -> None:
@@ -96,11 +88,15 @@ def test_settle_heap_freezes_start_up_objects_and_raises_gen0() -> None:
 
 
 @pytest.mark.parametrize(
-    ("setting", "loop", "experiments"),
-    [(None, "uvloop", GRPC_EXPERIMENTS), ("asyncio", "asyncio", GRPC_EXPERIMENTS)],
+    ("setting", "operator", "loop", "experiments"),
+    [
+        (None, None, "uvloop", GRPC_EXPERIMENTS),
+        ("asyncio", None, "asyncio", GRPC_EXPERIMENTS),
+        (None, "", "uvloop", ""),  # an operator's GRPC_EXPERIMENTS, even empty, is kept
+    ],
 )
 def test_a_started_service_reports_how_it_runs(
-    tmp_path: Path, setting: str | None, loop: str, experiments: str
+    tmp_path: Path, setting: str | None, operator: str | None, loop: str, experiments: str
 ) -> None:
     """The service chooses for itself (no launcher sets GRPC_EXPERIMENTS or the loop) and
     says so in its log once it serves, after freezing what start-up built."""
@@ -113,6 +109,8 @@ def test_a_started_service_reports_how_it_runs(
     env.pop(EVENT_LOOP_ENV, None)
     if setting is not None:
         env[EVENT_LOOP_ENV] = setting
+    if operator is not None:
+        env[GRPC_EXPERIMENTS_ENV] = operator
     log_path = tmp_path / "tiny.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(

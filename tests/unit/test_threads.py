@@ -157,7 +157,7 @@ def test_with_the_library_variables_numpy_starts_no_blas_worker() -> None:
 def test_services_do_not_import_torch(service: str) -> None:
     code = (
         "import json, sys, importlib\n"
-        f"importlib.import_module('fieldlens.{service}.__main__')\n"
+        f"importlib.import_module('fieldlens.{service}.service')\n"
         "print(json.dumps('torch' in sys.modules))"
     )
     assert _python(code, _bare_env()) is False

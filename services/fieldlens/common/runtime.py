@@ -15,9 +15,10 @@ Benchmarks):
   two thread switches per event fewer (0.20 ms of server CPU per call instead of 0.23, 0.13
   of client CPU instead of 0.17). That is gRPC's own switch (the `event_engine_client` and
   `event_engine_listener` experiments, off), read from GRPC_EXPERIMENTS when gRPC's core
-  starts, so it must be in the environment before `grpc` is imported: importing `fieldlens`
-  sets it (`configure_grpc_core`) unless GRPC_EXPERIMENTS is already set, and an operator
-  who sets it (even to "") gets exactly what they set.
+  loads, so it must be in the environment before `grpc` is imported: each service's entry
+  point (`python -m fieldlens.<service>`, and the bench's) calls `configure_grpc_core` first,
+  which sets it unless it is set already; an operator who sets it (even to "") gets exactly
+  what they set. (Set later, it changes nothing: measured.)
 - The heap a service builds while it starts (model sets, taxonomy messages, the neighbour
   store's point table) is frozen out of the collector once the service serves
   (`settle_heap`), and the youngest generation is collected every GC_GEN0_THRESHOLD
@@ -49,10 +50,11 @@ _T = TypeVar("_T")
 
 
 def configure_grpc_core(env: MutableMapping[str, str] | None = None) -> bool:
-    """Sets GRPC_EXPERIMENTS for gRPC's core (see the module docstring) unless it is set.
+    """Sets GRPC_EXPERIMENTS for gRPC's core (see the module docstring) unless it is set;
+    call it before anything imports grpc. Returns whether it set it.
 
-    Returns whether it set it. Children started from this process inherit it; the local
-    launcher keeps it from Triton (`without_fieldlens_grpc_core`).
+    Children started from this process inherit it; the local launcher keeps it from Triton
+    (`without_fieldlens_grpc_core`).
     """
     env = os.environ if env is None else env
     if GRPC_EXPERIMENTS_ENV in env:

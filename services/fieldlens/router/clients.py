@@ -81,7 +81,7 @@ class ClassifierClient:
     answer (UNAVAILABLE) is tried once on another. Writes (`learn`, `forget`,
     `load_model_set`) go to every replica that reports SERVING, and fail if one of them fails
     (they are idempotent: the caller retries); a replica that is down or starting misses them
-    and copies a serving peer's knowledge when it starts (tiny/__main__.py).
+    and copies a serving peer's knowledge when it starts (tiny/service.py).
     """
 
     def __init__(
