@@ -5,13 +5,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from service_process import tiny_log_until
 
 from fieldlens.common import runtime
 from fieldlens.common.runtime import (
@@ -21,8 +20,6 @@ from fieldlens.common.runtime import (
     GRPC_EXPERIMENTS_ENV,
 )
 from fieldlens.common.settings import CommonSettings, RouterSettings, SettingsError
-
-SERVICE_START_TIMEOUT_S = 60.0
 
 
 def _env_without_grpc_experiments(**extra: str) -> dict[str, str]:
@@ -100,35 +97,16 @@ def test_a_started_service_reports_how_it_runs(
 ) -> None:
     """The service chooses for itself (no launcher sets GRPC_EXPERIMENTS or the loop) and
     says so in its log once it serves, after freezing what start-up built."""
-    env = _env_without_grpc_experiments(
-        FIELDLENS_LISTEN_ADDR="127.0.0.1:0",
-        FIELDLENS_METRICS_PORT="0",
-        FIELDLENS_STATE_DIR=str(tmp_path / "state"),
-        PYTHONUNBUFFERED="1",
-    )
+    env = _env_without_grpc_experiments()
     env.pop(EVENT_LOOP_ENV, None)
     if setting is not None:
         env[EVENT_LOOP_ENV] = setting
     if operator is not None:
         env[GRPC_EXPERIMENTS_ENV] = operator
-    log_path = tmp_path / "tiny.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fieldlens.tiny"], env=env, stdout=log, stderr=log
-        )
-    try:
-        deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
-        text = ""
-        while time.monotonic() < deadline and "frozen out of the collector" not in text:
-            assert proc.poll() is None, log_path.read_text()
-            time.sleep(0.2)
-            text = log_path.read_text()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    text, returncode = tiny_log_until(tmp_path, env, "frozen out of the collector")
     line = next((ln for ln in text.splitlines() if "frozen out of the collector" in ln), None)
     assert line is not None, text
     assert f"runs on {loop}; gRPC core experiments {experiments!r}" in line
     frozen = int(line.split("; ")[-1].split()[0])
     assert frozen > 10_000, line  # start-up builds far more than a handful of objects
-    assert proc.returncode == 0, text  # and it still stops cleanly on SIGTERM
+    assert returncode == 0, text  # and it still stops cleanly on SIGTERM

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from service_process import tiny_log_until
 
 from fieldlens.backends import triton_server
 from fieldlens.backends.triton_python_model import THREADS_PARAMETER, instance_threads
@@ -26,8 +25,6 @@ from fieldlens.common.settings import (
     SettingsError,
 )
 from fieldlens.common.threads import THREAD_ENV_VARS, child_env
-
-SERVICE_START_TIMEOUT_S = 60.0
 
 
 def _bare_env(**extra: str) -> dict[str, str]:
@@ -166,28 +163,7 @@ def test_services_do_not_import_torch(service: str) -> None:
 def test_a_started_tiny_service_limits_its_blas_pool(tmp_path: Path) -> None:
     """The service sizes its pool itself: no launcher variable is set, OpenBLAS starts with
     its default pool, and the log reports it limited to one thread before serving."""
-    env = _bare_env(
-        FIELDLENS_LISTEN_ADDR="127.0.0.1:0",
-        FIELDLENS_METRICS_PORT="0",
-        FIELDLENS_STATE_DIR=str(tmp_path / "state"),
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = tmp_path / "tiny.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fieldlens.tiny"], env=env, stdout=log, stderr=log
-        )
-    try:
-        deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
-        text = ""
-        while time.monotonic() < deadline and "listening on port" not in text:
-            assert proc.poll() is None, log_path.read_text()
-            time.sleep(0.2)
-            text = log_path.read_text()
-        assert "listening on port" in text, text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    text, _ = tiny_log_until(tmp_path, _bare_env(), "listening on port")
     line = next(ln for ln in text.splitlines() if "CPU threads" in ln)
     assert f"CPU threads 1 ({CPU_THREADS_ENV})" in line
     assert re.findall(r"openblas=(\d+)", line) == ["1"], line
