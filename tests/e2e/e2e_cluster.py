@@ -5,7 +5,9 @@ traffic on other threads and a model-set switch."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from fieldlens import cluster
+from fieldlens.common import model_store
 from fieldlens.common.credentials import bearer
 from fieldlens.common.settings import REPO_ROOT
 from fieldlens.v1 import router_pb2, router_pb2_grpc
@@ -236,3 +239,20 @@ def switch(
         timeout=600,
         metadata=bearer(cfg.write_token()),
     )
+
+
+def publish_rerouted(
+    cfg: cluster.ClusterConfig, work_dir: Path, suffix: str, group: str
+) -> tuple[str, str]:
+    """Publishes the shipped model set again into `cfg`'s store as `<version>-<suffix>`, the
+    same nets with `group` routed to tiny instead of its specialist (so the two sets disagree
+    on that group only); returns (the shipped version, the published one)."""
+    boot = cluster.ClusterConfig()
+    models = work_dir / "models"
+    shutil.copytree(boot.models_dir, models)
+    manifest = json.loads((models / "manifest.json").read_text())
+    shipped = manifest["model_set_version"]
+    manifest["model_set_version"] = f"{shipped}-{suffix}"
+    manifest["routing"] = {**manifest.get("routing", {}), group: "tiny"}
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    return shipped, model_store.publish(cfg.model_store, models, boot.model_repository)

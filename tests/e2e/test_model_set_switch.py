@@ -9,8 +9,6 @@ from (`_serving`), and counts are deltas against what it found.
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +18,14 @@ from typing import Any
 
 import grpc
 import pytest
-from e2e_cluster import BlobHold, Traffic, metric_samples, router_replica, running
+from e2e_cluster import (
+    BlobHold,
+    Traffic,
+    metric_samples,
+    publish_rerouted,
+    router_replica,
+    running,
+)
 from e2e_cluster import switch as _switch
 
 from fieldlens import cluster, gallery
@@ -56,16 +61,10 @@ def images(data_dir) -> list[bytes]:
 def switch_cluster(tmp_path_factory, images):
     """A throwaway cluster on the shipped model set, and a second set published in its store:
     the same nets, released again with the insect group moved from its specialist to tiny."""
-    boot = cluster.ClusterConfig()
     cfg = cluster.ClusterConfig(run_dir=tmp_path_factory.mktemp("switch")).with_free_ports()
-    models = tmp_path_factory.mktemp("next") / "models"
-    shutil.copytree(boot.models_dir, models)
-    manifest = json.loads((models / "manifest.json").read_text())
-    old_version = manifest["model_set_version"]
-    manifest["model_set_version"] = f"{old_version}-next"
-    manifest["routing"] = {**manifest.get("routing", {}), SPECIALIST_GROUP: "tiny"}
-    (models / "manifest.json").write_text(json.dumps(manifest))
-    new_version = model_store.publish(cfg.model_store, models, boot.model_repository)
+    old_version, new_version = publish_rerouted(
+        cfg, tmp_path_factory.mktemp("next"), "next", SPECIALIST_GROUP
+    )
     with running(cfg) as (_, router):
         yield cfg, router, old_version, new_version, images
 

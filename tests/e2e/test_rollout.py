@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import shutil
 import time
 import urllib.request
 from collections import Counter
 
 import grpc
 import pytest
-from e2e_cluster import Traffic, running
+from e2e_cluster import Traffic, publish_rerouted, running
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -54,14 +52,7 @@ def rollout_cluster(tmp_path_factory, data_dir):
     disagree on some insects only)."""
     boot = cluster.ClusterConfig()
     cfg = cluster.ClusterConfig(run_dir=tmp_path_factory.mktemp("rollout")).with_free_ports()
-    models = tmp_path_factory.mktemp("next") / "models"
-    shutil.copytree(boot.models_dir, models)
-    manifest = json.loads((models / "manifest.json").read_text())
-    current = manifest["model_set_version"]
-    manifest["model_set_version"] = f"{current}-next"
-    manifest["routing"] = {**manifest.get("routing", {}), INSECTS: "tiny"}
-    (models / "manifest.json").write_text(json.dumps(manifest))
-    candidate = model_store.publish(cfg.model_store, models, boot.model_repository)
+    current, candidate = publish_rerouted(cfg, tmp_path_factory.mktemp("next"), "next", INSECTS)
     taxonomy = load_model_set(boot.models_dir).taxonomy
     insects = [c for c in taxonomy.class_ids if taxonomy.broad_of(c) == INSECTS]
     others = [c for c in taxonomy.class_ids if taxonomy.broad_of(c) != INSECTS]

@@ -5,12 +5,10 @@ requests keep being answered."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 
 import pytest
-from e2e_cluster import Traffic, running
+from e2e_cluster import Traffic, publish_rerouted, running
 from e2e_cluster import switch as _switch
 from tritonclient.grpc import InferenceServerClient
 
@@ -35,13 +33,7 @@ def replicated(tmp_path_factory, data_dir):
     cfg = cluster.ClusterConfig(
         run_dir=tmp_path_factory.mktemp("replicas"), triton_replicas=REPLICAS
     ).with_free_ports()
-    models = tmp_path_factory.mktemp("next") / "models"
-    shutil.copytree(boot.models_dir, models)
-    manifest = json.loads((models / "manifest.json").read_text())
-    manifest["model_set_version"] = f"{manifest['model_set_version']}-replicas"
-    manifest["routing"] = {**manifest.get("routing", {}), "broad/insect": "tiny"}
-    (models / "manifest.json").write_text(json.dumps(manifest))
-    version = model_store.publish(cfg.model_store, models, boot.model_repository)
+    _, version = publish_rerouted(cfg, tmp_path_factory.mktemp("next"), "replicas", "broad/insect")
     images = [
         data
         for imgs in gallery.class_samples(
