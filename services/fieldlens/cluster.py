@@ -352,7 +352,9 @@ def _triton_nets(cfg: ClusterConfig) -> list[list[str]]:
         from fieldlens.backends.triton_repository import nets_of
 
         try:
-            choices.append(nets_of(model_store.load(cfg.model_store, version)))
+            choices.append(
+                nets_of(model_store.load_version(cfg.model_store, cfg.models_dir, version))
+            )
         except FieldlensError as exc:  # a store being written: the boot nets still count
             logger.debug("model set %s unreadable for Triton readiness: %s", version, exc)
     return choices

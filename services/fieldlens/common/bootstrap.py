@@ -73,16 +73,15 @@ async def serve_grpc(
     # Started: what start-up built stays for the process's life, so the collector stops
     # walking it (common/runtime.py).
     frozen = settle_heap()
+    loop, experiments = running_loop_name(), os.environ.get(GRPC_EXPERIMENTS_ENV, "")
     get_metrics().runtime.labels(
-        event_loop=running_loop_name(),
-        grpc_experiments=os.environ.get(GRPC_EXPERIMENTS_ENV, ""),
-        gc_frozen=str(frozen),
+        event_loop=loop, grpc_experiments=experiments, gc_frozen=str(frozen)
     ).set(1)
     logger.info(
         "%s runs on %s; gRPC core experiments %r; %d start-up objects frozen out of the collector",
         service_name,
-        running_loop_name(),
-        os.environ.get(GRPC_EXPERIMENTS_ENV, ""),
+        loop,
+        experiments,
         frozen,
     )
 
