@@ -319,3 +319,69 @@ def test_edge_search_answers_from_memory_what_the_payloads_say(tmp_path: Path) -
         assert isinstance(store, EdgeVectorStore)
         for q in queries:
             assert from_memory(store, q, groups) == from_payloads(store, q, groups)
+
+
+def _nearest_of_label(
+    exemplars: list[Exemplar], q: np.ndarray, label: str, k: int
+) -> list[str]:
+    """Exact answer: the k exemplars labelled `label` with the highest cosine similarity."""
+    mine = [e for e in exemplars if e.label == label]
+    sims = [float(np.dot(e.vector, q)) for e in mine]
+    return [mine[i].id for i in np.argsort(sims)[::-1][:k]]
+
+
+def test_search_labels_finds_each_labels_nearest_exemplars(tmp_path: Path) -> None:
+    """The evidence of a suggestion: its own taxon's nearest exemplars, exactly (a label holds
+    few points, so the engine scans them), in one batch, for Edge and qdrant-client alike;
+    after a relabel an exemplar answers for its new label only, also once reopened."""
+    vectors, exemplars = _dataset(600, seed=7)
+    queries = _queries(vectors, 8, seed=8)
+    labels = sorted({e.label for e in exemplars})[:6] + ["n-unknown"]
+    relabelled = [
+        Exemplar(e.id, e.vector, "n99999999", e.broad, [*e.path[:-1], "n99999999"], "t", "v")
+        for e in exemplars
+        if e.label == labels[0]
+    ][:2]
+    now = {e.id: e for e in exemplars} | {e.id: e for e in relabelled}
+    root = str(tmp_path / "qdrant")
+    reference = QdrantClientVectorStore(COLLECTION, location=":memory:")
+    reference.ensure_collection(DIM)
+    with open_vector_store(root, COLLECTION, DIM) as edge, reference:
+        for store in (edge, reference):
+            store.upsert(exemplars)
+            store.upsert(relabelled)
+        for q in queries:
+            for store in (edge, reference):
+                found = store.search_labels(q, [*labels, "n99999999"], 3)
+                want = [
+                    _nearest_of_label(list(now.values()), q, label, 3)
+                    for label in [*labels, "n99999999"]
+                ]
+                assert [[n.id for n in hits] for hits in found] == want
+                assert all(n.label == label for label, hits in zip(labels, found) for n in hits)
+                assert found[len(labels) - 1] == []  # the unknown label
+                assert len(found[-1]) == 2  # the relabelled pair, under its new label only
+        assert edge.search_labels(queries[0], labels, 0) == [[] for _ in labels]
+        assert edge.search_labels(queries[0], [], 3) == []
+    with open_vector_store(root, COLLECTION, DIM) as edge:
+        got = edge.search_labels(queries[0], ["n99999999"], 5)
+        assert sorted(n.id for n in got[0]) == sorted(e.id for e in relabelled)
+
+
+def test_an_edge_store_without_a_label_index_gets_one_when_opened(tmp_path: Path) -> None:
+    """Stores made before searches filtered on labels have no index on them: opening adds it."""
+    import qdrant_edge as qe
+
+    _, exemplars = _dataset(50, seed=9)
+    root = str(tmp_path / "qdrant")
+    with open_vector_store(root, COLLECTION, DIM) as store:
+        assert isinstance(store, EdgeVectorStore)
+        store.upsert(exemplars)
+        store._require().update(qe.UpdateOperation.delete_field_index("label"))
+        assert "label" not in store._require().info().payload_schema
+    with open_vector_store(root, COLLECTION, DIM) as store:
+        assert isinstance(store, EdgeVectorStore)
+        assert {"label", "broad"} <= set(store._require().info().payload_schema)
+        label = exemplars[0].label
+        (hits,) = store.search_labels(exemplars[0].vector, [label], 50)
+        assert {n.id for n in hits} == {e.id for e in exemplars if e.label == label}

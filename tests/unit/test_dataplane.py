@@ -173,9 +173,9 @@ class FakeClassifier:
 class FailingStore(QdrantClientVectorStore):
     """A vector store whose server is gone: searches raise Unavailable."""
 
-    def search(
-        self, vector: np.ndarray, k: int, broad_in: Sequence[str] | None = None
-    ) -> list[Neighbour]:
+    def search_labels(
+        self, vector: np.ndarray, labels: Sequence[str], k: int
+    ) -> list[list[Neighbour]]:
         raise Unavailable("qdrant search on exemplars_test failed: [Errno 111] Connection refused")
 
 
@@ -186,11 +186,11 @@ class StalledStore(QdrantClientVectorStore):
         super().__init__(collection, **where)
         self.release = threading.Event()
 
-    def search(
-        self, vector: np.ndarray, k: int, broad_in: Sequence[str] | None = None
-    ) -> list[Neighbour]:
+    def search_labels(
+        self, vector: np.ndarray, labels: Sequence[str], k: int
+    ) -> list[list[Neighbour]]:
         self.release.wait()
-        return super().search(vector, k, broad_in)
+        return super().search_labels(vector, labels, k)
 
 
 class StalledSource(QdrantClientVectorStore):
@@ -306,6 +306,42 @@ def _kinds(answer: Classification) -> list[str]:
 
 def test_the_fake_cache_is_a_result_cache() -> None:
     assert isinstance(MemoryCache(), ResultCache)
+
+
+# -- evidence ------------------------------------------------------------------------------------
+def test_every_suggestion_gets_the_nearest_exemplars_of_its_own_taxon() -> None:
+    """Evidence is searched per suggested taxon: a2's only exemplar, pointing away from the
+    photo, is found although 70 exemplars of a3 lie nearer (a shared pool of the photo's
+    nearest neighbours would hold none of a2's), and a3 shows its two nearest of 70."""
+
+    def exemplar(name: str, label: str, vector: np.ndarray) -> Exemplar:
+        return Exemplar(
+            id=hashlib.sha256(name.encode()).hexdigest(),
+            vector=vector,
+            label=label,
+            broad="broad/a",
+            path=["root", "domain/thing", "broad/a", "node/a/y", label],
+            source="unit",
+            embedding_version="emb-test",
+        )
+
+    rng = np.random.default_rng(0)
+    near = EMBEDDING + rng.normal(scale=0.1, size=(70, DIM)).astype(np.float32)
+    a3 = [exemplar(f"a3 {i}", "a3", v) for i, v in enumerate(near)]
+    store = _store(QdrantClientVectorStore)
+    store.upsert([*a3, exemplar("a2 far", "a2", -EMBEDDING)])
+    sims = near @ EMBEDDING / np.linalg.norm(near, axis=1)
+    nearest_a3 = [a3[i].id for i in np.argsort(-sims)[:2]]
+
+    async def body() -> None:
+        answer = await _rig(store).classify()
+        got = {s.taxon_id: [(n.label, n.id) for n in s.exemplars] for s in answer.suggestions}
+        assert set(got) == {"a1", "a2", "a3"}
+        assert [label for label, _ in got["a1"]] == ["a1"]
+        assert got["a2"] == [("a2", hashlib.sha256(b"a2 far").hexdigest())]
+        assert got["a3"] == [("a3", i) for i in nearest_a3]
+
+    asyncio.run(body())
 
 
 # -- the result cache -----------------------------------------------------------------------------

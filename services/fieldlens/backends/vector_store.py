@@ -40,6 +40,9 @@ from fieldlens.common.errors import FailedPrecondition, InvalidInput, Unavailabl
 logger = logging.getLogger(__name__)
 
 BROAD_FIELD = "broad"
+LABEL_FIELD = "label"
+# Payload fields with a keyword index: searches filter on them.
+INDEXED_FIELDS = (BROAD_FIELD, LABEL_FIELD)
 DEFAULT_HNSW_M = 16
 DEFAULT_HNSW_EF_CONSTRUCT = 100
 # Segments below these sizes (KiB of vectors; 10 MiB = 10k 256-d float32 vectors) are
@@ -49,7 +52,8 @@ DEFAULT_FULL_SCAN_THRESHOLD_KB = 10_000
 # Threads of an Edge shard's search pool. The engine's default is one per CPU, and every search
 # then wakes them all: on 2 cores 8 threads cost 0.36 ms of CPU per search against 0.14 for one.
 DEFAULT_SEARCH_THREADS = 1
-# Distinct broad-group filters an Edge store keeps built (dispatch picks a few groups of 20).
+# Distinct filters an Edge store keeps built (dispatch picks a few groups of 20; a label filter
+# per suggested taxon).
 MAX_CACHED_FILTERS = 4096
 LOCK_FILENAME = ".fieldlens-owner.lock"
 _HEX_ID = re.compile(r"^[0-9a-f]{32,}$")
@@ -141,7 +145,7 @@ def _stored(point_id: Any, payload: dict[str, Any] | None) -> StoredExemplar:
 def _payload(ex: Exemplar) -> dict[str, Any]:
     return {
         "exemplar_id": ex.id.lower(),
-        "label": ex.label,
+        LABEL_FIELD: ex.label,
         BROAD_FIELD: ex.broad,
         "path": list(ex.path),
         "source": ex.source,
@@ -155,7 +159,7 @@ def _neighbour(point_id: Any, score: float, payload: dict[str, Any] | None) -> N
     fallback = point_id.hex if isinstance(point_id, uuid.UUID) else str(point_id)
     return Neighbour(
         id=str(payload.get("exemplar_id", fallback)),
-        label=str(payload.get("label", "")),
+        label=str(payload.get(LABEL_FIELD, "")),
         broad=str(payload.get(BROAD_FIELD, "")),
         similarity=float(score),
         path=[str(p) for p in payload.get("path", [])],
@@ -228,6 +232,13 @@ class VectorStore(abc.ABC):
         broad_in: Sequence[Sequence[str] | None] | None = None,
     ) -> list[list[Neighbour]]:
         """`search` for each row of `vectors`; `broad_in`, if given, has one filter per row."""
+
+    @abc.abstractmethod
+    def search_labels(
+        self, vector: np.ndarray, labels: Sequence[str], k: int
+    ) -> list[list[Neighbour]]:
+        """For each of `labels`: the `k` exemplars labelled with it most similar to `vector`,
+        best first (one batched query; an unknown label finds nothing)."""
 
     @abc.abstractmethod
     def count(self) -> int:
@@ -313,7 +324,7 @@ class EdgeVectorStore(VectorStore):
         self._full_scan_threshold_kb = full_scan_threshold_kb
         self._hnsw_ef = hnsw_ef
         self._search_threads = search_threads
-        self._filters: dict[tuple[str, ...], Any] = {}
+        self._filters: dict[tuple[str, ...], Any] = {}  # (field, values...) -> filter
         self._params: Any = None  # search parameters (hnsw_ef), built at open
         self._shard: Any = None
         self._dim = 0
@@ -389,10 +400,12 @@ class EdgeVectorStore(VectorStore):
                 raise FailedPrecondition(
                     f"cannot open vector store {self._path} (dim {dim}): {exc}"
                 ) from exc
-            if BROAD_FIELD not in shard.info().payload_schema:
-                shard.update(
-                    qe.UpdateOperation.create_field_index(BROAD_FIELD, qe.PayloadSchemaType.Keyword)
-                )
+            schema = shard.info().payload_schema
+            for name in INDEXED_FIELDS:  # a store made before a field was indexed gets it now
+                if name not in schema:
+                    shard.update(
+                        qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword)
+                    )
             self._shard = shard
             self._dim = dim
             self._params = qe.SearchParams(hnsw_ef=self._hnsw_ef) if self._hnsw_ef else None
@@ -494,16 +507,18 @@ class EdgeVectorStore(VectorStore):
             with_payload=False,  # see `_points`
         )
 
-    def _filter(self, broad_in: tuple[str, ...]) -> Any:
-        """The filter on these broad groups, built once: a search's groups repeat."""
-        found = self._filters.get(broad_in)
+    def _filter(self, values: tuple[str, ...], field: str = BROAD_FIELD) -> Any:
+        """The filter on these values of `field` (broad groups, or labels), built once: a
+        search's groups and a suggestion's taxa repeat."""
+        key = (field, *values)
+        found = self._filters.get(key)
         if found is None:
             import qdrant_edge as qe
 
             if len(self._filters) >= MAX_CACHED_FILTERS:
                 self._filters.clear()
-            found = self._filters[broad_in] = qe.Filter(
-                must=[qe.FieldCondition(key=BROAD_FIELD, match=qe.MatchAny(any=list(broad_in)))]
+            found = self._filters[key] = qe.Filter(
+                must=[qe.FieldCondition(key=field, match=qe.MatchAny(any=list(values)))]
             )
         return found
 
@@ -536,6 +551,28 @@ class EdgeVectorStore(VectorStore):
         for i, hits in zip(live, shard.query_batch(qe.QueryBatchRequest(requests)), strict=True):
             results[i] = self._neighbours(hits)
         return results
+
+    def search_labels(
+        self, vector: np.ndarray, labels: Sequence[str], k: int
+    ) -> list[list[Neighbour]]:
+        import qdrant_edge as qe
+
+        if k <= 0 or not labels:
+            return [[] for _ in labels]
+        shard = self._require()
+        query = qe.Query.Nearest(_as_vector(vector, self._dim))
+        requests = [
+            qe.QueryRequest(
+                limit=k,
+                query=query,
+                filter=self._filter((label,), LABEL_FIELD),
+                params=self._params,
+                with_payload=False,  # see `_points`
+            )
+            for label in labels
+        ]
+        found = shard.query_batch(qe.QueryBatchRequest(requests))
+        return [self._neighbours(hits) for hits in found]
 
     def count(self) -> int:
         import qdrant_edge as qe
@@ -677,9 +714,10 @@ class QdrantClientVectorStore(VectorStore):
             if self._remote:
                 # Local mode has no payload indexes (and warns); the server needs one on
                 # the filter field for fast filtered HNSW search.
-                self._client.create_payload_index(
-                    self._collection, BROAD_FIELD, models.PayloadSchemaType.KEYWORD, wait=True
-                )
+                for name in INDEXED_FIELDS:
+                    self._client.create_payload_index(
+                        self._collection, name, models.PayloadSchemaType.KEYWORD, wait=True
+                    )
         self._dim = dim
 
     def _require_dim(self) -> int:
@@ -721,13 +759,13 @@ class QdrantClientVectorStore(VectorStore):
                 )
         return [_stored(r.id, r.payload) for r in found]
 
-    def _filter(self, broad_in: Sequence[str] | None) -> Any:
+    def _filter(self, values: Sequence[str] | None, field: str = BROAD_FIELD) -> Any:
         from qdrant_client import models
 
-        if broad_in is None:
+        if values is None:
             return None
         return models.Filter(
-            must=[models.FieldCondition(key=BROAD_FIELD, match=models.MatchAny(any=list(broad_in)))]
+            must=[models.FieldCondition(key=field, match=models.MatchAny(any=list(values)))]
         )
 
     def _params(self) -> Any:
@@ -781,6 +819,28 @@ class QdrantClientVectorStore(VectorStore):
         for i, response in zip(live, responses, strict=True):
             results[i] = [_neighbour(p.id, p.score, p.payload) for p in response.points]
         return results
+
+    def search_labels(
+        self, vector: np.ndarray, labels: Sequence[str], k: int
+    ) -> list[list[Neighbour]]:
+        from qdrant_client import models
+
+        if k <= 0 or not labels:
+            return [[] for _ in labels]
+        query = _as_vector(vector, self._require_dim())
+        requests = [
+            models.QueryRequest(
+                query=query,
+                filter=self._filter([label], LABEL_FIELD),
+                params=self._params(),
+                limit=k,
+                with_payload=True,
+            )
+            for label in labels
+        ]
+        with self._call("search_labels"):
+            responses = self._client.query_batch_points(self._collection, requests=requests)
+        return [[_neighbour(p.id, p.score, p.payload) for p in r.points] for r in responses]
 
     def count(self) -> int:
         self._require_dim()

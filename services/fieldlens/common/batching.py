@@ -58,11 +58,6 @@ class MicroBatcher(Generic[_In, _Out]):
     def queued(self) -> int:
         return len(self._queue)
 
-    @property
-    def busy(self) -> bool:
-        """True when a call queued now would wait for a batch to return before it leaves."""
-        return self._in_flight >= self.max_in_flight
-
     async def submit(self, item: _In) -> _Out:
         """The result of `item`, sent alone or with whatever else is waiting."""
         return await self.enqueue(item)

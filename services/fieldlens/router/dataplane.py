@@ -46,9 +46,6 @@ MIN_DISPATCH_PROBABILITY = 0.02  # below this a broad category is not worth a cl
 # Internal nodes a classifier sends start a little below the least probability that could make
 # one the answer: the request's numbers travel as float32.
 NODE_FLOOR = 1.0 - 1e-4
-# Turns of the event loop a call queued on an idle batcher takes to be sent (see classify).
-SEND_TURNS = 3
-NEIGHBOUR_POOL = 64  # candidates fetched once, then shared out to the suggestions
 MAX_TOP_K = 50
 MAX_NEIGHBOURS = 10
 
@@ -116,7 +113,6 @@ class _ClassifierCalls:
     started: float
     tiny_call: asyncio.Future[CategoryScores] | None = None
     special_call: asyncio.Future[CategoryScores] | None = None
-    leave_now: bool = False  # no batcher was busy: the calls go out at once
 
     def abandon(self) -> None:
         """The request is done (or gone): calls not answered yet are not worth sending."""
@@ -310,19 +306,8 @@ class RouterDataPlane:
             )
         categories = pick_categories(broad_probs, self.dispatch_top, MIN_DISPATCH_PROBABILITY)
         with timer.stage("classify"):
-            # The classifier calls are queued first; they travel while the search runs.
             calls = self._start_classifiers(categories, broad_probs, broad.embedding, img, options)
             try:
-                if calls.leave_now and self.store is not None and self.store.in_process:
-                    # Calls queued on idle batchers go out within three turns of the event
-                    # loop (the batcher's flush, its task, the gRPC call's own task); the
-                    # search runs on the loop, so it waits for them and then overlaps their
-                    # round trip instead of delaying it (0.25 ms off a lone request).
-                    for _ in range(SEND_TURNS):
-                        await asyncio.sleep(0)
-                neighbours = await self._neighbours(
-                    broad.embedding, categories, degradations, timer
-                )
                 results = await self._classified(
                     calls, broad_probs, broad.embedding, degradations, timer
                 )
@@ -337,7 +322,13 @@ class RouterDataPlane:
             merged = merge(
                 taxonomy, broad_probs, results, options.threshold, options.top_k, self.power
             )
-            suggestions = _attach_exemplars(merged.suggestions, neighbours, options.neighbours)
+        evidence = await self._evidence(
+            broad.embedding, merged.suggestions, options.neighbours, degradations, timer
+        )
+        suggestions = [
+            Suggestion(s.taxon_id, s.probability, s.served_by, tuple(found))
+            for s, found in zip(merged.suggestions, evidence, strict=True)
+        ]
         result = Classification(
             answer_id=merged.answer_id,
             answer_probability=merged.answer_probability,
@@ -518,9 +509,6 @@ class RouterDataPlane:
         ]
         tiny = [c for c in categories if c not in special]
         calls = _ClassifierCalls(list(categories), tiny, special, time.perf_counter())
-        calls.leave_now = not (tiny and self._tiny.busy) and not (
-            special and self._specialists.busy
-        )
         if tiny:
             floors = self._floors(tiny, broad_probs, options)
             calls.tiny_call = self._tiny.enqueue(
@@ -663,13 +651,17 @@ class RouterDataPlane:
             )
         return results
 
-    async def _neighbours(
+    async def _evidence(
         self,
         emb: np.ndarray,
-        categories: Sequence[str],
+        suggestions: Sequence[Suggestion],
+        per_suggestion: int,
         degradations: list[Degradation],
         timer: StageTimer,
-    ) -> list[Neighbour]:
+    ) -> list[list[Neighbour]]:
+        """For each suggestion, the `per_suggestion` stored exemplars of its taxon nearest to
+        the photo: one batched query filtered by label, once the suggestions are known."""
+        none: list[list[Neighbour]] = [[] for _ in suggestions]
         if self.store is None:
             # The store is part of every deployment; None means it failed to open, or that it
             # is being rebuilt for this embedding space (old vectors are never searched).
@@ -677,27 +669,27 @@ class RouterDataPlane:
                 Degradation(NEIGHBOURS_UNAVAILABLE, self.reindexing or "no vector store")
             )
             self.metrics.record_degradation(NEIGHBOURS_UNAVAILABLE)
-            return []
+            return none
         store = self.store
+        labels = [s.taxon_id for s in suggestions]
         if store.in_process:
-            # An in-process HNSW search takes a fraction of a millisecond: run it on the loop
-            # while the classifier calls are in flight, rather than pay a thread hand-off and
-            # GIL contention with them.
+            # An in-process search of a few labels takes a few tens of microseconds: run it on
+            # the loop rather than pay a thread hand-off.
             with timer.stage("neighbours"):
                 try:
-                    return store.search(emb, NEIGHBOUR_POOL, list(categories))
+                    return store.search_labels(emb, labels, per_suggestion)
                 except FieldlensError as exc:
                     degradations.append(Degradation(NEIGHBOURS_UNAVAILABLE, str(exc)))
                     self.metrics.record_degradation(NEIGHBOURS_UNAVAILABLE)
-                    return []
+                    return none
         with timer.stage("neighbours"):
             found = await self._optional(
-                asyncio.to_thread(store.search, emb, NEIGHBOUR_POOL, list(categories)),
+                asyncio.to_thread(store.search_labels, emb, labels, per_suggestion),
                 "neighbours",
                 NEIGHBOURS_UNAVAILABLE,
                 degradations,
             )
-        return found or []
+        return found or none
 
     async def _optional(
         self, aw: Awaitable[_T], stage: str, kind: str, degradations: list[Degradation]
@@ -730,20 +722,3 @@ def _timings(timer: StageTimer, started: float) -> list[tuple[str, float]]:
     """Per-stage milliseconds plus `total`, the request's wall time (stages overlap)."""
     total = (time.perf_counter() - started) * 1e3
     return [(d.stage, d.milliseconds) for d in timer.durations] + [("total", total)]
-
-
-def _attach_exemplars(
-    suggestions: Sequence[Suggestion], neighbours: Sequence[Neighbour], per_suggestion: int
-) -> list[Suggestion]:
-    by_label: dict[str, list[Neighbour]] = {}
-    for n in neighbours:  # already best first
-        by_label.setdefault(n.label, []).append(n)
-    return [
-        Suggestion(
-            s.taxon_id,
-            s.probability,
-            s.served_by,
-            tuple(by_label.get(s.taxon_id, ())[:per_suggestion]),
-        )
-        for s in suggestions
-    ]
