@@ -321,9 +321,7 @@ def test_edge_search_answers_from_memory_what_the_payloads_say(tmp_path: Path) -
             assert from_memory(store, q, groups) == from_payloads(store, q, groups)
 
 
-def _nearest_of_label(
-    exemplars: list[Exemplar], q: np.ndarray, label: str, k: int
-) -> list[str]:
+def _nearest_of_label(exemplars: list[Exemplar], q: np.ndarray, label: str, k: int) -> list[str]:
     """Exact answer: the k exemplars labelled `label` with the highest cosine similarity."""
     mine = [e for e in exemplars if e.label == label]
     sims = [float(np.dot(e.vector, q)) for e in mine]
@@ -358,7 +356,10 @@ def test_search_labels_finds_each_labels_nearest_exemplars(tmp_path: Path) -> No
                     for label in [*labels, "n99999999"]
                 ]
                 assert [[n.id for n in hits] for hits in found] == want
-                assert all(n.label == label for label, hits in zip(labels, found) for n in hits)
+                named = [*labels, "n99999999"]
+                assert all(
+                    n.label == lab for lab, hits in zip(named, found, strict=True) for n in hits
+                )
                 assert found[len(labels) - 1] == []  # the unknown label
                 assert len(found[-1]) == 2  # the relabelled pair, under its new label only
         assert edge.search_labels(queries[0], labels, 0) == [[] for _ in labels]
