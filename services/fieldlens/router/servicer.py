@@ -125,6 +125,19 @@ class _TaxonMessages:
         self._taxonomy = taxonomy
         self._taxon = {t.id: taxon_pb(taxonomy, t.id) for t in taxonomy}
         self._path = {t.id: [self._taxon[p] for p in taxonomy.path(t.id)] for t in taxonomy}
+        self._head: dict[str, bytes] = {}
+
+    def head(self, taxon_id: str) -> bytes:
+        """`taxon` and `path` of a taxon as the encoded fields 1 and 2 that Answer and
+        Suggestion share: one parse merges both (copying the messages costs one per Taxon)."""
+        found = self._head.get(taxon_id)
+        if found is None:
+            found = router_pb2.Suggestion(
+                taxon=self.taxon(taxon_id), path=self.path(taxon_id)
+            ).SerializeToString()
+            if taxon_id in self._taxon:  # not one Forget removed meanwhile (see `taxon`)
+                self._head[taxon_id] = found
+        return found
 
     def taxon(self, taxon_id: str) -> taxonomy_pb2.Taxon:
         found = self._taxon.get(taxon_id)
@@ -162,13 +175,11 @@ def to_proto(c: Classification, taxonomy: Taxonomy) -> router_pb2.ClassifyRespon
         embedding_version=c.embedding_version,
     )
     answer = r.answer
-    answer.taxon.MergeFrom(m.taxon(c.answer_id))
-    answer.path.extend(m.path(c.answer_id))
+    answer.MergeFromString(m.head(c.answer_id))
     answer.probability = c.answer_probability
     for s in c.suggestions:
         sm = r.suggestions.add(probability=s.probability, served_by=_SERVED_BY.get(s.served_by, 0))
-        sm.taxon.MergeFrom(m.taxon(s.taxon_id))
-        sm.path.extend(m.path(s.taxon_id))
+        sm.MergeFromString(m.head(s.taxon_id))
         for n in s.exemplars:
             sm.exemplars.add(
                 id=n.id,
