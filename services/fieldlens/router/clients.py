@@ -215,23 +215,21 @@ class ClassifierClient:
     ) -> list[dict[str, CategoryAnswer]]:
         """Several images' categories in one call; one {category: (scores, served_by)} per
         image, in order."""
-        request = classifier_pb2.ClassifyBatchRequest(
-            items=[
-                classifier_pb2.CategoriesRequest(
-                    categories=item.categories,
-                    embedding_f32=b""
-                    if item.embedding is None
-                    else item.embedding.astype("<f4", copy=False).tobytes(),
-                    image_rgb=b"" if item.image is None else item.image.tobytes(),
-                    image_size=0 if item.image is None else int(item.image.shape[0]),
-                    model_set_version=model_set_version,
-                    top_k=item.top_k,
-                    min_node_probability=item.floors,
-                    power=0.0 if item.power == 1.0 else item.power,
-                )
-                for item in items
-            ]
-        )
+        request = classifier_pb2.ClassifyBatchRequest()
+        add = request.items.add  # in place: no message built, then copied in
+        for item in items:
+            add(
+                categories=item.categories,
+                embedding_f32=b""
+                if item.embedding is None
+                else item.embedding.astype("<f4", copy=False).tobytes(),
+                image_rgb=b"" if item.image is None else item.image.tobytes(),
+                image_size=0 if item.image is None else int(item.image.shape[0]),
+                model_set_version=model_set_version,
+                top_k=item.top_k,
+                min_node_probability=item.floors,
+                power=0.0 if item.power == 1.0 else item.power,
+            )
         reply = await self._read(lambda e: e.stub.ClassifyBatch(request, timeout=self._timeout_s))
         return [{r.category: _answer(r) for r in item.responses} for item in reply.items]
 
