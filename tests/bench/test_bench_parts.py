@@ -82,6 +82,9 @@ def test_compare_flags_serving_layer_cpu_per_request_beyond_the_threshold():
     assert [(d["item"], d["metric"]) for d in costly["deltas"] if d["regression"]] == [
         ("router_miss", "serving CPU ms/req")
     ]
+    # Idle figures (a scenario that does not use the serving layer): +50% of 0.02 ms is noise.
+    idle = _results(10.0, 100.0, serving_cpu_ms=0.02)
+    assert report.compare(idle, _results(10.0, 100.0, serving_cpu_ms=0.03))["regressions"] == 0
     # An earlier results file without CPU figures compares on the rest.
     del base["scenarios"]["router_miss"]["cpu_ms_per_request"]
     assert report.compare(base, _results(10.0, 100.0, serving_cpu_ms=9.0))["regressions"] == 0

@@ -31,6 +31,10 @@ from fieldlens.common import runtime
 
 SCHEMA = 1
 REGRESSION_THRESHOLD = 0.20  # relative change counted as a regression
+# ...when the serving layer's CPU per request also grew by at least this much (ms): in
+# scenarios that do not use it (direct Triton calls) it idles at 0.01-0.04 ms, and a few
+# thousandths more read as +30%.
+CPU_REGRESSION_FLOOR_MS = 0.05
 PACKAGES = (
     "torch",
     "numpy",
@@ -781,8 +785,15 @@ COMPARE_COLUMNS = ("item", "metric", "before", "after", "change", "flag")
 
 
 def _delta(
-    item: str, metric: str, before: Any, after: Any, higher_is_better: bool, judged: bool
+    item: str,
+    metric: str,
+    before: Any,
+    after: Any,
+    higher_is_better: bool,
+    judged: bool,
+    floor: float = 0.0,
 ) -> dict[str, Any] | None:
+    """`floor`: the least absolute change that can be a regression."""
     if not isinstance(before, int | float) or not isinstance(after, int | float):
         return None
     change = (after - before) / before if before else None
@@ -795,14 +806,19 @@ def _delta(
         "before": before,
         "after": after,
         "change": change,
-        "regression": bool(judged and worse is not None and worse > REGRESSION_THRESHOLD),
+        "regression": bool(
+            judged
+            and worse is not None
+            and worse > REGRESSION_THRESHOLD
+            and abs(after - before) >= floor
+        ),
     }
 
 
 def compare(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """Deltas of the headline figures; a >20% worse p50, QPS or serving-layer CPU per request
-    (or micro time, memory, index rate) is flagged as a regression, as is a goal that passed
-    before and misses now."""
+    (that also by at least CPU_REGRESSION_FLOOR_MS), micro time, memory or index rate is flagged
+    as a regression, as is a goal that passed before and misses now."""
     deltas: list[dict[str, Any] | None] = []
     prev_s, cur_s = previous.get("scenarios") or {}, current.get("scenarios") or {}
     for name in cur_s:
@@ -826,7 +842,17 @@ def compare(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]
                 _delta(name, "images/s", a.get("images_per_s"), b.get("images_per_s"), True, True)
             )
         cpu = ("cpu_ms_per_request", procs.SERVING)
-        deltas.append(_delta(name, "serving CPU ms/req", _get(a, *cpu), _get(b, *cpu), False, True))
+        deltas.append(
+            _delta(
+                name,
+                "serving CPU ms/req",
+                _get(a, *cpu),
+                _get(b, *cpu),
+                False,
+                True,
+                CPU_REGRESSION_FLOOR_MS,
+            )
+        )
     micro = (
         ("tiny real batch64", ("micro", "tiny", "real", "batch64", "median_ms")),
         ("tiny x10 batch64", ("micro", "tiny", "x10", "batch64", "median_ms")),
