@@ -131,20 +131,6 @@ def test_one_owner_per_shard(edge_store: VectorStore, tmp_path: Path) -> None:
         open_vector_store(str(tmp_path / "qdrant"), COLLECTION, DIM)
 
 
-def test_search_batch_matches_single_searches(edge_store: VectorStore) -> None:
-    vectors, exemplars = _dataset(400)
-    queries = _queries(vectors, 6)
-    filters: list[list[str] | None] = [None, ["broad/g0"], [], ["broad/g4", "broad/g5"], None, None]
-    with edge_store:
-        edge_store.upsert(exemplars)
-        batched = edge_store.search_batch(queries, k=5, broad_in=filters)
-        singles = [
-            edge_store.search(q, k=5, broad_in=f) for q, f in zip(queries, filters, strict=True)
-        ]
-        assert [[h.id for h in r] for r in batched] == [[h.id for h in r] for r in singles]
-        assert batched[2] == []
-
-
 def _top_ids(
     store: VectorStore, queries: np.ndarray, broad_in: list[str] | None
 ) -> list[list[str]]:

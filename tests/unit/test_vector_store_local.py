@@ -72,8 +72,8 @@ def test_semantics(store: VectorStore) -> None:
 
         assert all(h.broad == "broad/b" for h in store.search(exemplars[5].vector, 5, ["broad/b"]))
         assert store.search(exemplars[5].vector, 5, []) == []
-        batched = store.search_batch(np.stack([e.vector for e in exemplars[:3]]), 2, None)
-        assert [r[0].id for r in batched] == [e.id for e in exemplars[:3]]
+        (own,) = store.search_labels(exemplars[5].vector, [exemplars[5].label], 1)
+        assert [h.id for h in own] == [exemplars[5].id]
 
 
 def test_neighbours_carry_the_source_stored_with_them(tmp_path: Path) -> None:
@@ -92,8 +92,9 @@ def test_neighbours_carry_the_source_stored_with_them(tmp_path: Path) -> None:
             for e in exemplars:
                 assert opened.search(e.vector, k=1)[0].source == e.source
     with open_vector_store(edge_root, "exemplars_v0", DIM) as reopened:
-        found = reopened.search_batch(np.stack([e.vector for e in exemplars]), 1, None)
-        assert [r[0].source for r in found] == [e.source for e in exemplars]
+        for e in exemplars:  # also through the evidence search
+            (own,) = reopened.search_labels(e.vector, [e.label], 1)
+            assert [n.source for n in own] == [e.source]
 
 
 def test_validation(store: VectorStore) -> None:
@@ -104,8 +105,8 @@ def test_validation(store: VectorStore) -> None:
             store.upsert(
                 [Exemplar(id="ab" * 32, vector=np.full(DIM, np.nan), label="l", broad="b")]
             )
-        with pytest.raises(InvalidInput, match="broad_in has 1 entries for 2 queries"):
-            store.search_batch(np.zeros((2, DIM), dtype=np.float32), 3, broad_in=[None])
+        with pytest.raises(InvalidInput, match=rf"vector must have shape \[{DIM}\], got"):
+            store.search_labels(np.zeros(DIM + 1, dtype=np.float32), ["l"], 3)
         with pytest.raises(FailedPrecondition, match=f"has vector size {DIM}, wanted {DIM * 2}"):
             store.ensure_collection(DIM * 2)
 

@@ -177,23 +177,6 @@ def _as_vector(vector: np.ndarray | Sequence[float], dim: int) -> list[float]:
     return values
 
 
-def _as_matrix(vectors: np.ndarray | Sequence[Sequence[float]], dim: int) -> np.ndarray:
-    matrix = np.asarray(vectors, dtype=np.float32)
-    if matrix.ndim != 2 or matrix.shape[1] != dim:
-        raise InvalidInput(f"vectors must have shape [n, {dim}], got {list(matrix.shape)}")
-    return matrix
-
-
-def _per_query_filters(
-    n: int, broad_in: Sequence[Sequence[str] | None] | None
-) -> list[Sequence[str] | None]:
-    if broad_in is None:
-        return [None] * n
-    if len(broad_in) != n:
-        raise InvalidInput(f"broad_in has {len(broad_in)} entries for {n} queries")
-    return list(broad_in)
-
-
 class VectorStore(abc.ABC):
     """Labelled exemplar vectors with taxonomy payload; filtered k-NN by broad group.
 
@@ -223,15 +206,6 @@ class VectorStore(abc.ABC):
         self, vector: np.ndarray, k: int, broad_in: Sequence[str] | None = None
     ) -> list[Neighbour]:
         """The `k` most similar exemplars, best first, optionally only in `broad_in` groups."""
-
-    @abc.abstractmethod
-    def search_batch(
-        self,
-        vectors: np.ndarray,
-        k: int,
-        broad_in: Sequence[Sequence[str] | None] | None = None,
-    ) -> list[list[Neighbour]]:
-        """`search` for each row of `vectors`; `broad_in`, if given, has one filter per row."""
 
     @abc.abstractmethod
     def search_labels(
@@ -532,26 +506,6 @@ class EdgeVectorStore(VectorStore):
             shard.query(self._request(_as_vector(vector, self._dim), k, broad_in))
         )
 
-    def search_batch(
-        self,
-        vectors: np.ndarray,
-        k: int,
-        broad_in: Sequence[Sequence[str] | None] | None = None,
-    ) -> list[list[Neighbour]]:
-        import qdrant_edge as qe
-
-        matrix = _as_matrix(vectors, self._dim)
-        filters = _per_query_filters(len(matrix), broad_in)
-        results: list[list[Neighbour]] = [[] for _ in range(len(matrix))]
-        live = [i for i, f in enumerate(filters) if k > 0 and (f is None or len(f) > 0)]
-        if not live:
-            return results
-        shard = self._require()
-        requests = [self._request(_as_vector(matrix[i], self._dim), k, filters[i]) for i in live]
-        for i, hits in zip(live, shard.query_batch(qe.QueryBatchRequest(requests)), strict=True):
-            results[i] = self._neighbours(hits)
-        return results
-
     def search_labels(
         self, vector: np.ndarray, labels: Sequence[str], k: int
     ) -> list[list[Neighbour]]:
@@ -789,36 +743,6 @@ class QdrantClientVectorStore(VectorStore):
                 with_payload=True,
             )
         return [_neighbour(p.id, p.score, p.payload) for p in response.points]
-
-    def search_batch(
-        self,
-        vectors: np.ndarray,
-        k: int,
-        broad_in: Sequence[Sequence[str] | None] | None = None,
-    ) -> list[list[Neighbour]]:
-        from qdrant_client import models
-
-        matrix = _as_matrix(vectors, self._require_dim())
-        filters = _per_query_filters(len(matrix), broad_in)
-        results: list[list[Neighbour]] = [[] for _ in range(len(matrix))]
-        live = [i for i, f in enumerate(filters) if k > 0 and (f is None or len(f) > 0)]
-        if not live:
-            return results
-        requests = [
-            models.QueryRequest(
-                query=_as_vector(matrix[i], self._dim),
-                filter=self._filter(filters[i]),
-                params=self._params(),
-                limit=k,
-                with_payload=True,
-            )
-            for i in live
-        ]
-        with self._call("search_batch"):
-            responses = self._client.query_batch_points(self._collection, requests=requests)
-        for i, response in zip(live, responses, strict=True):
-            results[i] = [_neighbour(p.id, p.score, p.payload) for p in response.points]
-        return results
 
     def search_labels(
         self, vector: np.ndarray, labels: Sequence[str], k: int
