@@ -118,13 +118,13 @@ def taxon_pb(taxonomy: Taxonomy, taxon_id: str) -> taxonomy_pb2.Taxon:
 
 
 class _TaxonMessages:
-    """Every taxon's Taxon message and root-to-taxon path, built once per taxonomy: answers
-    copy them instead of building a message per taxon per suggestion."""
+    """Every taxon's Taxon message, built once per taxonomy, and the encoded taxon + path of
+    each taxon an answer names, built at first use: answers merge them instead of building a
+    message per taxon per suggestion."""
 
     def __init__(self, taxonomy: Taxonomy) -> None:
         self._taxonomy = taxonomy
         self._taxon = {t.id: taxon_pb(taxonomy, t.id) for t in taxonomy}
-        self._path = {t.id: [self._taxon[p] for p in taxonomy.path(t.id)] for t in taxonomy}
         self._head: dict[str, bytes] = {}
 
     def head(self, taxon_id: str) -> bytes:
@@ -132,9 +132,8 @@ class _TaxonMessages:
         Suggestion share: one parse merges both (copying the messages costs one per Taxon)."""
         found = self._head.get(taxon_id)
         if found is None:
-            found = router_pb2.Suggestion(
-                taxon=self.taxon(taxon_id), path=self.path(taxon_id)
-            ).SerializeToString()
+            path = [self.taxon(t) for t in self._taxonomy.path(taxon_id)]
+            found = router_pb2.Suggestion(taxon=self.taxon(taxon_id), path=path).SerializeToString()
             if taxon_id in self._taxon:  # not one Forget removed meanwhile (see `taxon`)
                 self._head[taxon_id] = found
         return found
@@ -144,12 +143,6 @@ class _TaxonMessages:
         # A taxon Forget removed while an answer naming it was being computed: the taxonomy
         # still knows it (see Taxonomy.without_learned), so build it the slow way.
         return found if found is not None else taxon_pb(self._taxonomy, taxon_id)
-
-    def path(self, taxon_id: str) -> list[taxonomy_pb2.Taxon]:
-        found = self._path.get(taxon_id)
-        if found is not None:
-            return found
-        return [self.taxon(t) for t in self._taxonomy.path(taxon_id)]
 
     def name(self, taxon_id: str) -> str:
         found = self._taxon.get(taxon_id)
