@@ -81,10 +81,18 @@ def to_response(
         model_version=model_version,
         tempered_total=total if tempered is not None else 0.0,
     )
-    add = response.scores.add  # twice as fast as building the messages, then copying them
-    for t, p, leaf, qi in kept:
-        add(taxon_id=t, probability=p, leaf=leaf, tempered=qi)
+    _add_scores(response, kept)
     return response
+
+
+def _add_scores(
+    response: classifier_pb2.CategoryResponse, scores: Sequence[tuple[str, float, bool, float]]
+) -> None:
+    """Appends (taxon id, probability, is_leaf, tempered) rows as ScoredTaxon messages, each
+    added in place: twice as fast as building the messages, then copying them in."""
+    add = response.scores.add
+    for t, p, leaf, q in scores:
+        add(taxon_id=t, probability=p, leaf=leaf, tempered=q)
 
 
 class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
@@ -223,9 +231,7 @@ class TinyServicer(classifier_pb2_grpc.ClassifierServicer):
                     response.served_by = classifier_pb2.TINY
                     response.model_version = ensemble.embedding_version
                     response.tempered_total = total
-                    add = response.scores.add  # twice as fast as extending with messages
-                    for t, p, leaf, q in scores:
-                        add(taxon_id=t, probability=p, leaf=leaf, tempered=q)
+                    _add_scores(response, scores)
         return out
 
     async def Describe(
