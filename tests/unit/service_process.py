@@ -1,14 +1,32 @@
-"""A real tiny-classifier service process for unit tests of how a service starts."""
+"""Fresh Python processes for unit tests of how a process starts: a real tiny-classifier
+service, or a snippet of code."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SERVICE_START_TIMEOUT_S = 60.0
+SNIPPET_TIMEOUT_S = 120
+
+
+def python_json(code: str, env: dict[str, str]) -> Any:
+    """Runs `python -c code` with `env` and returns the JSON its last output line holds
+    (failing, with its stderr, if it exits non-zero)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SNIPPET_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def tiny_log_until(tmp_path: Path, env: dict[str, str], marker: str) -> tuple[str, int | None]:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from service_process import tiny_log_until
+from service_process import python_json, tiny_log_until
 
 from fieldlens.common import runtime
 from fieldlens.common.runtime import (
@@ -27,21 +24,13 @@ def _env_without_grpc_experiments(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _in_a_fresh_process(code: str, env: dict[str, str]) -> object:
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_importing_fieldlens_changes_no_environment() -> None:
     """No import-time side effect: only the entry points configure gRPC's core."""
     code = (
         "import json, os, fieldlens, fieldlens.router.service, grpc\n"
         f"print(json.dumps(os.environ.get({GRPC_EXPERIMENTS_ENV!r})))"
     )
-    assert _in_a_fresh_process(code, _env_without_grpc_experiments()) is None
+    assert python_json(code, _env_without_grpc_experiments()) is None
 
 
 def test_configure_and_undo_on_a_mapping() -> None:

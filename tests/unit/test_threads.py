@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from service_process import tiny_log_until
+from service_process import python_json, tiny_log_until
 
 from fieldlens.backends import triton_server
 from fieldlens.backends.triton_python_model import THREADS_PARAMETER, instance_threads
@@ -32,14 +30,6 @@ def _bare_env(**extra: str) -> dict[str, str]:
     default pools, as they would under a launcher that sets nothing."""
     env = {k: v for k, v in os.environ.items() if k not in (*THREAD_ENV_VARS, CPU_THREADS_ENV)}
     return {**env, **extra}
-
-
-def _python(code: str, env: dict[str, str]) -> Any:
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 _LIMIT_IN_A_FRESH_PROCESS = """
@@ -66,7 +56,9 @@ print(json.dumps({{
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_set_cpu_threads_limits_numpys_openblas_pool(threads: int) -> None:
-    out = _python(_LIMIT_IN_A_FRESH_PROCESS.format(threads=threads, extra_import=""), _bare_env())
+    out = python_json(
+        _LIMIT_IN_A_FRESH_PROCESS.format(threads=threads, extra_import=""), _bare_env()
+    )
     assert any(p["internal_api"] == "openblas" for p in out["before"])
     after = [p for p in out["after"] if p["internal_api"] == "openblas"]
     assert [p["num_threads"] for p in after] == [threads]
@@ -79,7 +71,7 @@ def test_set_cpu_threads_limits_numpys_openblas_pool(threads: int) -> None:
 
 
 def test_set_cpu_threads_sets_torchs_pools_where_torch_is_loaded() -> None:
-    out = _python(
+    out = python_json(
         _LIMIT_IN_A_FRESH_PROCESS.format(threads=2, extra_import="import torch"), _bare_env()
     )
     assert out["torch"] == [2, 2]
@@ -147,7 +139,7 @@ def test_launchers_pass_the_setting_to_children_as_library_variables(tmp_path: P
 
 def test_with_the_library_variables_numpy_starts_no_blas_worker() -> None:
     code = "import json, os, numpy; print(json.dumps(len(os.listdir('/proc/self/task'))))"
-    assert _python(code, {**_bare_env(), **child_env({})}) == 1
+    assert python_json(code, {**_bare_env(), **child_env({})}) == 1
 
 
 @pytest.mark.parametrize("service", ["router", "tiny", "specialist"])
@@ -157,7 +149,7 @@ def test_services_do_not_import_torch(service: str) -> None:
         f"importlib.import_module('fieldlens.{service}.service')\n"
         "print(json.dumps('torch' in sys.modules))"
     )
-    assert _python(code, _bare_env()) is False
+    assert python_json(code, _bare_env()) is False
 
 
 def test_a_started_tiny_service_limits_its_blas_pool(tmp_path: Path) -> None:
