@@ -178,7 +178,8 @@ def _as_vector(vector: np.ndarray | Sequence[float], dim: int) -> list[float]:
 
 
 class VectorStore(abc.ABC):
-    """Labelled exemplar vectors with taxonomy payload; filtered k-NN by broad group.
+    """Labelled exemplar vectors with taxonomy payload; k-NN filtered by broad group
+    (`search`) or by label (`search_labels`, an answer's evidence).
 
     `broad_in=None` searches everything; an empty list allows no group and returns nothing.
     """
@@ -470,13 +471,15 @@ class EdgeVectorStore(VectorStore):
             out.append(Neighbour(exemplar_id, label, broad, h.score, path, source))
         return out
 
-    def _request(self, vector: list[float], k: int, broad_in: Sequence[str] | None) -> Any:
+    def _request(self, query: Any, k: int, where: Any) -> Any:
+        """A query for the `k` nearest to `query` (a built `Query`) that pass `where` (a
+        filter, or None)."""
         import qdrant_edge as qe
 
         return qe.QueryRequest(
             limit=k,
-            query=qe.Query.Nearest(vector),
-            filter=None if broad_in is None else self._filter(tuple(broad_in)),
+            query=query,
+            filter=where,
             params=self._params,
             with_payload=False,  # see `_points`
         )
@@ -499,11 +502,19 @@ class EdgeVectorStore(VectorStore):
     def search(
         self, vector: np.ndarray, k: int, broad_in: Sequence[str] | None = None
     ) -> list[Neighbour]:
+        import qdrant_edge as qe
+
         if k <= 0 or (broad_in is not None and not broad_in):
             return []
         shard = self._require()
         return self._neighbours(
-            shard.query(self._request(_as_vector(vector, self._dim), k, broad_in))
+            shard.query(
+                self._request(
+                    qe.Query.Nearest(_as_vector(vector, self._dim)),
+                    k,
+                    None if broad_in is None else self._filter(tuple(broad_in)),
+                )
+            )
         )
 
     def search_labels(
@@ -514,17 +525,8 @@ class EdgeVectorStore(VectorStore):
         if k <= 0 or not labels:
             return [[] for _ in labels]
         shard = self._require()
-        query = qe.Query.Nearest(_as_vector(vector, self._dim))
-        requests = [
-            qe.QueryRequest(
-                limit=k,
-                query=query,
-                filter=self._filter((label,), LABEL_FIELD),
-                params=self._params,
-                with_payload=False,  # see `_points`
-            )
-            for label in labels
-        ]
+        query = qe.Query.Nearest(_as_vector(vector, self._dim))  # one for every label
+        requests = [self._request(query, k, self._filter((lb,), LABEL_FIELD)) for lb in labels]
         found = shard.query_batch(qe.QueryBatchRequest(requests))
         return [self._neighbours(hits) for hits in found]
 
