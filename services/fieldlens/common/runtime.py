@@ -1,6 +1,6 @@
 """How a fieldlens process runs Python and gRPC: event loop, gRPC core I/O, garbage collector.
 
-A cache miss costs the serving layer about 2 ms of CPU at 16 requests in flight, and most of
+A cache miss costs the serving layer 1.5-2 ms of CPU at 16 requests in flight, and most of
 it is machinery around our code: the grpc.aio server and clients, the event loop, the
 collector (make bench, `--profile`). Three process-wide choices cut it without touching an
 answer, each measured with `make bench` and a py-spy/perf profile of the router (README,
